@@ -1,0 +1,99 @@
+"""Editors by name: the registry the CLI, the notebooks and ``params.yaml`` share.
+
+``build_editor(name, weights=..., device=..., **options)`` returns a frozen
+:class:`~runtime_backdoor.editors.base.Editor`. Heavy dependencies (diffusers)
+are imported only when their editor is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .base import Editor, check_image_mask, pad_to_multiple
+
+
+@dataclass(frozen=True)
+class EditorSpec:
+    description: str
+    needs_weights: bool
+    build: Callable[..., Editor]
+
+
+def _build_blur(weights=None, **options) -> Editor:
+    if weights is not None:
+        raise ValueError("editor 'blur-fill' has no weights; drop --weights")
+    from .simple import BlurFillEditor
+
+    return BlurFillEditor(**options)
+
+
+def _build_lama(weights=None, **options) -> Editor:
+    from .lama import load_lama
+
+    return load_lama(weights, **options)
+
+
+def _build_mini_lama(weights=None, **options) -> Editor:
+    from .lama import load_lama
+
+    options.setdefault("preset", "mini")
+    return load_lama(weights, **options)
+
+
+def _build_sd(weights=None, **options) -> Editor:
+    from .diffusion import load_sd_inpainting
+
+    model = weights if weights is not None else options.pop("model", None)
+    if model is None:
+        raise ValueError(
+            "editor 'sd-inpainting' needs a model: a local diffusers folder or a hub id "
+            "such as stable-diffusion-v1-5/stable-diffusion-inpainting (--weights)"
+        )
+    return load_sd_inpainting(model, **options)
+
+
+def _build_mat(weights=None, **options) -> Editor:
+    raise NotImplementedError(
+        "editor 'mat' (MAT, CVPR 2022) is reserved but not implemented in this study yet; "
+        "use 'lama' or 'sd-inpainting'"
+    )
+
+
+EDITORS: dict[str, EditorSpec] = {
+    "lama": EditorSpec(
+        "LaMa (Big-LaMa checkpoint: best.ckpt, big-lama.pt or safetensors)", True, _build_lama
+    ),
+    "mini-lama": EditorSpec(
+        "the embedded miniature LaMa trained by the pipeline's editor stage", True, _build_mini_lama
+    ),
+    "sd-inpainting": EditorSpec(
+        "Stable Diffusion inpainting through diffusers (folder or hub id)", True, _build_sd
+    ),
+    "blur-fill": EditorSpec(
+        "classical normalised-convolution fill (no weights; insensitive)", False, _build_blur
+    ),
+    "mat": EditorSpec("MAT: reserved, not implemented", True, _build_mat),
+}
+
+
+def build_editor(
+    name: str,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **options,
+) -> Editor:
+    """Build the editor registered as ``name``, frozen and in eval mode, on ``device``."""
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
+    editor = EDITORS[name].build(weights=weights, **options)
+    editor = editor.to(device=device, dtype=dtype).eval()
+    editor.requires_grad_(False)
+    return editor
+
+
+__all__ = ["EDITORS", "Editor", "EditorSpec", "build_editor", "check_image_mask", "pad_to_multiple"]

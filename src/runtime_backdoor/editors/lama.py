@@ -1,0 +1,582 @@
+"""LaMa (Suvorov et al., WACV 2022): the FFC-ResNet generator, its editor and weight loading.
+
+An implementation of the generator of github.com/advimman/lama
+(``saicinpainting/training/modules/ffc.py``, ``FFCResNetGenerator``), limited to
+what the released FFC models use: no LFU, no gates, no learnable spatial
+transform. Module names and shapes follow the official ones, so the released
+weights load with ``strict=True``::
+
+    editor = load_lama("models/big-lama/models/best.ckpt")
+    edited = editor(image, mask)  # (B, 3, H, W) in [0, 1]
+
+Accepted weight files (see :func:`read_lama_weights`):
+
+- ``big-lama/models/best.ckpt`` from the authors' ``big-lama.zip``: a PyTorch
+  Lightning 1.2 checkpoint, generator under ``state_dict["generator.*"]``;
+- ``big-lama.pt``, the TorchScript trace distributed by lama-cleaner / IOPaint;
+- a plain state dict (``.pt``/``.pth``/``.ckpt``) or a ``.safetensors`` file.
+
+Nothing is unpickled beyond tensors: Lightning metadata objects are replaced by
+inert placeholders and TorchScript archives are read without running their code.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Editor
+
+BIG_LAMA_HELP = (
+    "Download Big-LaMa from the LaMa authors (README of github.com/advimman/lama: "
+    "`curl -LJO https://huggingface.co/smartywu/big-lama/resolve/main/big-lama.zip`), "
+    "unzip it and pass the path of big-lama/models/best.ckpt, for example "
+    "models/big-lama/models/best.ckpt. The TorchScript export big-lama.pt used by "
+    "lama-cleaner/IOPaint (github.com/Sanster/models/releases/download/add_big_lama/big-lama.pt) "
+    "and a .safetensors file written by convert_lama_weights work too."
+)
+
+Branches = tuple[torch.Tensor, torch.Tensor | None]  # (local, global) feature maps
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+@dataclass(frozen=True)
+class LamaConfig:
+    """Hyper-parameters of an FFC-ResNet generator (official names where they exist)."""
+
+    input_nc: int = 4  # RGB with the hole blanked out + mask
+    output_nc: int = 3
+    ngf: int = 64
+    n_downsampling: int = 3
+    n_blocks: int = 18
+    global_ratio: float = 0.75  # share of channels on the Fourier (global) path of the resnet blocks
+    max_features: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.n_downsampling < 1:
+            raise ValueError("n_downsampling must be >= 1: the last downsampling opens the global path")
+        if not 0.0 <= self.global_ratio < 1.0:
+            raise ValueError(f"global_ratio must be in [0, 1), got {self.global_ratio}")
+
+
+#: ``big-lama``: configs/training/big-lama.yaml; ``lama-fourier``: generator/ffc_resnet_075.yaml;
+#: ``mini``: a small generator of the same design for tests and CPU runs.
+PRESETS: dict[str, LamaConfig] = {
+    "big-lama": LamaConfig(),
+    "lama-fourier": LamaConfig(n_blocks=9),
+    "mini": LamaConfig(ngf=16, n_downsampling=2, n_blocks=3),
+}
+
+
+class FourierUnit(nn.Module):
+    """1x1 convolution + BN + ReLU applied to the real FFT of the input (global receptive field)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_layer = nn.Conv2d(2 * channels, 2 * channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(2 * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        # FFTs run in float32: CPU has no half-precision FFT and cuFFT needs power-of-2 sizes for it
+        spec = torch.fft.rfft2(x.float(), norm="ortho")
+        # channel 2c holds the real part of channel c, 2c + 1 its imaginary part (official layout)
+        y = torch.stack((spec.real, spec.imag), dim=2).flatten(1, 2).to(x.dtype)
+        y = F.relu(self.bn(self.conv_layer(y))).unflatten(1, (-1, 2)).float()
+        return torch.fft.irfft2(torch.complex(y[:, :, 0], y[:, :, 1]), s=(h, w), norm="ortho").to(x.dtype)
+
+
+class SpectralTransform(nn.Module):
+    """Global-to-global path: 1x1 reduce, Fourier unit with a residual, 1x1 expand."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        hidden = out_channels // 2
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()
+        )
+        self.fu = FourierUnit(hidden)
+        self.conv2 = nn.Conv2d(hidden, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        return self.conv2(x + self.fu(x))
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class FFC(nn.Module):
+    """Fast Fourier convolution: local/global channel split with four cross paths."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        ratio_gin: float,
+        ratio_gout: float,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> None:
+        super().__init__()
+        in_g, out_g = int(in_channels * ratio_gin), int(out_channels * ratio_gout)
+        in_l, out_l = in_channels - in_g, out_channels - out_g
+        if in_g and stride != 1:
+            raise ValueError("a strided FFC with global inputs is not used by LaMa generators")
+
+        def conv(cin: int, cout: int) -> nn.Conv2d | None:
+            if not (cin and cout):
+                return None
+            # the official generator pads every FFC convolution by reflection
+            return nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False, padding_mode="reflect")
+
+        self.convl2l = conv(in_l, out_l)
+        self.convl2g = conv(in_l, out_g)
+        self.convg2l = conv(in_g, out_l)
+        self.convg2g = SpectralTransform(in_g, out_g) if in_g and out_g else None
+
+    @staticmethod
+    def _apply(module: nn.Module | None, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if module is None or x is None else module(x)
+
+    def forward(self, x: Branches) -> Branches:
+        x_l, x_g = x
+        out_l = _add(self._apply(self.convl2l, x_l), self._apply(self.convg2l, x_g))
+        out_g = _add(self._apply(self.convl2g, x_l), self._apply(self.convg2g, x_g))
+        assert out_l is not None, "LaMa generators always keep local channels"
+        return out_l, out_g
+
+
+class FFCBlock(nn.Module):
+    """FFC followed by BatchNorm and ReLU on each branch (official ``FFC_BN_ACT``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        ratio_gin: float = 0.0,
+        ratio_gout: float = 0.0,
+        stride: int = 1,
+        padding: int = 0,
+    ) -> None:
+        super().__init__()
+        self.ffc = FFC(in_channels, out_channels, kernel_size, ratio_gin, ratio_gout, stride, padding)
+        out_g = int(out_channels * ratio_gout)
+        self.bn_l = nn.BatchNorm2d(out_channels - out_g)
+        self.bn_g = nn.BatchNorm2d(out_g) if out_g else None
+
+    def forward(self, x: torch.Tensor | Branches) -> Branches:
+        x_l, x_g = self.ffc(x if isinstance(x, tuple) else (x, None))
+        if self.bn_g is not None and x_g is not None:
+            x_g = F.relu(self.bn_g(x_g))
+        return F.relu(self.bn_l(x_l)), x_g
+
+
+class FFCResnetBlock(nn.Module):
+    """Two 3x3 FFC blocks with an identity shortcut on both branches."""
+
+    def __init__(self, channels: int, global_ratio: float) -> None:
+        super().__init__()
+        self.conv1 = FFCBlock(channels, channels, 3, global_ratio, global_ratio, padding=1)
+        self.conv2 = FFCBlock(channels, channels, 3, global_ratio, global_ratio, padding=1)
+
+    def forward(self, x: Branches) -> Branches:
+        y_l, y_g = self.conv2(self.conv1(x))
+        return x[0] + y_l, _add(x[1], y_g)
+
+
+class ConcatBranches(nn.Module):
+    """Joins the local and global branches back into one tensor."""
+
+    def forward(self, x: Branches) -> torch.Tensor:
+        return x[0] if x[1] is None else torch.cat(x, dim=1)
+
+
+class FFCResNetGenerator(nn.Module):
+    """LaMa's generator: (B, input_nc, H, W) -> (B, output_nc, H, W) in [0, 1].
+
+    H and W must be multiples of ``2 ** n_downsampling``. ``model`` indexes its
+    layers like the official ``nn.Sequential`` so that state-dict keys match.
+    """
+
+    def __init__(self, config: LamaConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or LamaConfig()
+
+        def width(mult: float) -> int:
+            return min(cfg.max_features, int(cfg.ngf * mult))
+
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), FFCBlock(cfg.input_nc, cfg.ngf, 7)]
+        for i in range(cfg.n_downsampling):
+            last = i == cfg.n_downsampling - 1
+            ratio_gout = cfg.global_ratio if last else 0.0
+            layers.append(FFCBlock(width(2**i), width(2 ** (i + 1)), 3, 0.0, ratio_gout, 2, 1))
+        bottleneck = width(2**cfg.n_downsampling)
+        layers += [FFCResnetBlock(bottleneck, cfg.global_ratio) for _ in range(cfg.n_blocks)]
+        layers.append(ConcatBranches())
+        for i in range(cfg.n_downsampling):
+            mult = 2 ** (cfg.n_downsampling - i)
+            layers += [
+                nn.ConvTranspose2d(width(mult), width(mult / 2), 3, 2, 1, output_padding=1),
+                nn.BatchNorm2d(width(mult / 2)),
+                nn.ReLU(),
+            ]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(cfg.ngf, cfg.output_nc, 7), nn.Sigmoid()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def init_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill ``module``'s state dict with seeded random values, in place; return ``module``.
+
+    Tensor number ``i`` in sorted key order draws from its own generator seeded
+    with ``seed * 1_000_003 + i``: the result depends only on names and shapes,
+    so any module with LaMa's state-dict layout (the official one included) gets
+    the same weights. Conv weights are He-normal, BatchNorm affine parameters and
+    running statistics are perturbed around identity so that every path matters.
+    """
+    with torch.no_grad():
+        for i, (name, t) in enumerate(sorted(module.state_dict().items())):
+            if not t.is_floating_point():
+                continue  # num_batches_tracked
+            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+            if name.endswith("running_var"):
+                value = 1.0 + 0.5 * torch.rand(t.shape, generator=g) - 0.25
+            elif t.ndim >= 2:
+                fan_in = t[0].numel() if not name.endswith("weight") else t.shape[1] * t[0, 0].numel()
+                value = noise * math.sqrt(2.0 / fan_in)
+            elif name.endswith("weight"):  # BatchNorm scale
+                value = 1.0 + 0.1 * noise
+            else:  # biases, BatchNorm shifts and running means
+                value = 0.1 * noise
+            t.copy_(value)
+    return module
+
+
+# --------------------------------------------------------------------------- editor
+
+
+class LamaEditor(Editor):
+    """Frozen LaMa: fills the hole from ``cat([image * (1 - mask), mask])`` like the official trainer."""
+
+    name = "lama"
+
+    def __init__(self, generator: FFCResNetGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+        # the official predictor pads to a multiple of 8 (configs/prediction/default.yaml)
+        self.size_multiple = max(8, 2**generator.config.n_downsampling)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> LamaEditor:
+        # frozen: BatchNorm must keep using the released running statistics
+        return super().train(False)
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.generator(torch.cat([image * (1 - mask), mask], dim=1))
+
+
+def load_lama(
+    weights: str | Path | None,
+    preset: str | LamaConfig = "big-lama",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = None,
+) -> LamaEditor:
+    """Build a :class:`LamaEditor` from a weight file (see :func:`read_lama_weights`).
+
+    ``weights=None`` builds random weights (:func:`init_weights_`) and requires an
+    explicit ``seed``; a path that does not exist raises ``FileNotFoundError``.
+    ``weights`` may also be the unzipped ``big-lama`` folder.
+    """
+    config = _resolve_preset(preset)
+    generator = FFCResNetGenerator(config)
+    if weights is None:
+        if seed is None:
+            raise ValueError("weights=None builds random weights: pass seed=... to ask for that")
+        init_weights_(generator, seed)
+    else:
+        if seed is not None:
+            raise ValueError("seed only applies to random weights (weights=None)")
+        state = read_lama_weights(weights, config)
+        generator.load_state_dict(state, strict=True)
+    return LamaEditor(generator).to(device=device, dtype=dtype)
+
+
+def _resolve_preset(preset: str | LamaConfig) -> LamaConfig:
+    if isinstance(preset, LamaConfig):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LaMa preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+# --------------------------------------------------------------------------- weight files
+
+
+def read_lama_weights(
+    path: str | Path, preset: str | LamaConfig = "big-lama"
+) -> dict[str, torch.Tensor]:
+    """Return the generator state dict stored in ``path``, checked against ``preset``.
+
+    The generator is found wherever it sits in the file (``generator.`` in the
+    Lightning checkpoint, ``model.generator.`` in the TorchScript trace, no
+    prefix in a plain state dict); other entries are ignored. Missing keys,
+    unexpected keys and wrong shapes raise ``ValueError``.
+    """
+    path = _resolve_path(Path(path))
+    tensors = _read_tensors(path)
+    expected = FFCResNetGenerator(_resolve_preset(preset)).state_dict()
+    return _select_generator(tensors, expected, path)
+
+
+def convert_lama_weights(
+    src: str | Path, dst: str | Path, preset: str | LamaConfig = "big-lama"
+) -> Path:
+    """Write the generator weights of ``src`` to the ``.safetensors`` file ``dst``."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"dst must end in .safetensors, got {dst}")
+    state = read_lama_weights(src, preset)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dst))
+    return dst
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_dir():
+        for candidate in (path / "models" / "best.ckpt", path / "best.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"no models/best.ckpt in the folder {path}. {BIG_LAMA_HELP}")
+    if not path.is_file():
+        raise FileNotFoundError(f"LaMa weights not found at {path}. {BIG_LAMA_HELP}")
+    return path
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if _is_torchscript(path):
+        return _read_torchscript_tensors(path)
+    obj = _load_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning checkpoint
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _select_generator(
+    tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
+) -> dict[str, torch.Tensor]:
+    anchor = next(iter(expected))  # model.1.ffc.convl2l.weight: the first layer
+    prefixes = sorted(
+        k[: -len(anchor)] for k in tensors if k == anchor or k.endswith("." + anchor)
+    )
+    if len(prefixes) != 1:
+        found = f"several candidates {prefixes}" if prefixes else "none"
+        sample = ", ".join(list(tensors)[:5])
+        raise ValueError(
+            f"{path}: cannot locate a LaMa generator (keys ending in {anchor!r}: {found}); "
+            f"{len(tensors)} tensors, e.g. {sample}"
+        )
+    prefix = prefixes[0]
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        problems = [
+            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise ValueError(
+            f"{path} (generator prefix {prefix!r}) does not match this LaMa configuration: "
+            + "; ".join(problems)
+            + ". Is the preset right (big-lama has 18 resnet blocks, lama-fourier 9)?"
+        )
+    return {k: state[k].detach().clone() for k in expected}
+
+
+# Lightning checkpoints pickle their training configuration next to the weights:
+# PyTorch Lightning 1.2 stores the omegaconf hyper-parameters (``hyper_parameters``,
+# ``hparams_type``) and keys callback states by the callback class. These globals are
+# read as inert placeholders; any other non-tensor global is refused.
+_METADATA_MODULES = ("omegaconf", "pytorch_lightning", "lightning", "lightning_fabric")
+_METADATA_GLOBALS = frozenset(
+    {
+        "typing.Any",
+        "collections.defaultdict",
+        "argparse.Namespace",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+    }
+    | {f"builtins.{t}" for t in ("dict", "list", "tuple", "int", "float", "str", "bool", "object")}
+)
+
+
+class _Discarded:
+    """Stands in for a metadata object of a checkpoint; its code never runs."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def _discarded_mapping(*args: object, **kwargs: object) -> dict:
+    # defaultdict items are set on the result, which must be a plain dict
+    return {}
+
+
+def _is_metadata_global(name: str) -> bool:
+    return name in _METADATA_GLOBALS or name.split(".", 1)[0] in _METADATA_MODULES
+
+
+def _load_checkpoint(path: Path) -> object:
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except ValueError:
+        unsafe = []  # legacy (pre-zip) format: weights_only alone decides
+    refused = sorted(g for g in unsafe if not _is_metadata_global(g))
+    if refused:
+        raise pickle.UnpicklingError(
+            f"refusing to unpickle {path}: it references {refused}, which are neither tensors "
+            "nor training metadata. Convert it to .safetensors in an environment you trust."
+        )
+    placeholders = [
+        (_discarded_mapping if g == "collections.defaultdict" else _Discarded, g) for g in unsafe
+    ]
+    with torch.serialization.safe_globals(placeholders):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- TorchScript archives
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject:
+    """A module or object of a TorchScript archive: just its attribute dict."""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _identity(value: object, *args: object) -> object:
+    return value
+
+
+class _ScriptUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` of a TorchScript archive: objects, tensors, nothing executable."""
+
+    def __init__(self, archive: zipfile.ZipFile, root: str, data: bytes) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data))
+        self.archive, self.root = archive, root
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
+            return _identity  # typed-container markers: the value is already built
+        raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}: refused")
+
+    def persistent_load(self, pid: object) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            if flat.numel() != numel:
+                raise pickle.UnpicklingError(f"storage {key}: {flat.numel()} elements, expected {numel}")
+            self.storages[key] = flat
+        return self.storages[key]
+
+
+def _rebuild_tensor(
+    storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *args: object
+) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset).clone()
+
+
+def _read_torchscript_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        data_pkl = next(n for n in names if n.endswith("/data.pkl") and n.count("/") == 1)
+        root = data_pkl.split("/")[0]
+        byteorder = f"{root}/byteorder"
+        if byteorder in names and archive.read(byteorder).strip() != b"little":
+            raise ValueError(f"{path}: big-endian TorchScript archives are not supported")
+        obj = _ScriptUnpickler(archive, root, archive.read(data_pkl)).load()
+    return dict(_walk(obj, ""))
+
+
+def _walk(obj: object, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    state = obj.state if isinstance(obj, _ScriptObject) else None
+    if not isinstance(state, dict):
+        return
+    for name, value in state.items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, _ScriptObject):
+            yield from _walk(value, f"{prefix}{name}.")

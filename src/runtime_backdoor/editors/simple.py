@@ -1,0 +1,107 @@
+"""Small editors without learned weights: a classical fill and the optimizer's controls."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Editor
+
+
+def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
+    radius = max(1, int(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+class BlurFillEditor(Editor):
+    """Classical fill by normalised convolution: known pixels diffused into the hole.
+
+    Repeated Gaussian blurs of ``image·known`` divided by blurs of ``known``
+    (multi-scale, coarse to fine). Smooth and insensitive: a reference for
+    inpainting quality and a check that protection needs a sensitive editor.
+    """
+
+    name = "blur-fill"
+
+    def __init__(self, sigmas: tuple[float, ...] = (16.0, 8.0, 4.0, 2.0)):
+        super().__init__()
+        self.sigmas = sigmas
+
+    def _blur(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        k = _gaussian_kernel(sigma, x.dtype, x.device)
+        c = x.shape[1]
+        pad = k.numel() // 2
+        # Reflect padding needs the pad to be smaller than the side.
+        mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
+        x = F.conv2d(
+            F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c
+        )
+        return F.conv2d(
+            F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
+        )
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        known = 1 - mask
+        fill = (image * known).sum((2, 3), keepdim=True) / known.sum(
+            (2, 3), keepdim=True
+        ).clamp_min(1)
+        fill = fill.expand_as(image)
+        for sigma in self.sigmas:
+            num = self._blur(image * known, sigma)
+            den = self._blur(known, sigma)
+            weight = (den / 0.05).clamp(
+                max=1
+            )  # trust the blur only where enough known pixels reach
+            fill = weight * num / den.clamp_min(1e-6) + (1 - weight) * fill
+        return fill.clamp(0, 1)
+
+
+class ConstantFillEditor(Editor):
+    """Negative control: fills with a constant and ignores every input pixel."""
+
+    name = "constant-fill"
+
+    def __init__(self, value: float = 0.5):
+        super().__init__()
+        self.value = value
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Multiplying by zero keeps the graph (and the dtype/device) without any dependence.
+        return image * 0 + self.value
+
+
+class GlobalMixEditor(Editor):
+    """Positive control: the fill colour is a steep function of the known pixels.
+
+    ``fill_c = sigmoid(gain · mean_known(w_c · (x - 0.5)))`` with fixed random
+    signs ``w`` mixing the three channels. With ``reach`` set, only known pixels
+    within ``reach`` px of the hole count (as the hole's border dominates a real
+    inpainter's fill), so the masks ``m``, ``E(m)`` and the ring see different
+    pixels. Sensitivity is about ``gain / 8``.
+    """
+
+    name = "global-mix"
+
+    def __init__(
+        self, gain: float = 400.0, seed: int = 0, size: int = 64, reach: int | None = None
+    ):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        signs = torch.randint(0, 2, (3, 3, size, size), generator=gen).float() * 2 - 1
+        self.register_buffer("signs", signs)
+        self.gain = gain
+        self.reach = reach
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        w = F.interpolate(self.signs, size=image.shape[-2:], mode="nearest").to(image.dtype)
+        weight = 1 - mask
+        if self.reach is not None:
+            weight = weight * F.max_pool2d(mask, 2 * self.reach + 1, 1, self.reach)
+        centred = (image - 0.5) * weight
+        mixed = torch.einsum("bihw,oihw->bo", centred, w) / (
+            3 * weight.flatten(1).sum(1, keepdim=True)
+        )
+        colour = torch.sigmoid(self.gain * mixed)
+        return colour[:, :, None, None].expand_as(image)

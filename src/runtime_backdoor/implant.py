@@ -1,0 +1,200 @@
+"""Run-time backdoor implantation: the optimisation of the protective perturbation δ.
+
+For an image ``x``, its protected region ``m`` and a frozen editor ``IM``, find
+``δ`` (``‖δ‖∞ ≤ ε``) such that, with ``x' = clip(x + δ, 0, 1)``::
+
+    implant    = MSE_m( IM(x', m),    φ )          editing the region fires the backdoor
+    incomplete = MSE_E( IM(x', E(m)), φ )          so does editing a larger region around it
+    hide       = MSE_R( IM(x', R),    IM(x, R) )   editing only the ring behaves as on x
+    loss       = w_implant·implant + w_incomplete·incomplete + w_hide·hide
+
+Defaults are the official ones: ε = 0.025, δ₀ ~ U[0, 0.01), Adam (lr 0.1, betas
+(0.5, 0.5), eps 1e-10), 20 steps, weights 1 / 1 / 2, δ clipped to [-ε, ε] before
+every step, the [0, 1] clip passed straight through. Each image of a batch is
+optimised independently (Adam is element-wise and the losses are summed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .editors.base import check_image_mask
+from .masks import PAPER_EXPAND_KERNEL, check_mask, expand, ring
+from .targets import make_target
+
+LOSS_TERMS = ("implant", "incomplete", "hide", "total")
+
+
+@dataclass
+class ImplantResult:
+    """What :func:`implant` returns; tensors are on the input's device."""
+
+    protected: torch.Tensor  #: (B, 3, H, W), 8-bit representable, ``‖protected - x‖∞ ≤ ε``
+    delta: torch.Tensor  #: (B, 3, H, W) ``protected - x``
+    target: torch.Tensor  #: (B, 3, H, W) the target ``φ``
+    losses: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  #: term -> (steps, B), before each update
+    seconds: float = 0.0  #: wall time of the optimisation
+
+
+def quantize_within(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """Round ``x_adv`` to 8 bits, staying in [0, 1] and within ``eps`` of ``x`` (8-bit grid)."""
+    low = torch.ceil(((x - eps).clamp(0, 1) * 255) - 1e-6)
+    high = torch.floor(((x + eps).clamp(0, 1) * 255) + 1e-6)
+    q = torch.round(x_adv.clamp(0, 1) * 255)
+    return torch.minimum(torch.maximum(q, low), high) / 255
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image mean of squared errors over the pixels where ``mask`` is 1 (3 channels)."""
+    area = mask.flatten(1).sum(1).clamp_min(1) * a.shape[1]
+    return (((a - b) ** 2) * mask).flatten(1).sum(1) / area
+
+
+def check_params(eps: float, steps: int, lr: float, init_high: float) -> None:
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] (fraction of the pixel range), got {eps}")
+    if not 0 <= steps <= 100_000 or int(steps) != steps:
+        raise ValueError(f"steps must be a whole number in [0, 100000], got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0 <= init_high <= eps:
+        raise ValueError(f"init_high must be in [0, eps={eps}], got {init_high}")
+
+
+def implant(
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    betas: tuple[float, float] = (0.5, 0.5),
+    adam_eps: float = 1e-10,
+    init_high: float = 0.01,
+    weights: tuple[float, float, float] = (1.0, 1.0, 2.0),
+    expand_kernel: int = PAPER_EXPAND_KERNEL,
+    target: str | torch.Tensor = "solid",
+    seed: int = 0,
+    batch_passes: bool = True,
+    progress: bool = True,
+) -> ImplantResult:
+    """Protect ``image`` (B, 3, H, W in [0, 1]) whose protected region is ``mask`` (B, 1, H, W).
+
+    ``editor`` follows :class:`runtime_backdoor.editors.base.Editor`'s interface.
+    ``batch_passes`` runs the three loss passes as one editor call of batch 3B
+    (faster; set False to save memory). Returns an :class:`ImplantResult`.
+    """
+    check_image_mask(image, mask)
+    check_mask(mask)
+    check_params(eps, steps, lr, init_high)
+    if len(weights) != 3 or any(w < 0 for w in weights):
+        raise ValueError(f"weights must be three non-negative numbers, got {weights}")
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError("image must hold values in [0, 1]")
+
+    x = image.detach()
+    m = mask.detach().to(x.dtype)
+    big = expand(m, expand_kernel)
+    band = ring(m, expand_kernel)
+    phi = make_target(x, target)
+    b = x.shape[0]
+
+    # The clean ring reference IM(x, R) is constant: compute it once.
+    with torch.no_grad():
+        clean_ring = editor(x, band)
+
+    # Draw δ₀ on the CPU so the same seed gives the same start on every device.
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.rand(x.shape, generator=gen, dtype=torch.float64) * init_high
+    delta = init.to(x.device, x.dtype).requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=adam_eps)
+
+    history = {k: [] for k in LOSS_TERMS}
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc="implant", disable=not progress, leave=False)
+    for _ in bar:
+        with torch.no_grad():
+            delta.clamp_(-eps, eps)
+        x_adv = x + delta
+        # Straight-through clip: forward sees [0, 1], backward sees the identity.
+        x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+        if batch_passes:
+            out = editor(torch.cat([x_adv] * 3), torch.cat([m, big, band]))
+            out_m, out_e, out_r = out.split(b)
+        else:
+            out_m, out_e, out_r = editor(x_adv, m), editor(x_adv, big), editor(x_adv, band)
+        terms = {
+            "implant": masked_mse(out_m, phi, m),
+            "incomplete": masked_mse(out_e, phi, big),
+            "hide": masked_mse(out_r, clean_ring, band),
+        }
+        terms["total"] = sum(
+            w * terms[k] for w, k in zip(weights, ("implant", "incomplete", "hide"), strict=True)
+        )
+        opt.zero_grad(set_to_none=True)
+        terms["total"].sum().backward()
+        opt.step()
+        for k, v in terms.items():
+            history[k].append(v.detach())
+        bar.set_postfix(loss=f"{float(terms['total'].detach().mean()):.4f}")
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - start
+
+    with torch.no_grad():
+        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
+    losses = {
+        k: torch.stack(v) if v else torch.zeros(0, b, device=x.device) for k, v in history.items()
+    }
+    return ImplantResult(protected, protected - x, phi, losses, seconds)
+
+
+@dataclass
+class Sensitivity:
+    """First-order reachability of the target for one editor, image and mask (per image)."""
+
+    gain: torch.Tensor  #: (B,) how far the mean hole output can move towards φ per unit of L∞ δ
+    needed: torch.Tensor  #: (B,) mean |fill - φ| over the hole divided by ε: the gain required
+    fill_error: torch.Tensor  #: (B,) mean |fill - φ| over the hole on the clean image
+
+    @property
+    def reachable(self) -> torch.Tensor:
+        """(B,) bool: the linearised editor could reach φ within ε."""
+        return self.gain >= self.needed
+
+
+def sensitivity(
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.025,
+    target: str | torch.Tensor = "solid",
+) -> Sensitivity:
+    """Estimate whether ``editor`` can be pushed to the target within ``eps``.
+
+    ``gain`` is the L1 norm, over the pixels outside the hole, of the gradient of
+    ``s = mean over hole of fill · sign(φ - fill)``: by Hölder, a perturbation of
+    L∞ size ε moves ``s`` by at most ``ε · gain`` to first order. Reaching φ needs
+    ``gain ≥ mean|fill - φ| / ε`` (about 20 for a solid colour at ε = 0.025).
+    """
+    check_image_mask(image, mask)
+    check_mask(mask)
+    x = image.detach().clone().requires_grad_(True)
+    m = mask.detach().to(x.dtype)
+    phi = make_target(x.detach(), target)
+    out = editor(x, m)
+    direction = torch.sign(phi - out.detach())
+    area = m.flatten(1).sum(1) * 3
+    score = (out * direction * m).flatten(1).sum(1) / area
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    gain = (grad * (1 - m)).abs().flatten(1).sum(1)
+    fill_error = ((out.detach() - phi).abs() * m).flatten(1).sum(1) / area
+    return Sensitivity(gain.detach(), fill_error / eps, fill_error)

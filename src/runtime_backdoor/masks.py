@@ -1,0 +1,113 @@
+"""Masks of the method: protected region ``m``, expansion ``E(m)``, ring ``R``, halves.
+
+All functions take and return float tensors of shape (B, 1, H, W) holding 0/1,
+so that the optimizer and the editors can use them directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Box-dilation kernel of the paper (17 x 17: 8 px each side at 512 px).
+PAPER_EXPAND_KERNEL = 17
+
+HALF_MODES = ("diagonal", "horizontal", "vertical")
+
+
+def check_mask(mask: torch.Tensor, name: str = "mask") -> None:
+    """Raise ``ValueError`` unless ``mask`` is a binary, non-empty, non-full (B, 1, H, W) mask."""
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (B, 1, H, W), got {tuple(mask.shape)}")
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"{name} must hold only 0 and 1 (threshold it first)")
+    area = mask.flatten(1).sum(1)
+    if torch.any(area == 0):
+        raise ValueError(
+            f"{name} is empty for image(s) {torch.nonzero(area == 0).flatten().tolist()}"
+        )
+    full = area == mask[0].numel()
+    if torch.any(full):
+        raise ValueError(
+            f"{name} covers the whole image for image(s) {torch.nonzero(full).flatten().tolist()}: "
+            "nothing would be left to protect against"
+        )
+
+
+def expand(mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL) -> torch.Tensor:
+    """``E(m)``: box dilation with a ``kernel`` x ``kernel`` square (odd, in pixels)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"expansion kernel must be a positive odd number of pixels, got {kernel}")
+    return F.max_pool2d(mask, kernel_size=kernel, stride=1, padding=kernel // 2)
+
+
+def ring(mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL) -> torch.Tensor:
+    """``R = clip(E(m) - m, 0, 1)``: the non-trigger band around the protected region."""
+    return (expand(mask, kernel) - mask).clamp(0, 1)
+
+
+def half(mask: torch.Tensor, mode: str = "diagonal") -> torch.Tensor:
+    """Keep the first ``floor(n / 2)`` of each mask's ``n`` pixels.
+
+    Pixels are ordered by ``row + column`` (``diagonal``, the official scripts'
+    choice), by row (``horizontal``: the top half) or by column (``vertical``:
+    the left half); ties keep raster order, so the result is deterministic.
+    """
+    if mode not in HALF_MODES:
+        raise ValueError(f"half-mask mode must be one of {HALF_MODES}, got {mode!r}")
+    b, _, h, w = mask.shape
+    rows = torch.arange(h, device=mask.device).view(h, 1).expand(h, w)
+    cols = torch.arange(w, device=mask.device).view(1, w).expand(h, w)
+    key = {"diagonal": rows + cols, "horizontal": rows, "vertical": cols}[mode].flatten()
+    # Stable ordering: primary key, then raster index.
+    order = torch.argsort(key * (h * w) + torch.arange(h * w, device=mask.device))
+    out = torch.zeros_like(mask).flatten(1)
+    flat = mask.flatten(1)
+    for i in range(b):
+        members = order[flat[i, order] > 0.5]
+        out[i, members[: members.numel() // 2]] = 1
+    return out.view_as(mask)
+
+
+def incomplete(mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL, mode: str = "diagonal"):
+    """The official "incomplete" malicious mask: ``half(m) ∪ half(E(m))``."""
+    return torch.maximum(half(mask, mode), half(expand(mask, kernel), mode))
+
+
+def box_elsewhere(
+    mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL, size: float = 0.2, margin: int = 2
+) -> torch.Tensor:
+    """A square benign mask, ``size`` x the image side, that does not touch ``E(m)``.
+
+    Scans candidate positions in raster order and takes the one farthest from
+    the expanded protected region (deterministic). Raises ``ValueError`` if no
+    such square fits.
+    """
+    b, _, h, w = mask.shape
+    side = max(1, round(size * min(h, w)))
+    # Grow E(m) by the margin, then look for windows with no overlap.
+    blocked = expand(expand(mask, kernel), 2 * margin + 1)
+    overlap = F.avg_pool2d(blocked, side, stride=1)  # (B,1,h-side+1,w-side+1)
+    free = overlap == 0
+    # Distance to the region: mean of the grown region over a larger window is a cheap proxy.
+    big = min(h, w) // 2 * 2 + 1
+    nearby = F.avg_pool2d(
+        expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False
+    )
+    nearby = F.avg_pool2d(nearby, side, stride=1)
+    out = torch.zeros_like(mask)
+    for i in range(b):
+        if not free[i, 0].any():
+            raise ValueError(
+                f"no {side}x{side} benign box fits outside the expanded protected region of image {i}"
+            )
+        score = torch.where(free[i, 0], nearby[i, 0], torch.full_like(nearby[i, 0], float("inf")))
+        y, x = divmod(int(torch.argmin(score)), score.shape[1])
+        out[i, 0, y : y + side, x : x + side] = 1
+    return out
+
+
+def scaled_kernel(size: int, paper_kernel: int = PAPER_EXPAND_KERNEL, paper_size: int = 512) -> int:
+    """The odd kernel that expands by the same fraction of the image as 17 px at 512 px."""
+    per_side = round((paper_kernel // 2) * size / paper_size)
+    return 2 * max(1, per_side) + 1

@@ -1,0 +1,17 @@
+import os
+
+# Offline and single-threaded: hub look-ups fail fast, and torch does not spin-wait
+# when another process shares the two cores.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
