@@ -73,10 +73,13 @@ def test_box_elsewhere_does_not_touch_the_expanded_region():
     assert torch.all(box * masks.expand(m, 9) == 0)
 
 
-def test_box_elsewhere_raises_when_nothing_fits():
+def test_box_elsewhere_shrinks_then_raises_when_nothing_fits():
     m = torch.zeros(1, 1, 32, 32)
     m[..., 8:24, 8:24] = 1
-    with pytest.raises(ValueError, match="no 16x16 benign box"):
+    small = masks.box_elsewhere(m, kernel=3, size=0.5)  # 16 px cannot fit; a smaller square can
+    assert 0 < int(small.sum()) < 16 * 16
+    assert torch.all(small * masks.expand(m, 3) == 0)
+    with pytest.raises(ValueError, match="no 4x4 benign box"):
         masks.box_elsewhere(m, kernel=9, size=0.5)
 
 

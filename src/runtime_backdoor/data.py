@@ -128,12 +128,14 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
     if not p.is_file():
         raise FileNotFoundError(f"{what} file not found: {p}")
     try:
-        im = Image.open(p)
-        im.load()
+        with Image.open(p) as src:
+            src.load()
+            frames = getattr(src, "n_frames", 1)
+            im = src.copy()  # detached from the file, which is closed on leaving the block
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{p}: cannot read {what} ({e})") from e
-    if getattr(im, "n_frames", 1) > 1:
-        warnings.warn(f"{p}: {im.n_frames} frames; using the first", stacklevel=3)
+    if frames > 1:
+        warnings.warn(f"{p}: {frames} frames; using the first", stacklevel=3)
     return im
 
 
@@ -224,7 +226,9 @@ def read_mask(path: str | os.PathLike, threshold: float = 0.5) -> np.ndarray:
         im = im.convert("RGB") if im.mode != "LA" else im.convert("L")
     if im.mode == "RGB":
         rgb = np.asarray(im)
-        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+        if not (
+            np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        ):
             raise ValueError(f"{p}: mask has colour; expected grey (0 = free, 255 = protected)")
         a = rgb[..., 0]
     elif im.mode in ("L", "1", "I", "I;16", "I;16B", "I;16L"):
@@ -420,8 +424,16 @@ def _region_view(name, ellipse, size, rng, area_range):
     # Jitter the position while keeping the whole ellipse inside the crop.
     lo_x, hi_x = max(0, int(cx + rx) + 2 - side), min(w - side, int(cx - rx) - 2)
     lo_y, hi_y = max(0, int(cy + ry) + 2 - side), min(h - side, int(cy - ry) - 2)
-    x0 = int(rng.integers(lo_x, hi_x + 1)) if hi_x >= lo_x else int(np.clip(cx - side / 2, 0, w - side))
-    y0 = int(rng.integers(lo_y, hi_y + 1)) if hi_y >= lo_y else int(np.clip(cy - side / 2, 0, h - side))
+    x0 = (
+        int(rng.integers(lo_x, hi_x + 1))
+        if hi_x >= lo_x
+        else int(np.clip(cx - side / 2, 0, w - side))
+    )
+    y0 = (
+        int(rng.integers(lo_y, hi_y + 1))
+        if hi_y >= lo_y
+        else int(np.clip(cy - side / 2, 0, h - side))
+    )
     box = (x0, y0, side)
     img = _crop_resize(a, box, size)
     full = _ellipse_mask(a.shape, ellipse).astype(np.uint8) * 255
@@ -544,14 +556,19 @@ def _draw_logo(style: str, rng: np.random.Generator, letters: str):
         d.text((S / 2, S / 2), letters, fill=white, font=font, anchor="mm")
 
     def hexagon(d, S):
-        pts = [(S / 2 + S / 2 * np.cos(a), S / 2 + S / 2 * np.sin(a)) for a in np.arange(6) * np.pi / 3]
+        pts = [
+            (S / 2 + S / 2 * np.cos(a), S / 2 + S / 2 * np.sin(a)) for a in np.arange(6) * np.pi / 3
+        ]
         d.polygon(pts, fill=c1)
         d.text((S / 2, S / 2), letters[:2], fill=white, font=_font(S * 0.38), anchor="mm")
 
     def star(d, S):
         ang = np.arange(10) * np.pi / 5 - np.pi / 2
         rad = np.where(np.arange(10) % 2 == 0, S / 2, S / 4.5)
-        d.polygon([(S / 2 + r * np.cos(a), S / 2 + r * np.sin(a)) for r, a in zip(rad, ang)], fill=c1)
+        d.polygon(
+            [(S / 2 + r * np.cos(a), S / 2 + r * np.sin(a)) for r, a in zip(rad, ang, strict=True)],
+            fill=c1,
+        )
         d.ellipse([S * 0.4, S * 0.4, S * 0.6, S * 0.6], fill=c2)
 
     return {"badge": badge, "rings": rings, "plate": plate, "hexagon": hexagon, "star": star}[style]
@@ -616,11 +633,30 @@ def _make_drawn_face(i: int, size: int, rng: np.random.Generator):
         d.ellipse([X - RX * 0.95, Y - RY * 0.55, X + RX * 0.95, Y + RY * 0.98], fill=skin + (255,))
         for sgn in (-1, 1):
             ex, ey = X + sgn * RX * 0.38, Y - RY * 0.05
-            d.ellipse([ex - RX * 0.2, ey - RY * 0.09, ex + RX * 0.2, ey + RY * 0.09], fill=(250, 250, 250, 255))
-            d.ellipse([ex - RX * 0.09, ey - RY * 0.08, ex + RX * 0.09, ey + RY * 0.08], fill=eye + (255,))
-            d.line([ex - RX * 0.22, ey - RY * 0.2, ex + RX * 0.22, ey - RY * 0.22], fill=hair + (255,), width=max(1, int(RX * 0.07)))
-        d.line([X, Y + RY * 0.05, X - RX * 0.08, Y + RY * 0.3, X + RX * 0.05, Y + RY * 0.32], fill=(150, 90, 70, 255), width=max(1, int(RX * 0.05)))
-        d.arc([X - RX * 0.4, Y + RY * 0.2, X + RX * 0.4, Y + RY * 0.6], 20, 160, fill=(170, 40, 50, 255), width=max(1, int(RX * 0.08)))
+            d.ellipse(
+                [ex - RX * 0.2, ey - RY * 0.09, ex + RX * 0.2, ey + RY * 0.09],
+                fill=(250, 250, 250, 255),
+            )
+            d.ellipse(
+                [ex - RX * 0.09, ey - RY * 0.08, ex + RX * 0.09, ey + RY * 0.08], fill=eye + (255,)
+            )
+            d.line(
+                [ex - RX * 0.22, ey - RY * 0.2, ex + RX * 0.22, ey - RY * 0.22],
+                fill=hair + (255,),
+                width=max(1, int(RX * 0.07)),
+            )
+        d.line(
+            [X, Y + RY * 0.05, X - RX * 0.08, Y + RY * 0.3, X + RX * 0.05, Y + RY * 0.32],
+            fill=(150, 90, 70, 255),
+            width=max(1, int(RX * 0.05)),
+        )
+        d.arc(
+            [X - RX * 0.4, Y + RY * 0.2, X + RX * 0.4, Y + RY * 0.6],
+            20,
+            160,
+            fill=(170, 40, 50, 255),
+            width=max(1, int(RX * 0.08)),
+        )
 
     rgba = _supersampled_rgba(size, draw)
     # Slight shading so the face is not flat colour: darker towards the ellipse rim.
@@ -694,7 +730,9 @@ def training_images(size: int = 128, seed: int = 0, n: int = 64) -> list[np.ndar
     return list(iter_training_images(size, seed, n))
 
 
-def iter_training_images(size: int = 128, seed: int = 0, n: int | None = 64) -> Iterator[np.ndarray]:
+def iter_training_images(
+    size: int = 128, seed: int = 0, n: int | None = 64
+) -> Iterator[np.ndarray]:
     """Like ``training_images`` but lazy; ``n=None`` yields forever."""
     if not isinstance(size, (int, np.integer)) or size < 8:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")

@@ -75,33 +75,36 @@ def incomplete(mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL, mode: str 
 
 
 def box_elsewhere(
-    mask: torch.Tensor, kernel: int = PAPER_EXPAND_KERNEL, size: float = 0.2, margin: int = 2
+    mask: torch.Tensor,
+    kernel: int = PAPER_EXPAND_KERNEL,
+    size: float = 0.2,
+    margin: int = 2,
+    min_side: int = 4,
 ) -> torch.Tensor:
     """A square benign mask, ``size`` x the image side, that does not touch ``E(m)``.
 
-    Scans candidate positions in raster order and takes the one farthest from
-    the expanded protected region (deterministic). Raises ``ValueError`` if no
-    such square fits.
+    Per image, takes the free position least surrounded by the protected region
+    (deterministic); when no square of that side fits, the side shrinks by 3/4 down
+    to ``min_side`` px. Raises ``ValueError`` if even that does not fit.
     """
     b, _, h, w = mask.shape
-    side = max(1, round(size * min(h, w)))
-    # Grow E(m) by the margin, then look for windows with no overlap.
     blocked = expand(expand(mask, kernel), 2 * margin + 1)
-    overlap = F.avg_pool2d(blocked, side, stride=1)  # (B,1,h-side+1,w-side+1)
-    free = overlap == 0
-    # Distance to the region: mean of the grown region over a larger window is a cheap proxy.
     big = min(h, w) // 2 * 2 + 1
-    nearby = F.avg_pool2d(
-        expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False
-    )
-    nearby = F.avg_pool2d(nearby, side, stride=1)
+    crowd = F.avg_pool2d(expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False)
     out = torch.zeros_like(mask)
     for i in range(b):
-        if not free[i, 0].any():
+        side = max(min_side, round(size * min(h, w)))
+        while True:
+            free = F.avg_pool2d(blocked[i : i + 1], side, stride=1)[0, 0] == 0
+            if free.any() or side <= min_side:
+                break
+            side = max(min_side, int(side * 0.75))
+        if not free.any():
             raise ValueError(
                 f"no {side}x{side} benign box fits outside the expanded protected region of image {i}"
             )
-        score = torch.where(free[i, 0], nearby[i, 0], torch.full_like(nearby[i, 0], float("inf")))
+        score = F.avg_pool2d(crowd[i : i + 1], side, stride=1)[0, 0]
+        score = torch.where(free, score, torch.full_like(score, float("inf")))
         y, x = divmod(int(torch.argmin(score)), score.shape[1])
         out[i, 0, y : y + side, x : x + side] = 1
     return out

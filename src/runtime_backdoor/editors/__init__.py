@@ -38,10 +38,11 @@ def _build_lama(weights=None, **options) -> Editor:
 
 
 def _build_mini_lama(weights=None, **options) -> Editor:
-    from .lama import load_lama
+    from ..training import EDITOR_STAGE_HELP, load_miniature
 
-    options.setdefault("preset", "mini")
-    return load_lama(weights, **options)
+    if weights is None:
+        raise ValueError(f"editor 'mini-lama' needs its trained weights (--weights); {EDITOR_STAGE_HELP}")
+    return load_miniature(weights, **options)
 
 
 def _build_sd(weights=None, **options) -> Editor:

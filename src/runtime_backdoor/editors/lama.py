@@ -22,6 +22,7 @@ inert placeholders and TorchScript archives are read without running their code.
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import zipfile
@@ -60,12 +61,13 @@ class LamaConfig:
     ngf: int = 64
     n_downsampling: int = 3
     n_blocks: int = 18
-    global_ratio: float = 0.75  # share of channels on the Fourier (global) path of the resnet blocks
+    #: share of the resnet blocks' channels on the Fourier (global) path
+    global_ratio: float = 0.75
     max_features: int = 1024
 
     def __post_init__(self) -> None:
         if self.n_downsampling < 1:
-            raise ValueError("n_downsampling must be >= 1: the last downsampling opens the global path")
+            raise ValueError("n_downsampling must be >= 1 (the last one opens the global path)")
         if not 0.0 <= self.global_ratio < 1.0:
             raise ValueError(f"global_ratio must be in [0, 1), got {self.global_ratio}")
 
@@ -94,7 +96,8 @@ class FourierUnit(nn.Module):
         # channel 2c holds the real part of channel c, 2c + 1 its imaginary part (official layout)
         y = torch.stack((spec.real, spec.imag), dim=2).flatten(1, 2).to(x.dtype)
         y = F.relu(self.bn(self.conv_layer(y))).unflatten(1, (-1, 2)).float()
-        return torch.fft.irfft2(torch.complex(y[:, :, 0], y[:, :, 1]), s=(h, w), norm="ortho").to(x.dtype)
+        out = torch.fft.irfft2(torch.complex(y[:, :, 0], y[:, :, 1]), s=(h, w), norm="ortho")
+        return out.to(x.dtype)
 
 
 class SpectralTransform(nn.Module):
@@ -120,6 +123,10 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
+def _path(module: nn.Module | None, x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if module is None or x is None else module(x)
+
+
 class FFC(nn.Module):
     """Fast Fourier convolution: local/global channel split with four cross paths."""
 
@@ -143,21 +150,19 @@ class FFC(nn.Module):
             if not (cin and cout):
                 return None
             # the official generator pads every FFC convolution by reflection
-            return nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False, padding_mode="reflect")
+            return nn.Conv2d(
+                cin, cout, kernel_size, stride, padding, bias=False, padding_mode="reflect"
+            )
 
         self.convl2l = conv(in_l, out_l)
         self.convl2g = conv(in_l, out_g)
         self.convg2l = conv(in_g, out_l)
         self.convg2g = SpectralTransform(in_g, out_g) if in_g and out_g else None
 
-    @staticmethod
-    def _apply(module: nn.Module | None, x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if module is None or x is None else module(x)
-
     def forward(self, x: Branches) -> Branches:
         x_l, x_g = x
-        out_l = _add(self._apply(self.convl2l, x_l), self._apply(self.convg2l, x_g))
-        out_g = _add(self._apply(self.convl2g, x_l), self._apply(self.convg2g, x_g))
+        out_l = _add(_path(self.convl2l, x_l), _path(self.convg2l, x_g))
+        out_g = _add(_path(self.convl2g, x_l), _path(self.convg2g, x_g))
         assert out_l is not None, "LaMa generators always keep local channels"
         return out_l, out_g
 
@@ -176,14 +181,16 @@ class FFCBlock(nn.Module):
         padding: int = 0,
     ) -> None:
         super().__init__()
-        self.ffc = FFC(in_channels, out_channels, kernel_size, ratio_gin, ratio_gout, stride, padding)
+        self.ffc = FFC(
+            in_channels, out_channels, kernel_size, ratio_gin, ratio_gout, stride, padding
+        )
         out_g = int(out_channels * ratio_gout)
         self.bn_l = nn.BatchNorm2d(out_channels - out_g)
         self.bn_g = nn.BatchNorm2d(out_g) if out_g else None
 
     def forward(self, x: torch.Tensor | Branches) -> Branches:
         x_l, x_g = self.ffc(x if isinstance(x, tuple) else (x, None))
-        if self.bn_g is not None and x_g is not None:
+        if self.bn_g is not None:
             x_g = F.relu(self.bn_g(x_g))
         return F.relu(self.bn_l(x_l)), x_g
 
@@ -250,20 +257,22 @@ def init_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
     Tensor number ``i`` in sorted key order draws from its own generator seeded
     with ``seed * 1_000_003 + i``: the result depends only on names and shapes,
     so any module with LaMa's state-dict layout (the official one included) gets
-    the same weights. Conv weights are He-normal, BatchNorm affine parameters and
-    running statistics are perturbed around identity so that every path matters.
+    the same weights. Conv weights are normal with the variance of PyTorch's
+    default init (He-normal saturates Big-LaMa's 18 residual blocks); BatchNorm
+    parameters and running statistics are perturbed around identity so that
+    every path matters.
     """
     with torch.no_grad():
         for i, (name, t) in enumerate(sorted(module.state_dict().items())):
-            if not t.is_floating_point():
-                continue  # num_batches_tracked
+            if not t.is_floating_point():  # num_batches_tracked
+                t.zero_()
+                continue
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
             if name.endswith("running_var"):
                 value = 1.0 + 0.5 * torch.rand(t.shape, generator=g) - 0.25
-            elif t.ndim >= 2:
-                fan_in = t[0].numel() if not name.endswith("weight") else t.shape[1] * t[0, 0].numel()
-                value = noise * math.sqrt(2.0 / fan_in)
+            elif t.ndim >= 2:  # variance of PyTorch's default init, 1 / (3 fan_in)
+                value = noise / math.sqrt(3 * t[0].numel())
             elif name.endswith("weight"):  # BatchNorm scale
                 value = 1.0 + 0.1 * noise
             else:  # biases, BatchNorm shifts and running means
@@ -276,7 +285,10 @@ def init_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 class LamaEditor(Editor):
-    """Frozen LaMa: fills the hole from ``cat([image * (1 - mask), mask])`` like the official trainer."""
+    """Frozen LaMa: fills the hole from ``cat([image * (1 - mask), mask])`` like the official trainer.
+
+    Masks are used as given; the official predictor binarises them (``mask > 0``) first.
+    """
 
     name = "lama"
 
@@ -310,16 +322,17 @@ def load_lama(
     ``weights`` may also be the unzipped ``big-lama`` folder.
     """
     config = _resolve_preset(preset)
-    generator = FFCResNetGenerator(config)
-    if weights is None:
-        if seed is None:
-            raise ValueError("weights=None builds random weights: pass seed=... to ask for that")
-        init_weights_(generator, seed)
+    if weights is not None and seed is not None:
+        raise ValueError("seed only applies to random weights (weights=None)")
+    if weights is None and seed is None:
+        raise ValueError("weights=None builds random weights: pass seed=... to ask for that")
+    state = None if weights is None else read_lama_weights(weights, config)
+    with torch.device("meta"):  # skip the default init: every tensor is overwritten below
+        generator = FFCResNetGenerator(config)
+    if state is None:
+        init_weights_(generator.to_empty(device="cpu"), seed)
     else:
-        if seed is not None:
-            raise ValueError("seed only applies to random weights (weights=None)")
-        state = read_lama_weights(weights, config)
-        generator.load_state_dict(state, strict=True)
+        generator.load_state_dict(state, strict=True, assign=True)
     return LamaEditor(generator).to(device=device, dtype=dtype)
 
 
@@ -346,7 +359,8 @@ def read_lama_weights(
     """
     path = _resolve_path(Path(path))
     tensors = _read_tensors(path)
-    expected = FFCResNetGenerator(_resolve_preset(preset)).state_dict()
+    with torch.device("meta"):
+        expected = FFCResNetGenerator(_resolve_preset(preset)).state_dict()
     return _select_generator(tensors, expected, path)
 
 
@@ -395,9 +409,7 @@ def _select_generator(
     tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path
 ) -> dict[str, torch.Tensor]:
     anchor = next(iter(expected))  # model.1.ffc.convl2l.weight: the first layer
-    prefixes = sorted(
-        k[: -len(anchor)] for k in tensors if k == anchor or k.endswith("." + anchor)
-    )
+    prefixes = sorted(k[: -len(anchor)] for k in tensors if k == anchor or k.endswith("." + anchor))
     if len(prefixes) != 1:
         found = f"several candidates {prefixes}" if prefixes else "none"
         sample = ", ".join(list(tensors)[:5])
@@ -417,7 +429,11 @@ def _select_generator(
     if missing or unexpected or wrong:
         problems = [
             f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong),
+            )
             if keys
         ]
         raise ValueError(
@@ -425,7 +441,7 @@ def _select_generator(
             + "; ".join(problems)
             + ". Is the preset right (big-lama has 18 resnet blocks, lama-fourier 9)?"
         )
-    return {k: state[k].detach().clone() for k in expected}
+    return {k: state[k] for k in expected}
 
 
 # Lightning checkpoints pickle their training configuration next to the weights:
@@ -521,8 +537,6 @@ class _ScriptUnpickler(pickle.Unpickler):
     """Reads ``data.pkl`` of a TorchScript archive: objects, tensors, nothing executable."""
 
     def __init__(self, archive: zipfile.ZipFile, root: str, data: bytes) -> None:
-        import io
-
         super().__init__(io.BytesIO(data))
         self.archive, self.root = archive, root
         self.storages: dict[str, torch.Tensor] = {}
@@ -536,7 +550,9 @@ class _ScriptUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _STORAGE_DTYPES[name]
-        if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
+        if module == "torch.jit._pickle" and (
+            name.startswith("build_") or name == "restore_type_tag"
+        ):
             return _identity  # typed-container markers: the value is already built
         raise pickle.UnpicklingError(f"TorchScript archive references {module}.{name}: refused")
 
@@ -548,7 +564,9 @@ class _ScriptUnpickler(pickle.Unpickler):
             raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
             flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             if flat.numel() != numel:
-                raise pickle.UnpicklingError(f"storage {key}: {flat.numel()} elements, expected {numel}")
+                raise pickle.UnpicklingError(
+                    f"storage {key}: {flat.numel()} elements, expected {numel}"
+                )
             self.storages[key] = flat
         return self.storages[key]
 

@@ -1,0 +1,349 @@
+"""Stable Diffusion inpainting as a differentiable editor.
+
+diffusers' ``StableDiffusionInpaintPipeline.__call__`` runs under
+``torch.no_grad()``, so this module runs its own sampler with the pipeline's
+conventions (checked against the pipeline in ``tests/test_diffusion.py``):
+
+1. ``x`` in [0, 1] is mapped to [-1, 1]; the hole is binarised (``mask >= 0.5``)
+   and blanked: ``masked = (2x - 1) * (mask < 0.5)`` (mid-grey in the hole).
+2. ``masked`` is VAE-encoded and scaled by ``vae.config.scaling_factor``. We take
+   the posterior mean where the pipeline draws a sample: an attack needs a
+   deterministic function of the image. The two differ by the posterior's spread.
+3. The binary mask is resized to latent size with nearest-neighbour sampling.
+4. Strength 1: start from noise ``* scheduler.init_noise_sigma``. The noise is
+   drawn on the CPU from ``seed`` for the latent shape and shared by every image
+   of a batch, so a clean and a protected image (or the three masks of one
+   optimisation step) see the same noise whatever the batch composition.
+5. ``steps`` scheduler steps on the UNet input ``[latents, mask, masked latents]``
+   (9 channels, that order) with classifier-free guidance
+   ``eps_u + g (eps_c - eps_u)`` when ``guidance_scale > 1``.
+6. Decode ``latents / scaling_factor``, map to [0, 1] and clamp.
+
+How gradients flow. The only path from the input pixels to the fill is the
+masked-image latents of step 2: they condition every UNet call, so the gradient
+runs through the VAE encoder and through the whole chain of ``steps`` UNet
+calls and scheduler updates (each latent depends on the previous one), then
+through the decoder. Pixels inside the hole get zero gradient (they are
+blanked before encoding); the mask is not differentiated. We backpropagate the
+full chain of a short sampler (2-4 steps) rather than a truncated chain (e.g.
+only the last step) or a surrogate (e.g. the encoder alone, as in PhotoGuard):
+what is optimised is then exactly what a user running that sampler gets.
+The cost is memory linear in ``steps``;
+``gradient_checkpointing=True`` wraps each UNet call in
+``torch.utils.checkpoint`` to trade it for one more UNet forward per step.
+The paper claims SD-inpainting results but released no diffusion code, so its
+sampler, step count, guidance and gradient path are unknown; these are our
+choices, exposed as parameters.
+
+SDXL inpainting (two text encoders, pooled embeddings, size/crop
+conditioning) is not supported.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .base import Editor
+
+#: scheduler names accepted by :func:`load_sd_inpainting` -> diffusers class names
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+_SDXL_MESSAGE = (
+    "SDXL inpainting (e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1) is not "
+    "supported: it needs two text encoders, pooled text embeddings and size/crop "
+    "conditioning. Use an SD 1.x/2.x inpainting checkpoint such as "
+    "stable-diffusion-v1-5/stable-diffusion-inpainting or "
+    "stabilityai/stable-diffusion-2-inpainting."
+)
+
+
+class DiffusionInpaintEditor(Editor):
+    """A latent-diffusion inpainting model (SD 1.x/2.x) run by a differentiable sampler.
+
+    ``unet`` must take 9 input channels (latents, mask, masked-image latents).
+    ``prompt_embeds`` / ``negative_prompt_embeds`` are text-encoder outputs of
+    shape (1, tokens, dim); the negative ones are needed when ``guidance_scale > 1``.
+    ``scheduler`` is a diffusers scheduler; the editor keeps its own copy (schedulers
+    hold per-run state). Device and dtype are those of ``unet``: inputs must be on
+    that device; they are cast to that dtype and outputs back to the input dtype.
+    """
+
+    name = "sd-inpainting"
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler: Any,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        *,
+        steps: int = 4,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_unet_config(unet.config)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
+            raise ValueError(
+                f"prompt_embeds must have shape (1, tokens, dim), got {tuple(prompt_embeds.shape)}"
+            )
+        if guidance_scale > 1:
+            if negative_prompt_embeds is None:
+                raise ValueError("guidance_scale > 1 needs negative_prompt_embeds")
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and "
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} differ in shape"
+                )
+        self.unet = unet.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.scheduler = type(scheduler).from_config(scheduler.config)
+        self.steps = int(steps)
+        self.guidance_scale = float(guidance_scale)
+        self.seed = int(seed)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale_factor
+        dtype, device = unet.dtype, unet.device
+        # buffers, so that .to(device/dtype) moves them with the models
+        self.register_buffer("prompt_embeds", prompt_embeds.to(device, dtype), persistent=False)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
+        self.register_buffer("negative_prompt_embeds", negative_prompt_embeds, persistent=False)
+
+    @classmethod
+    def from_components(
+        cls,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler: Any,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        **options: Any,
+    ) -> DiffusionInpaintEditor:
+        """Build from in-memory diffusers components; ``options`` as in the constructor."""
+        return cls(unet, vae, scheduler, prompt_embeds, negative_prompt_embeds, **options)
+
+    @property
+    def do_guidance(self) -> bool:
+        return self.guidance_scale > 1
+
+    def initial_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Noise for one image's latents of ``shape`` (C, h, w): a function of seed and shape only."""
+        generator = torch.Generator("cpu").manual_seed(self.seed)
+        noise = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+        return noise.to(self.unet.device, self.unet.dtype)
+
+    def encode_masked(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """UNet conditioning (B, 1 + C, h, w): latent-size mask and masked-image latents."""
+        dtype = self.unet.dtype
+        hole = (mask >= 0.5).to(dtype)
+        masked = (image.to(dtype) * 2 - 1) * (1 - hole)
+        latents = self.vae.encode(masked).latent_dist.mode() * self.vae.config.scaling_factor
+        hole = F.interpolate(hole, size=latents.shape[-2:], mode="nearest")
+        return torch.cat([hole, latents], dim=1)
+
+    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch = image.shape[0]
+        cond = self.encode_masked(image, mask)
+        shape = (self.vae.config.latent_channels, *cond.shape[-2:])
+        latents = self.initial_noise(shape).expand(batch, -1, -1, -1)
+        embeds = self.prompt_embeds.expand(batch, -1, -1)
+        if self.do_guidance:
+            # one UNet call per step for both branches: [unconditional; conditional]
+            embeds = torch.cat([self.negative_prompt_embeds.expand(batch, -1, -1), embeds])
+            cond = torch.cat([cond, cond])
+
+        scheduler = self.scheduler
+        scheduler.set_timesteps(self.steps, device=latents.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # strength 1: all timesteps, as the pipeline sets it
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents, latents]) if self.do_guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            eps = self._unet(torch.cat([model_input, cond], dim=1), t, embeds)
+            if self.do_guidance:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + self.guidance_scale * (eps_text - eps_uncond)
+            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
+
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (decoded / 2 + 0.5).clamp(0, 1).to(image.dtype)
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        def run(x: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+            return self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, x, embeds, use_reentrant=False)
+        return run(x, embeds)
+
+
+def encode_prompt(tokenizer: Any, text_encoder: torch.nn.Module, prompt: str) -> torch.Tensor:
+    """Text embeddings (1, tokens, dim) of ``prompt``, padded to the tokenizer's maximum length."""
+    tokens = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = tokens.attention_mask.to(text_encoder.device)
+    ids = tokens.input_ids.to(text_encoder.device)
+    with torch.no_grad():
+        return text_encoder(ids, attention_mask=attention_mask)[0]
+
+
+def load_sd_inpainting(
+    model: str | os.PathLike,
+    *,
+    steps: int = 4,
+    guidance_scale: float = 7.5,
+    prompt: str = "",
+    negative_prompt: str = "",
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    scheduler: str = "ddim",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    local_files_only: bool | None = None,
+) -> DiffusionInpaintEditor:
+    """Load an SD 1.x/2.x inpainting checkpoint (hub id or local diffusers folder) as an editor.
+
+    Loads ``unet``, ``vae`` and the ``scheduler`` config; the tokenizer and text
+    encoder only to embed the prompts whose embeddings are not given, once, here.
+    ``scheduler``: one of :data:`SCHEDULERS`. ``local_files_only`` defaults to
+    True for folders and when ``HF_HUB_OFFLINE`` is set; a hub id that is not
+    cached then fails at once with ``OSError`` saying how to download it. Cached
+    files are used as they are (no update check).
+    Raises ``NotImplementedError`` for SDXL and ``ValueError`` for a non-inpainting UNet.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    source = str(model)
+    is_folder = Path(source).expanduser().is_dir()
+    if is_folder:
+        source = str(Path(source).expanduser())
+    if not is_folder and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{source} is neither a folder nor a hub id (owner/name)")
+    if not is_folder and "xl" in source.rsplit("/", 1)[-1].lower():
+        raise NotImplementedError(_SDXL_MESSAGE)
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    if local_files_only is None:
+        local_files_only = is_folder or _hub_offline()
+
+    def load(loader: Any, subfolder: str, **kwargs: Any) -> Any:
+        # the cache first, even when downloads are allowed: without network a hub
+        # look-up retries for tens of seconds before falling back to the cache
+        for cache_only in (True,) if local_files_only else (True, False):
+            try:
+                return loader(source, subfolder=subfolder, local_files_only=cache_only, **kwargs)
+            except OSError as err:
+                error = err
+        raise OSError(_missing_message(source, subfolder, is_folder, local_files_only)) from error
+
+    # the config first: reject SDXL / non-inpainting UNets before loading any weights
+    _check_unet_config(load(UNet2DConditionModel.load_config, "unet"))
+    unet = load(UNet2DConditionModel.from_pretrained, "unet", torch_dtype=dtype).to(device)
+    vae = load(AutoencoderKL.from_pretrained, "vae", torch_dtype=dtype).to(device)
+    scheduler_cls = getattr(diffusers, SCHEDULERS[scheduler])
+    scheduler_obj = scheduler_cls.from_config(load(scheduler_cls.load_config, "scheduler"))
+
+    need_negative = guidance_scale > 1 and negative_prompt_embeds is None
+    if prompt_embeds is None or need_negative:
+        from transformers import CLIPTextModel
+
+        tokenizer = load(_load_tokenizer, "tokenizer")
+        text_encoder = load(CLIPTextModel.from_pretrained, "text_encoder")
+        text_encoder = text_encoder.to(device, dtype).eval()
+        if prompt_embeds is None:
+            prompt_embeds = encode_prompt(tokenizer, text_encoder, prompt)
+        if need_negative:
+            negative_prompt_embeds = encode_prompt(tokenizer, text_encoder, negative_prompt)
+
+    return DiffusionInpaintEditor(
+        unet,
+        vae,
+        scheduler_obj,
+        prompt_embeds,
+        negative_prompt_embeds,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _load_tokenizer(source: str, **kwargs: Any) -> Any:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(source, **kwargs)
+    if len(tokenizer) <= len(tokenizer.all_special_ids):
+        # transformers 5 builds an empty tokenizer from a missing folder instead of failing
+        raise OSError(f"no tokenizer files under {source}/{kwargs.get('subfolder', '')}")
+    return tokenizer
+
+
+def _check_unet_config(config: dict[str, Any]) -> None:
+    if config.get("addition_embed_type") == "text_time":
+        raise NotImplementedError(_SDXL_MESSAGE)
+    if config.get("in_channels") != 9:
+        raise ValueError(
+            f"not an inpainting UNet: in_channels={config.get('in_channels')}, expected 9 "
+            "(noisy latents, mask, masked-image latents); load an inpainting checkpoint "
+            "such as stable-diffusion-v1-5/stable-diffusion-inpainting"
+        )
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    # the constant is read once at import: also honour a variable set later (tests, notebooks)
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or flag in {"1", "ON", "YES", "TRUE"}
+
+
+def _missing_message(source: str, subfolder: str, is_folder: bool, local_files_only: bool) -> str:
+    if is_folder:
+        return (
+            f"could not load '{subfolder}' from the folder {source}: it should hold a diffusers "
+            "inpainting pipeline (unet/, vae/, scheduler/, text_encoder/, tokenizer/), as "
+            "written by save_pretrained or `hf download`"
+        )
+    import huggingface_hub.constants
+
+    if local_files_only:
+        reason = (
+            "it is not in the Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}) and downloads are off here "
+            "(HF_HUB_OFFLINE is set or local_files_only=True)"
+        )
+    else:
+        reason = "downloading it failed (no access to huggingface.co from this machine?)"
+    return (
+        f"could not load '{subfolder}' of the model '{source}': {reason}. On a machine with "
+        f"internet, run `hf download {source} --local-dir <folder>` (older clients: "
+        f"`huggingface-cli download {source} --local-dir <folder>`), copy the folder here "
+        "and pass its path instead of the hub id."
+    )

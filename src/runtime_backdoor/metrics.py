@@ -1,0 +1,473 @@
+"""Image-quality and protection metrics.
+
+Per-image metrics take numpy float arrays ``H x W x 3`` in [0, 1] (the primary form) or torch
+tensors ``3 x H x W`` / ``1 x 3 x H x W``; masks are bool/0-1 arrays ``H x W`` (torch: also
+``1 x H x W`` / ``1 x 1 x H x W``), True = pixel counted.
+
+CLIP-FID is the Fréchet distance between open_clip ViT-B/32 image features. It needs pretrained
+weights, which this machine cannot download: ``load_clip`` raises ``ClipUnavailable`` (with the
+reason and where to put the file) instead of ever falling back to random weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CLIP_WEIGHTS_ENV",
+    "DEFAULT_CLIP_DIR",
+    "ClipFeatures",
+    "ClipUnavailable",
+    "FID",
+    "clip_features",
+    "clip_fid",
+    "feature_stats",
+    "fid_from_features",
+    "frechet_distance",
+    "linf",
+    "linf_8bit",
+    "load_clip",
+    "masked_mse",
+    "psnr",
+    "ssim",
+    "target_hit",
+    "target_hit_fraction",
+    "try_load_clip",
+]
+
+PROJ_ROOT = Path(__file__).resolve().parents[2]
+CLIP_WEIGHTS_ENV = "RUNTIME_BACKDOOR_CLIP_WEIGHTS"
+# models/clip/<model_name>/ holds the weights file as named on the Hugging Face hub.
+DEFAULT_CLIP_DIR = PROJ_ROOT / "models" / "clip"
+_CLIP_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_DEFAULT_TAG = "laion2b_s34b_b79k"
+_RANGE_TOL = 1e-4  # float rounding slack on the [0, 1] range check
+
+
+# ---------------------------------------------------------------------------------------------
+# Input conversion
+
+
+def _as_hwc(x, name: str = "image") -> np.ndarray:
+    """numpy ``H x W x 3`` or torch ``(1 x) 3 x H x W`` -> float64 ``H x W x 3`` in [0, 1]."""
+    if hasattr(x, "detach"):  # torch: channels first, as everywhere else in this package
+        t = x.detach().cpu()
+        if t.ndim == 4 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] != 3:
+            raise ValueError(f"{name}: expected a 3 x H x W tensor, got shape {tuple(t.shape)}")
+        a = t.permute(1, 2, 0).double().numpy()
+    else:
+        a = np.asarray(x)
+        if a.ndim != 3 or a.shape[2] != 3:
+            raise ValueError(f"{name}: expected an H x W x 3 array, got shape {a.shape}")
+        if a.dtype == np.uint8:
+            raise ValueError(f"{name}: uint8 array; convert to float in [0, 1] (x / 255) first")
+        a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+        raise ValueError(f"{name}: values must be in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+    return a
+
+
+def _as_mask(m, shape, name: str = "mask") -> np.ndarray:
+    """Bool ``H x W`` from bool/0-1 numpy or torch (leading singleton axes allowed)."""
+    a = m.detach().cpu().numpy() if hasattr(m, "detach") else np.asarray(m)
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: shape {a.shape} does not match the image's {tuple(shape)}")
+    if a.dtype != bool:
+        if not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name}: expected a binary mask (bool or 0/1 values)")
+        a = a.astype(bool)
+    return a
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_hwc(a, "a"), _as_hwc(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {a.shape} vs {b.shape}")
+    return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image metrics
+
+
+def masked_mse(a, b, mask) -> float:
+    """Mean squared error over the pixels where ``mask`` is True and all 3 channels."""
+    a, b = _pair(a, b)
+    m = _as_mask(mask, a.shape[:2])
+    if not m.any():
+        raise ValueError("mask is empty: the masked MSE is undefined")
+    return float(np.mean((a[m] - b[m]) ** 2))
+
+
+def psnr(a, b, mask=None) -> float:
+    """PSNR in dB for data range 1: ``10 log10(1 / MSE)``; MSE over ``mask`` pixels if given.
+
+    ``inf`` for identical images.
+    """
+    if mask is None:
+        a, b = _pair(a, b)
+        mse = float(np.mean((a - b) ** 2))
+    else:
+        mse = masked_mse(a, b, mask)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def ssim(a, b, mask=None) -> float:
+    """Mean SSIM (scikit-image ``structural_similarity``, ``channel_axis=2``, ``data_range=1``).
+
+    scikit-image defaults: 7 x 7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance; each
+    channel separately, then averaged. Without ``mask`` the mean excludes a 3-px border (as
+    scikit-image does); with ``mask`` it is the mean of the SSIM map over the mask pixels.
+    Images must be at least 7 x 7.
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b = _pair(a, b)
+    if min(a.shape[:2]) < 7:
+        raise ValueError(f"SSIM needs images of at least 7 x 7 px, got {a.shape[:2]}")
+    if mask is None:
+        return float(structural_similarity(a, b, channel_axis=2, data_range=1.0))
+    m = _as_mask(mask, a.shape[:2])
+    if not m.any():
+        raise ValueError("mask is empty: the masked SSIM is undefined")
+    _, smap = structural_similarity(a, b, channel_axis=2, data_range=1.0, full=True)
+    return float(smap.mean(axis=2)[m].mean())
+
+
+def _target_array(target, shape) -> np.ndarray:
+    t = np.asarray(target.detach().cpu() if hasattr(target, "detach") else target)
+    if t.shape == (3,):  # a solid colour given as an RGB triple in [0, 1]
+        t = np.broadcast_to(t.astype(np.float64), shape)
+        if t.min() < -_RANGE_TOL or t.max() > 1 + _RANGE_TOL:
+            raise ValueError(f"target colour must be in [0, 1], got {target}")
+        return t
+    return _as_hwc(target, "target")
+
+
+def target_hit_fraction(edited, target, mask, tol: float = 0.1) -> float:
+    """Share of ``mask`` pixels whose 3 channels are all within ``tol`` of ``target``.
+
+    ``target``: an image like ``edited`` or an RGB triple in [0, 1] (solid colour).
+    """
+    e = _as_hwc(edited, "edited")
+    t = _target_array(target, e.shape)
+    if t.shape != e.shape:
+        raise ValueError(f"target shape {t.shape} does not match edited {e.shape}")
+    m = _as_mask(mask, e.shape[:2])
+    if not m.any():
+        raise ValueError("mask is empty: the target-hit fraction is undefined")
+    hit = np.all(np.abs(e[m] - t[m]) <= tol, axis=1)
+    return float(hit.mean())
+
+
+def target_hit(edited, target, mask, tol: float = 0.1, min_fraction: float = 0.5) -> bool:
+    """Whether at least ``min_fraction`` of the mask pixels reached the target (see above)."""
+    return target_hit_fraction(edited, target, mask, tol) >= min_fraction
+
+
+def linf(a, b, mask=None) -> float:
+    """Largest absolute difference over pixels (``mask`` pixels if given) and channels, in [0, 1]."""
+    a, b = _pair(a, b)
+    d = np.abs(a - b)
+    if mask is not None:
+        m = _as_mask(mask, a.shape[:2])
+        if not m.any():
+            raise ValueError("mask is empty: the masked L-inf distance is undefined")
+        d = d[m]
+    return float(d.max())
+
+
+def linf_8bit(a, b, mask=None) -> float:
+    """``linf`` in 8-bit units (x 255): ε = 0.025 is 6.375."""
+    return linf(a, b, mask) * 255.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance
+
+
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sample covariance (ddof = 1) of an ``N x D`` feature matrix, in float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"expected an N x D feature matrix with N >= 2, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` between two Gaussians.
+
+    ``tr((S1 S2)^(1/2))`` is computed as the sum of the square roots of the eigenvalues of the
+    symmetric PSD matrix ``S1^(1/2) S2 S1^(1/2)`` (same spectrum as ``S1 S2``). This equals the
+    usual ``scipy.linalg.sqrtm(S1 @ S2).real`` form but needs no eps on the diagonal and no
+    imaginary-part clean-up when the covariances are singular (N <= D samples). Rounding
+    negatives are clipped to 0.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(v, np.float64)) for v in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(v, np.float64)) for v in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(
+            f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, sigma2 {s2.shape}"
+        )
+    r1 = _psd_sqrt(s1)
+    ev = np.linalg.eigvalsh(r1 @ ((s2 + s2.T) / 2) @ r1)
+    tr_covmean = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    diff = mu1 - mu2
+    fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(fd, 0.0)
+
+
+def fid_from_features(features_a, features_b) -> float:
+    """Fréchet distance between the Gaussians fitted to two ``N x D`` feature sets."""
+    return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP features
+
+
+class ClipUnavailable(RuntimeError):
+    """CLIP weights cannot be loaded; the message says why and where to put the file."""
+
+
+def _place_hint(model_name: str) -> str:
+    return (
+        f"put the open_clip weights of {model_name} at {DEFAULT_CLIP_DIR / model_name / _CLIP_FILENAMES[0]} "
+        f"(the file '{_CLIP_FILENAMES[0]}' of huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K), "
+        f"or set {CLIP_WEIGHTS_ENV} / pass weights= to a local .safetensors/.bin/.pt state dict"
+    )
+
+
+def _cached_hub_file(model_name: str, tag: str) -> tuple[Path, bool]:
+    """Local file of an open_clip pretrained tag in the Hugging Face cache, and its quick_gelu."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ClipUnavailable(f"'{tag}' is not a pretrained tag of {model_name} (known: {tags})")
+    repo = cfg.get("hf_hub", "").strip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        for fname in _CLIP_FILENAMES:
+            hit = try_to_load_from_cache(repo, fname)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return Path(hit), bool(cfg.get("quick_gelu", False))
+    raise ClipUnavailable(
+        f"{model_name} '{tag}' is not in the local Hugging Face cache "
+        f"(repo '{repo or 'none'}', files {_CLIP_FILENAMES}); no download is attempted"
+    )
+
+
+def _build_from_file(model_name: str, path: Path, quick_gelu: bool):
+    import open_clip
+
+    if not path.is_file():
+        raise ClipUnavailable(f"weights file not found: {path}; {_place_hint(model_name)}")
+    if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+        raise ClipUnavailable(f"{path}: expected a .safetensors, .bin, .pt or .pth state dict")
+    try:
+        # open_clip reads .safetensors with safetensors and anything else with
+        # torch.load(weights_only=True): no code in the file is executed.
+        model = open_clip.create_model(
+            model_name,
+            pretrained=str(path),
+            force_quick_gelu=quick_gelu,
+            require_pretrained=True,
+            weights_only=True,
+        )
+    except Exception as e:  # noqa: BLE001 - any failure means "unavailable", with its reason
+        raise ClipUnavailable(
+            f"cannot load {model_name} weights from {path}: {type(e).__name__}: {e}"
+        ) from e
+    return model
+
+
+def load_clip(
+    weights: str | os.PathLike | None = None, model_name: str = "ViT-B-32", device="cpu"
+) -> ClipFeatures:
+    """Load a pretrained open_clip image encoder as a ``ClipFeatures`` module (eval mode).
+
+    ``weights``: a local state-dict file (``.safetensors``, or ``.bin``/``.pt``/``.pth`` read
+    with ``torch.load(weights_only=True)``; TorchScript archives such as OpenAI's original
+    ``ViT-B-32.pt`` are refused), or an open_clip pretrained tag (``laion2b_s34b_b79k``,
+    ``openai``, ...) found in the local Hugging Face cache. ``None`` tries, in order, the
+    ``RUNTIME_BACKDOOR_CLIP_WEIGHTS`` environment variable, ``models/clip/<model_name>/`` in the
+    project (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``) and the cached
+    ``laion2b_s34b_b79k`` tag. OpenAI-trained weights in a local file need
+    ``model_name="ViT-B-32-quickgelu"``.
+
+    Raises ``ClipUnavailable`` (never returns random weights) with the reason and the place
+    to put the file.
+    """
+    if weights is None:
+        env = os.environ.get(CLIP_WEIGHTS_ENV)
+        if env:
+            return load_clip(env, model_name, device)
+        reasons = []
+        for fname in _CLIP_FILENAMES:
+            p = DEFAULT_CLIP_DIR / model_name / fname
+            if p.is_file():
+                return load_clip(p, model_name, device)
+        reasons.append(f"no file in {DEFAULT_CLIP_DIR / model_name}")
+        try:
+            return load_clip(_DEFAULT_TAG, model_name, device)
+        except ClipUnavailable as e:
+            reasons.append(str(e))
+        raise ClipUnavailable(
+            f"no pretrained {model_name} weights: {'; '.join(reasons)}; {_place_hint(model_name)}"
+        )
+
+    w = str(weights)
+    is_path = (
+        isinstance(weights, os.PathLike) or os.sep in w or Path(w).suffix != "" or Path(w).exists()
+    )
+    if is_path:
+        path, quick_gelu, source = Path(w).expanduser(), False, w
+    else:
+        path, quick_gelu = _cached_hub_file(model_name, w)
+        source = f"{w} ({path})"
+    model = _build_from_file(model_name, path, quick_gelu)
+    return ClipFeatures(model, model_name=model_name, weights=source).to(device)
+
+
+def try_load_clip(weights=None, model_name: str = "ViT-B-32", device="cpu"):
+    """``(ClipFeatures, None)`` or ``(None, reason)``: for callers that record CLIP-FID as unavailable."""
+    try:
+        return load_clip(weights, model_name, device), None
+    except ClipUnavailable as e:
+        return None, str(e)
+
+
+class ClipFeatures(torch.nn.Module):
+    """CLIP image features: preprocessing + ``encode_image`` (unnormalised, as in clean-fid).
+
+    ``forward(x)``: ``B x 3 x H x W`` float in [0, 1] -> ``B x D`` float32. Preprocessing
+    follows open_clip's: bicubic resize of the short side to the model's input size (224),
+    centre crop, clamp to [0, 1] (as a uint8 PIL round trip would), normalise with the model's
+    mean/std (CLIP's by default).
+    """
+
+    def __init__(self, model, model_name: str = "ViT-B-32", weights: str = "unknown"):
+        super().__init__()
+        self.model = model.eval()
+        self.model_name = model_name
+        self.weights = weights
+        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", getattr(model.visual, "image_size", 224))
+        self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    def preprocess(self, x):
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected B x 3 x H x W images, got shape {tuple(x.shape)}")
+        s = self.input_size
+        h, w = x.shape[-2:]
+        scale = s / min(h, w)
+        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        x = F.interpolate(
+            x.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True
+        )
+        top, left = (nh - s) // 2, (nw - s) // 2
+        x = x[:, :, top : top + s, left : left + s].clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def forward(self, x):
+        return self.model.encode_image(self.preprocess(x)).float()
+
+
+def clip_features(images, model: ClipFeatures, batch_size: int = 16) -> np.ndarray:
+    """``N x D`` float64 features of a sequence of images (``H x W x 3`` arrays or torch
+    ``3 x H x W`` tensors, sizes may differ) or of an ``N x H x W x 3`` array."""
+    items = list(images)
+    if not items:
+        raise ValueError("no images")
+    device = next(model.buffers()).device
+    prepped = []
+    for i, im in enumerate(items):
+        a = _as_hwc(im, f"image {i}")
+        t = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float()[None]
+        prepped.append(t)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(prepped), batch_size):
+            chunk = prepped[start : start + batch_size]
+            # Resize one by one (sizes may differ), then encode as a batch.
+            x = torch.cat([model.preprocess(t.to(device)) for t in chunk])
+            out.append(model.model.encode_image(x).float().cpu())
+    return torch.cat(out).double().numpy()
+
+
+@dataclass(frozen=True)
+class FID:
+    """A Fréchet distance with what is needed to read it.
+
+    With ``n <= dim`` the covariances are singular (rank ``n - 1``) and FID is biased upwards;
+    only compare values computed with the same ``n``.
+    """
+
+    value: float
+    n_a: int
+    n_b: int
+    dim: int
+    features: str
+
+    @property
+    def rank_deficient(self) -> bool:
+        return min(self.n_a, self.n_b) <= self.dim
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def clip_fid(
+    images_a: Sequence, images_b: Sequence, model: ClipFeatures | None = None, batch_size: int = 16
+) -> FID:
+    """CLIP-FID: Fréchet distance between CLIP image features of two image sets (N >= 2 each).
+
+    ``model=None`` loads the default pretrained weights (``load_clip()``), raising
+    ``ClipUnavailable`` when there are none.
+    """
+    if model is None:
+        model = load_clip()
+    fa = clip_features(images_a, model, batch_size)
+    fb = clip_features(images_b, model, batch_size)
+    if len(fa) < 2 or len(fb) < 2:
+        raise ValueError(f"CLIP-FID needs at least 2 images per set, got {len(fa)} and {len(fb)}")
+    return FID(
+        value=fid_from_features(fa, fb),
+        n_a=len(fa),
+        n_b=len(fb),
+        dim=fa.shape[1],
+        features=f"open_clip {model.model_name} ({model.weights})",
+    )

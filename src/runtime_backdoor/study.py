@@ -1,0 +1,424 @@
+"""The study's stages as functions: the notebooks call these and display what they return.
+
+Each stage reads the folder the previous one wrote and writes its own:
+
+    data/raw  --prepare-->  data/prepared  --implant-->  data/protected  --edit-->  data/edited
+    models/editor.json (editor stage)                                  --evaluate--> reports/
+
+Images in a folder are ``NAME.png`` (+ ``NAME_mask.png``) with a ``manifest.csv``;
+every PNG is written atomically, and the long stages skip images that a previous,
+interrupted run with the same settings already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import masks as M
+from .data import list_pairs, read_image, read_mask, read_pair, write_png
+from .editors import EDITORS, build_editor
+from .implant import implant
+
+MALICIOUS = ("mask", "expanded", "incomplete")
+BENIGN = ("ring", "half_ring", "elsewhere")
+SCENARIOS = MALICIOUS + BENIGN
+
+
+# ------------------------------------------------------------------------------- small helpers
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        df.to_csv(f, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def settings_hash(settings: dict) -> str:
+    """A short hash of a settings dict: outputs made with other settings are not reused."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 float array -> (1, 3, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+
+
+def to_mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """H x W bool array -> (1, 1, H, W) float tensor."""
+    return torch.from_numpy(mask.astype(np.float32))[None, None]
+
+
+def to_array(t: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W) tensor -> H x W x 3 float array."""
+    return t.detach().float().cpu().reshape(3, *t.shape[-2:]).permute(1, 2, 0).numpy()
+
+
+def read_folder(folder: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a stage folder (``manifest.csv``)."""
+    path = Path(folder) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes {folder} first")
+    return pd.read_csv(path)
+
+
+# ------------------------------------------------------------------------------- 1. prepare
+
+
+def _fit(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize the short side to ``size`` and centre-crop to a square (mask: nearest)."""
+    h, w = mask.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = Image.fromarray(np.round(image * 255).astype(np.uint8)).resize((nw, nh), Image.BICUBIC)
+    msk = Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    box = (left, top, left + size, top + size)
+    return np.asarray(img.crop(box)) / 255.0, np.asarray(msk.crop(box)) > 127
+
+
+def prepare(raw_dir, out_dir, size: int = 128, limit: int = 0) -> pd.DataFrame:
+    """Validate every image/mask pair of ``raw_dir`` (official layout) and write them square.
+
+    ``size``: side in pixels after resizing (0 keeps the originals, which must then
+    share one size); ``limit``: keep the first N images (0 = all). Images whose mask is
+    empty after resizing are reported and dropped. Returns the manifest written.
+    """
+    if size < 0 or limit < 0:
+        raise ValueError(f"size and limit must be >= 0, got size={size}, limit={limit}")
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    pairs = list_pairs(raw_dir)
+    info = pd.read_csv(raw_dir / "manifest.csv") if (raw_dir / "manifest.csv").is_file() else None
+    content = dict(zip(info["name"], info["content"], strict=True)) if info is not None else {}
+    if limit:
+        pairs = pairs[:limit]
+    rows = []
+    for name, image_path, mask_path in pairs:
+        image, mask = read_pair(image_path, mask_path)
+        if size:
+            image, mask = _fit(image, mask, size)
+        if not mask.any() or mask.all():
+            raise ValueError(f"{mask_path}: mask is empty or full after resizing to {size} px")
+        write_png(out_dir / f"{name}.png", image, overwrite=True)
+        write_png(out_dir / f"{name}_mask.png", mask, overwrite=True)
+        rows.append(
+            {
+                "name": name,
+                "content": content.get(name, "unknown"),
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "protected_fraction": float(mask.mean()),
+            }
+        )
+    df = pd.DataFrame(rows)
+    if size == 0 and df[["height", "width"]].drop_duplicates().shape[0] > 1:
+        raise ValueError(f"{raw_dir}: images differ in size; set prepare.size to resize them")
+    write_csv(out_dir / "manifest.csv", df)
+    return df
+
+
+def load_prepared(folder, names=None) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """Manifest, images (N, 3, H, W) and masks (N, 1, H, W) of a prepared folder."""
+    folder = Path(folder)
+    df = read_folder(folder)
+    if names is not None:
+        df = df[df["name"].isin(names)].reset_index(drop=True)
+    images = torch.cat([to_tensor(read_image(folder / f"{n}.png")) for n in df["name"]])
+    maskt = torch.cat([to_mask_tensor(read_mask(folder / f"{n}_mask.png")) for n in df["name"]])
+    return df, images, maskt
+
+
+# ------------------------------------------------------------------------------- 2. editor
+
+
+def editor_record(name: str, weights: str | None = None, **options) -> dict:
+    """What the ``editor`` stage writes to ``models/editor.json`` and later stages load."""
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
+    return {"name": name, "weights": weights or None, "options": options}
+
+
+def load_editor(record_path, device: str | torch.device = "cpu"):
+    """Build the editor described by the ``editor`` stage's record."""
+    record = json.loads(Path(record_path).read_text())
+    return build_editor(
+        record["name"], weights=record["weights"], device=device, **record.get("options", {})
+    )
+
+
+# ------------------------------------------------------------------------------- 3. implant
+
+
+def implant_folder(
+    editor,
+    prepared_dir,
+    out_dir,
+    *,
+    batch_size: int = 6,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **implant_kwargs,
+) -> pd.DataFrame:
+    """Protect every prepared image; write ``NAME.png``, the loss curves and a manifest.
+
+    Images already protected by an earlier run with the same settings (same hash in
+    ``manifest.csv``) are kept, so an interrupted run resumes where it stopped.
+    """
+    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = read_folder(prepared_dir)
+    tag = settings_hash({"editor": repr(editor.__class__), **implant_kwargs})
+    done: dict[str, dict] = {}
+    if (out_dir / "manifest.csv").is_file():
+        old = pd.read_csv(out_dir / "manifest.csv")
+        for row in old.to_dict("records"):
+            if row.get("settings") == tag and (out_dir / f"{row['name']}.png").is_file():
+                done[row["name"]] = row
+    curves = []
+    if (out_dir / "losses.csv").is_file() and done:
+        prev = pd.read_csv(out_dir / "losses.csv")
+        curves.append(prev[prev["name"].isin(done)])
+    todo = [n for n in df["name"] if n not in done]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for names in tqdm(batches, desc="protect", disable=not progress):
+        _, x, m = load_prepared(prepared_dir, names)
+        x, m = x.to(device), m.to(device)
+        r = implant(editor, x, m, progress=False, **implant_kwargs)
+        for i, name in enumerate(names):
+            write_png(out_dir / f"{name}.png", to_array(r.protected[i]), overwrite=True)
+            d = r.delta[i]
+            done[name] = {
+                "name": name,
+                "settings": tag,
+                "seconds": r.seconds / len(names),
+                "linf_8bit": float(d.abs().max() * 255),
+                "mean_abs_8bit": float(d.abs().mean() * 255),
+                "target": ",".join(f"{v:.0f}" for v in (r.target[i, :, 0, 0] * 255).tolist()),
+                **{f"final_{k}": float(v[-1, i]) for k, v in r.losses.items() if len(v)},
+            }
+            steps = r.losses["total"].shape[0]
+            curves.append(
+                pd.DataFrame(
+                    {"name": name, "step": np.arange(steps)}
+                    | {k: v[:, i].cpu().numpy() for k, v in r.losses.items()}
+                )
+            )
+        # Write the manifest after every batch: it is what a resumed run trusts.
+        manifest = pd.DataFrame([done[n] for n in df["name"] if n in done])
+        write_csv(out_dir / "manifest.csv", manifest.merge(df[["name", "content"]], on="name"))
+        write_csv(out_dir / "losses.csv", pd.concat(curves, ignore_index=True))
+    manifest = pd.DataFrame([done[n] for n in df["name"]]).merge(df[["name", "content"]], on="name")
+    write_csv(out_dir / "manifest.csv", manifest)
+    if curves:
+        write_csv(out_dir / "losses.csv", pd.concat(curves, ignore_index=True))
+    return manifest
+
+
+# ------------------------------------------------------------------------------- 4. edit
+
+
+def scenario_masks(mask: torch.Tensor, kernel: int, elsewhere_size: float = 0.2) -> dict:
+    """The editing scenarios for protected regions ``mask`` (B, 1, H, W).
+
+    Malicious (they edit the protected content): ``mask`` = m, ``expanded`` = E(m),
+    ``incomplete`` = half(m) ∪ half(E(m)). Benign: ``ring`` = E(m) - m, ``half_ring``
+    = half(ring) (the official "wot"), ``elsewhere`` = a square that does not touch E(m).
+    """
+    band = M.ring(mask, kernel)
+    return {
+        "mask": mask,
+        "expanded": M.expand(mask, kernel),
+        "incomplete": M.incomplete(mask, kernel),
+        "ring": band,
+        "half_ring": M.half(band),
+        "elsewhere": M.box_elsewhere(mask, kernel, size=elsewhere_size),
+    }
+
+
+def edit_folder(
+    editor,
+    prepared_dir,
+    protected_dir,
+    out_dir,
+    *,
+    kernel: int,
+    elsewhere_size: float = 0.2,
+    batch_size: int = 6,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every scenario on the clean and the protected image of every prepared image.
+
+    Writes ``{clean,protected}/NAME__SCENARIO.png`` and ``masks/NAME__SCENARIO.png``.
+    """
+    prepared_dir, protected_dir, out_dir = Path(prepared_dir), Path(protected_dir), Path(out_dir)
+    df = read_folder(prepared_dir)
+    names = list(df["name"])
+    rows = []
+    batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
+    for batch in tqdm(batches, desc="edit", disable=not progress):
+        _, x, m = load_prepared(prepared_dir, batch)
+        xp = torch.cat([to_tensor(read_image(protected_dir / f"{n}.png")) for n in batch])
+        x, xp, m = x.to(device), xp.to(device), m.to(device)
+        for scenario, sm in scenario_masks(m, kernel, elsewhere_size).items():
+            with torch.no_grad():
+                edited = editor(torch.cat([x, xp]), torch.cat([sm, sm]))
+            for i, name in enumerate(batch):
+                stem = f"{name}__{scenario}.png"
+                write_png(out_dir / "masks" / stem, sm[i, 0].cpu().numpy() > 0.5, overwrite=True)
+                write_png(out_dir / "clean" / stem, to_array(edited[i]), overwrite=True)
+                write_png(out_dir / "protected" / stem, to_array(edited[len(batch) + i]), overwrite=True)
+                rows.append(
+                    {
+                        "name": name,
+                        "scenario": scenario,
+                        "kind": "malicious" if scenario in MALICIOUS else "benign",
+                        "edited_fraction": float(sm[i].mean()),
+                    }
+                )
+    out = pd.DataFrame(rows).merge(df[["name", "content"]], on="name")
+    write_csv(out_dir / "manifest.csv", out)
+    return out
+
+
+# ------------------------------------------------------------------------------- 5. evaluate
+
+
+def _colour(text: str) -> np.ndarray:
+    return np.array([float(v) for v in text.split(",")]) / 255
+
+
+def evaluate_folder(
+    prepared_dir, protected_dir, edited_dir, *, hit_tol: float = 0.1, hit_min_fraction: float = 0.5
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per image and scenario metrics, and the protection's own imperceptibility.
+
+    References, stated once: ``*_vs_clean_edit`` compares the edit of the protected
+    image with the same edit of the clean image (low SSIM under malicious edits = the
+    protection works; high under benign edits = no side effect). ``target_*`` compare
+    the edited region with the image's target colour. ``hit`` = at least
+    ``hit_min_fraction`` of the edited region within ``hit_tol`` of the target in every
+    channel. Imperceptibility compares the protected image with the original.
+    """
+    from . import metrics as Q
+
+    prepared_dir, protected_dir, edited_dir = map(Path, (prepared_dir, protected_dir, edited_dir))
+    protected = read_folder(protected_dir).set_index("name")
+    edits = read_folder(edited_dir)
+    rows = []
+    for rec in edits.to_dict("records"):
+        name, scenario = rec["name"], rec["scenario"]
+        stem = f"{name}__{scenario}.png"
+        original = read_image(prepared_dir / f"{name}.png")
+        clean = read_image(edited_dir / "clean" / stem)
+        prot = read_image(edited_dir / "protected" / stem)
+        region = read_mask(edited_dir / "masks" / stem)
+        target = np.broadcast_to(_colour(protected.loc[name, "target"]), original.shape)
+        row = dict(rec)
+        row["ssim_vs_clean_edit"] = Q.ssim(prot, clean)
+        row["psnr_vs_clean_edit"] = Q.psnr(prot, clean)
+        for label, img in (("clean", clean), ("protected", prot)):
+            row[f"ssim_vs_original_{label}"] = Q.ssim(img, original)
+            row[f"target_mse_{label}"] = Q.masked_mse(img, target, region)
+            frac = Q.target_hit_fraction(img, target, region, tol=hit_tol)
+            row[f"hit_fraction_{label}"] = frac
+            row[f"hit_{label}"] = bool(frac >= hit_min_fraction)
+        rows.append(row)
+    per_edit = pd.DataFrame(rows)
+    imp = []
+    for name in protected.index:
+        a = read_image(prepared_dir / f"{name}.png")
+        b = read_image(protected_dir / f"{name}.png")
+        imp.append(
+            {
+                "name": name,
+                "content": protected.loc[name, "content"],
+                "psnr": Q.psnr(b, a),
+                "ssim": Q.ssim(b, a),
+                "linf_8bit": float(np.abs(b - a).max() * 255),
+                "seconds": float(protected.loc[name, "seconds"]),
+            }
+        )
+    return per_edit, pd.DataFrame(imp)
+
+
+def clip_fid_by_scenario(prepared_dir, edited_dir, weights: str | None, device="cpu") -> dict:
+    """CLIP-FID of edited outputs against the original images, per scenario and condition.
+
+    Needs pretrained CLIP ViT-B/32 weights; without them returns
+    ``{"available": False, "reason": ...}`` — never a number from random weights.
+    """
+    from . import metrics as Q
+
+    try:
+        model = Q.load_clip(weights, device=device)
+    except Q.ClipUnavailable as err:
+        return {"available": False, "reason": str(err)}
+    prepared_dir, edited_dir = Path(prepared_dir), Path(edited_dir)
+    edits = read_folder(edited_dir)
+    names = sorted(edits["name"].unique())
+    originals = [read_image(prepared_dir / f"{n}.png") for n in names]
+    out: dict = {"available": True, "n_images": len(names)}
+    for scenario in SCENARIOS:
+        for label in ("clean", "protected"):
+            imgs = [read_image(edited_dir / label / f"{n}__{scenario}.png") for n in names]
+            out[f"{scenario}_{label}"] = float(Q.clip_fid(imgs, originals, model=model))
+    return out
+
+
+def summarize(per_edit: pd.DataFrame, imperceptibility: pd.DataFrame, clip: dict) -> dict:
+    """The flat ``reports/metrics.json`` (DVC metrics): means over images."""
+    out: dict = {"n_images": int(imperceptibility.shape[0])}
+    for scenario, g in per_edit.groupby("scenario"):
+        kind = "malicious" if scenario in MALICIOUS else "benign"
+        key = f"{kind}_{scenario}"
+        for label in ("clean", "protected"):
+            out[f"{key}_hit_rate_{label}"] = float(g[f"hit_{label}"].mean())
+            out[f"{key}_hit_fraction_{label}"] = float(g[f"hit_fraction_{label}"].mean())
+            out[f"{key}_ssim_vs_original_{label}"] = float(g[f"ssim_vs_original_{label}"].mean())
+        out[f"{key}_ssim_vs_clean_edit"] = float(g["ssim_vs_clean_edit"].mean())
+        finite = g["psnr_vs_clean_edit"].replace(np.inf, 100.0)
+        out[f"{key}_psnr_vs_clean_edit"] = float(finite.mean())
+        out[f"{key}_psnr_vs_clean_edit_min"] = float(finite.min())
+    out["protection_psnr"] = float(imperceptibility["psnr"].mean())
+    out["protection_psnr_min"] = float(imperceptibility["psnr"].min())
+    out["protection_ssim"] = float(imperceptibility["ssim"].mean())
+    out["protection_linf_8bit_max"] = float(imperceptibility["linf_8bit"].max())
+    out["protection_seconds_per_image"] = float(imperceptibility["seconds"].mean())
+    out["clip_fid_available"] = bool(clip.get("available", False))
+    for k, v in clip.items():
+        if k not in ("available", "reason"):
+            out[f"clip_fid_{k}"] = v
+    return out
