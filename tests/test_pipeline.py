@@ -1,0 +1,176 @@
+"""The pipeline end to end on a tiny setting: stage functions, each notebook, and `dvc repro`.
+
+Notebooks run under papermill with tiny parameters (recommenders-style) and the values
+their last cell records are asserted.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import papermill as pm
+import pytest
+import torch
+
+from runtime_backdoor import study
+from runtime_backdoor.data import make_sample, read_image
+from runtime_backdoor.editors.simple import GlobalMixEditor
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("raw")
+    make_sample(folder, n_per_type=1, size=64, seed=0)
+    return folder
+
+
+def test_prepare_validates_and_writes_squares(raw, tmp_path):
+    df = study.prepare(raw, tmp_path / "prepared", size=48, limit=2)
+    assert len(df) == 2 and set(df["content"]) <= {"watermark", "logo", "face"}
+    img = read_image(tmp_path / "prepared" / f"{df['name'][0]}.png")
+    assert img.shape == (48, 48, 3)
+    assert (raw / f"{df['name'][0]}_example.png").is_file()  # originals untouched
+
+
+def test_prepare_names_the_bad_file(raw, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(raw, bad)
+    first = sorted(bad.glob("*_example_mask.png"))[0]
+    from PIL import Image
+
+    Image.new("L", (10, 10)).save(first)
+    with pytest.raises(ValueError, match=first.name):
+        study.prepare(bad, tmp_path / "out", size=48)
+
+
+def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
+    study.prepare(raw, tmp_path / "prepared", size=64)
+    editor = GlobalMixEditor(gain=800)
+    kwargs = {"eps": 0.025, "steps": 3, "expand_kernel": 5}
+    first = study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **kwargs)
+    assert len(first) == 3 and first["linf_8bit"].max() <= 6.375 + 1e-6
+    # An interrupted run: one output lost. The rerun redoes only that one.
+    lost = tmp_path / "protected" / f"{first['name'][1]}.png"
+    kept = tmp_path / "protected" / f"{first['name'][0]}.png"
+    lost.unlink()
+    mtime = kept.stat().st_mtime_ns
+    again = study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **kwargs)
+    assert lost.is_file() and kept.stat().st_mtime_ns == mtime
+    assert again["settings"].nunique() == 1
+    # Other settings: nothing is reused.
+    study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **{**kwargs, "steps": 2})
+    assert kept.stat().st_mtime_ns != mtime
+
+    edits = study.edit_folder(editor, tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited", kernel=5, progress=False)
+    assert set(edits["scenario"]) == set(study.SCENARIOS) and len(edits) == 3 * 6
+    per_edit, imp = study.evaluate_folder(tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited")
+    assert len(per_edit) == 18 and imp["linf_8bit"].max() <= 6 + 1e-4
+    # The clean image's ring edit is the reference: the protected image's ring edit is compared to it.
+    assert per_edit["ssim_vs_clean_edit"].between(-1, 1).all()
+    summary = study.summarize(per_edit, imp, {"available": False, "reason": "test"})
+    assert summary["n_images"] == 3 and summary["clip_fid_available"] is False
+    assert not any(k.startswith("clip_fid_mask") for k in summary)
+
+
+def test_scenario_masks_relations():
+    m = torch.zeros(1, 1, 48, 48)
+    m[..., 10:20, 12:24] = 1
+    s = study.scenario_masks(m, kernel=5)
+    assert torch.all(s["ring"] * m == 0)
+    assert torch.all(s["half_ring"] <= s["ring"])
+    assert torch.all(s["elsewhere"] * s["expanded"] == 0)
+    assert torch.all(s["incomplete"] <= s["expanded"])
+
+
+def run_notebook(notebook, tmp_path, **parameters):
+    out = tmp_path / f"{notebook}.out.ipynb"
+    pm.execute_notebook(
+        str(NOTEBOOKS / f"{notebook}.ipynb"), str(out), parameters=parameters, kernel_name="python3",
+        cwd=str(tmp_path), progress_bar=False,
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_every_notebook_on_a_tiny_setting(raw, tmp_path):
+    d = tmp_path
+    run_notebook("01_prepare", d, raw_dir=str(raw), out_dir="prepared", size=64, limit=2)
+    assert json.loads((d / "prepared/summary.json").read_text()) == {"n_images": 2, "size": 64}
+
+    run_notebook("02_editor", d, name="mini-lama", train_steps=2, train_seconds=0, train_size=32, check_size=64, out_dir="editor", device="cpu")
+    editor = json.loads((d / "editor/summary.json").read_text())
+    assert editor["name"] == "mini-lama" and editor["parameters"] > 10_000
+    assert editor["training"]["steps"] == 2
+    assert editor["gain_mean"] > 0 and editor["needed_mean"] > 0
+
+    common = {"prepared_dir": "prepared", "editor_record": "editor/editor.json", "device": "cpu"}
+    run_notebook("03_implant", d, **common, out_dir="protected", steps=2, expand_kernel=5)
+    implant = json.loads((d / "protected/summary.json").read_text())
+    assert implant["n_images"] == 2 and implant["linf_8bit_max"] <= 6.375 + 1e-6
+
+    run_notebook("04_edit", d, **common, protected_dir="protected", out_dir="edited", expand_kernel=5)
+    edits = json.loads((d / "edited/summary.json").read_text())
+    assert edits["n_edits"] == 12 and edits["scenarios"] == sorted(study.SCENARIOS)
+
+    paths = {"prepared_dir": "prepared", "protected_dir": "protected", "edited_dir": "edited", "reports_dir": "reports"}
+    run_notebook("05_evaluate", d, **paths, clip_weights="", device="cpu")
+    metrics = json.loads((d / "reports/metrics.json").read_text())
+    assert metrics["n_images"] == 2 and metrics["clip_fid_available"] is False
+    assert metrics["protection_linf_8bit_max"] <= 6 + 1e-4
+    assert 0 <= metrics["malicious_mask_hit_rate_protected"] <= 1
+    clip = json.loads((d / "reports/clip_fid.json").read_text())
+    assert "not" in clip["reason"].lower() or "no " in clip["reason"].lower()
+
+    run_notebook("06_figures", d, **paths, rows_per_grid=1)
+    for f in ("grids/face.png", "grids/logo.png", "scenarios.png"):  # limit 2: a face and a logo
+        assert (d / "reports/figures" / f).stat().st_size > 5_000
+    table = (d / "reports/results.md").read_text()
+    assert "| malicious | mask |" in table and "| benign | ring |" in table
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
+    """The real dvc.yaml, with tiny parameters, in a copy of the project."""
+    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore", "notebooks", "src", "dvc-store"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            (tmp_path / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, tmp_path / item)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+    def dvc(*args):
+        r = subprocess.run([str(bin_dir / "dvc"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("pull", "-q", "data.dvc")
+    tiny = {
+        "prepare.size": 64, "prepare.limit": 2, "editor.train_steps": 2, "editor.train_size": 32,
+        "implant.steps": 2, "figures.rows_per_grid": 1,
+    }
+    params = (tmp_path / "params.yaml").read_text()
+    import yaml
+
+    p = yaml.safe_load(params)
+    for key, value in tiny.items():
+        section, name = key.split(".")
+        p[section][name] = value
+    p["evaluate"]["clip_weights"] = ""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    dvc("repro", "-q")
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert metrics["n_images"] == 2
+    assert "up to date" in dvc("status").lower()
+    per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
+    assert len(per_edit) == 12
