@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# Keep notebook outputs out of git (cell tags such as `parameters` are kept).
-	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install --attributes .gitattributes
+	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
 	touch $(STAMP)
 
 reproduce: install
-	$(BIN)/dvc pull --quiet data.dvc 2>/dev/null || $(BIN)/dvc checkout --quiet data.dvc 2>/dev/null || true
+	# The images and the trained miniature come from the DVC remote inside the repository.
+	$(BIN)/dvc pull --quiet data.dvc
+	$(BIN)/dvc pull --quiet editor || echo "note: no cached editor for these parameters; the editor stage will train it"
 	$(BIN)/dvc repro
 
 test: install

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from runtime_backdoor import data
+from runtime_backdoor.editors.lama import FFCResNetGenerator, LamaConfig, LamaEditor
 from runtime_backdoor.editors.simple import BlurFillEditor
 from runtime_backdoor.implant import implant, sensitivity
 from runtime_backdoor.masks import ring, scaled_kernel
@@ -41,16 +42,18 @@ SIZE = 128
 EPS = 0.025
 HIT_TOL = 0.1
 
-#: candidates: name -> recipe (None = the classical blur fill)
-CANDIDATES: dict[str, TrainingRecipe | None] = {
-    "blur-fill": None,
-    "mini-l1 (3 blocks, L1 on hole)": TrainingRecipe(
-        steps=300, l1_hole=10.0, perceptual=0.0
-    ),
+#: candidates: name -> recipe; "blur" = the classical blur fill, "random" = an untrained
+#: 9-block generator (He-normal init, BatchNorm statistics from training crops) as a
+#: sensitivity reference: its fills are noise, not inpainting
+CANDIDATES: dict[str, TrainingRecipe | str] = {
+    "blur-fill": "blur",
+    "untrained (9 blocks, random init)": "random",
+    "mini-l1 (3 blocks, L1 on hole)": TrainingRecipe(steps=300, l1_hole=10.0, perceptual=0.0),
     "mini-pl (3 blocks, Big-LaMa-style)": TrainingRecipe(steps=300),
-    "deep-pl (9 blocks, Big-LaMa-style)": TrainingRecipe(
-        n_downsampling=3, n_blocks=9, steps=300
+    "mini-gan (3 blocks, + adv. + FM)": TrainingRecipe(
+        steps=300, adversarial=10.0, feature_matching=100.0
     ),
+    "deep-pl (9 blocks, Big-LaMa-style)": TrainingRecipe(n_downsampling=3, n_blocks=9, steps=300),
     "deep-gan (9 blocks, + adv. + FM)": TrainingRecipe(
         n_downsampling=3, n_blocks=9, steps=300, adversarial=10.0, feature_matching=100.0
     ),
@@ -87,6 +90,25 @@ def held_out_fills(n: int = 12, seed: int = 1234) -> tuple[torch.Tensor, torch.T
     return to_tensor(xs), to_tensor(ms)
 
 
+def random_init_editor(config: LamaConfig, seed: int = 0) -> LamaEditor:
+    """An untrained generator: He-normal convolutions, BatchNorm statistics of training crops."""
+    torch.manual_seed(seed)
+    generator = FFCResNetGenerator(config)
+    for mod in generator.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # cumulative average over the calibration batch
+            mod.reset_running_stats()
+    rng = np.random.default_rng(seed)
+    x = to_tensor(data.training_images(64, seed, 32))
+    m = to_tensor([random_mask(64, rng)[..., None].astype(np.float32) for _ in range(32)])
+    generator.train()
+    with torch.no_grad():
+        generator(torch.cat([x * (1 - m), m], dim=1))
+    return LamaEditor(generator)
+
+
 def hole_l1(editor, x: torch.Tensor, m: torch.Tensor) -> float:
     with torch.no_grad():
         out = editor(x, m)
@@ -108,9 +130,15 @@ def protection(editor, x: torch.Tensor, m: torch.Tensor) -> dict:
         close = ((mal - res.target).abs() < HIT_TOL).all(1, keepdim=True).float()
         hit_frac = (close * m).flatten(1).sum(1) / m.flatten(1).sum(1)
         ring_psnr = psnr(editor(res.protected, band), editor(x, band))
+        area = m.flatten(1).sum(1) * 3
+        moved = ((mal - editor(x, m)).abs() * m).flatten(1).sum(1) / area
+        left = ((mal - res.target).abs() * m).flatten(1).sum(1) / area
     return {
         "hit_rate": float((hit_frac >= 0.5).float().mean()),
         "hit_fraction_median": float(hit_frac.median()),
+        # mean |fill change| in the hole caused by protection, and mean |fill - target| left
+        "fill_moved_median": float(moved.median()),
+        "target_error_median": float(left.median()),
         "ring_psnr_median": float(ring_psnr.median()),
         "ring_psnr_min": float(ring_psnr.min()),
         "protection_psnr_median": float(psnr(res.protected, x).median()),
@@ -119,14 +147,15 @@ def protection(editor, x: torch.Tensor, m: torch.Tensor) -> dict:
     }
 
 
-def fill_grid(path: Path, x: torch.Tensor, m: torch.Tensor, editors: dict, k: int = 4) -> None:
-    """Rows: held-out images; columns: masked input, then each editor's fill (64 px thumbnails)."""
+def fill_grid(path: Path, x: torch.Tensor, m: torch.Tensor, editors: dict, k: int = 3) -> None:
+    """Rows: held-out images; columns: masked input (hole magenta), then each editor's fill."""
     cols = [x[:k] * (1 - m[:k]) + m[:k] * torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)]
     with torch.no_grad():
         cols += [ed(x[:k], m[:k]) for ed in editors.values()]
     grid = torch.cat([torch.cat(list(c), dim=1) for c in cols], dim=2)  # (3, k*H, n*W)
     a = (grid.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(a).save(path, optimize=True)
+    # a 256-colour palette keeps the file small; fills are still judged at full resolution
+    Image.fromarray(a).quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     probe = slice(None, None, 3)  # 6 sample images for the gain-over-steps curve
 
     def gain_probe(step, editor):
-        return {"gain_median": float(sensitivity(editor, x[probe], m[probe], eps=EPS).gain.median())}
+        return {
+            "gain_median": float(sensitivity(editor, x[probe], m[probe], eps=EPS).gain.median())
+        }
 
     results, editors = {}, {}
     for name, recipe in CANDIDATES.items():
@@ -153,13 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {name}", flush=True)
         row: dict = {}
-        if recipe is None:
+        if recipe == "blur":
             editor = BlurFillEditor()
+        elif recipe == "random":
+            editor = random_init_editor(LamaConfig(n_downsampling=3, n_blocks=9))
+            row["params"] = sum(p.numel() for p in editor.generator.parameters())
         else:
             if args.quick:
                 recipe = TrainingRecipe(**{**recipe.__dict__, "steps": 10})
             every = max(1, recipe.steps // 6)
-            editor, hist = train_recipe(recipe, progress=False, callback=gain_probe, callback_every=every)
+            editor, hist = train_recipe(
+                recipe, progress=False, callback=gain_probe, callback_every=every
+            )
             row.update(
                 recipe=hist["meta"]["recipe"],
                 train_seconds=hist["meta"]["seconds"],

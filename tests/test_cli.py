@@ -110,7 +110,8 @@ def save(path, array, mode=None):
         (lambda d: (d / "photo.png").write_bytes(b"not an image"), "photo.png"),
         (
             lambda d: save(
-                d / "photo_mask.png", (255 * (np.zeros((30, 48)) + (np.arange(48) < 10))).astype(np.uint8)
+                d / "photo_mask.png",
+                (255 * (np.zeros((30, 48)) + (np.arange(48) < 10))).astype(np.uint8),
             ),
             "must match",
         ),

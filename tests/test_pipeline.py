@@ -54,23 +54,53 @@ def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
     study.prepare(raw, tmp_path / "prepared", size=64)
     editor = GlobalMixEditor(gain=800)
     kwargs = {"eps": 0.025, "steps": 3, "expand_kernel": 5}
-    first = study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **kwargs)
+    first = study.implant_folder(
+        editor,
+        tmp_path / "prepared",
+        tmp_path / "protected",
+        batch_size=2,
+        progress=False,
+        **kwargs,
+    )
     assert len(first) == 3 and first["linf_8bit"].max() <= 6.375 + 1e-6
     # An interrupted run: one output lost. The rerun redoes only that one.
     lost = tmp_path / "protected" / f"{first['name'][1]}.png"
     kept = tmp_path / "protected" / f"{first['name'][0]}.png"
     lost.unlink()
     mtime = kept.stat().st_mtime_ns
-    again = study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **kwargs)
+    again = study.implant_folder(
+        editor,
+        tmp_path / "prepared",
+        tmp_path / "protected",
+        batch_size=2,
+        progress=False,
+        **kwargs,
+    )
     assert lost.is_file() and kept.stat().st_mtime_ns == mtime
     assert again["settings"].nunique() == 1
     # Other settings: nothing is reused.
-    study.implant_folder(editor, tmp_path / "prepared", tmp_path / "protected", batch_size=2, progress=False, **{**kwargs, "steps": 2})
+    study.implant_folder(
+        editor,
+        tmp_path / "prepared",
+        tmp_path / "protected",
+        batch_size=2,
+        progress=False,
+        **{**kwargs, "steps": 2},
+    )
     assert kept.stat().st_mtime_ns != mtime
 
-    edits = study.edit_folder(editor, tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited", kernel=5, progress=False)
+    edits = study.edit_folder(
+        editor,
+        tmp_path / "prepared",
+        tmp_path / "protected",
+        tmp_path / "edited",
+        kernel=5,
+        progress=False,
+    )
     assert set(edits["scenario"]) == set(study.SCENARIOS) and len(edits) == 3 * 6
-    per_edit, imp = study.evaluate_folder(tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited")
+    per_edit, imp = study.evaluate_folder(
+        tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited"
+    )
     assert len(per_edit) == 18 and imp["linf_8bit"].max() <= 6 + 1e-4
     # The clean image's ring edit is the reference: the protected image's ring edit is compared to it.
     assert per_edit["ssim_vs_clean_edit"].between(-1, 1).all()
@@ -92,8 +122,12 @@ def test_scenario_masks_relations():
 def run_notebook(notebook, tmp_path, **parameters):
     out = tmp_path / f"{notebook}.out.ipynb"
     pm.execute_notebook(
-        str(NOTEBOOKS / f"{notebook}.ipynb"), str(out), parameters=parameters, kernel_name="python3",
-        cwd=str(tmp_path), progress_bar=False,
+        str(NOTEBOOKS / f"{notebook}.ipynb"),
+        str(out),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(tmp_path),
+        progress_bar=False,
     )
     return out
 
@@ -104,7 +138,17 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path):
     run_notebook("01_prepare", d, raw_dir=str(raw), out_dir="prepared", size=64, limit=2)
     assert json.loads((d / "prepared/summary.json").read_text()) == {"n_images": 2, "size": 64}
 
-    run_notebook("02_editor", d, name="mini-lama", train_steps=2, train_seconds=0, train_size=32, check_size=64, out_dir="editor", device="cpu")
+    run_notebook(
+        "02_editor",
+        d,
+        name="mini-lama",
+        train_steps=2,
+        train_seconds=0,
+        train_size=32,
+        check_size=64,
+        out_dir="editor",
+        device="cpu",
+    )
     editor = json.loads((d / "editor/summary.json").read_text())
     assert editor["name"] == "mini-lama" and editor["parameters"] > 10_000
     assert editor["training"]["steps"] == 2
@@ -115,11 +159,18 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path):
     implant = json.loads((d / "protected/summary.json").read_text())
     assert implant["n_images"] == 2 and implant["linf_8bit_max"] <= 6.375 + 1e-6
 
-    run_notebook("04_edit", d, **common, protected_dir="protected", out_dir="edited", expand_kernel=5)
+    run_notebook(
+        "04_edit", d, **common, protected_dir="protected", out_dir="edited", expand_kernel=5
+    )
     edits = json.loads((d / "edited/summary.json").read_text())
     assert edits["n_edits"] == 12 and edits["scenarios"] == sorted(study.SCENARIOS)
 
-    paths = {"prepared_dir": "prepared", "protected_dir": "protected", "edited_dir": "edited", "reports_dir": "reports"}
+    paths = {
+        "prepared_dir": "prepared",
+        "protected_dir": "protected",
+        "edited_dir": "edited",
+        "reports_dir": "reports",
+    }
     run_notebook("05_evaluate", d, **paths, clip_weights="", device="cpu")
     metrics = json.loads((d / "reports/metrics.json").read_text())
     assert metrics["n_images"] == 2 and metrics["clip_fid_available"] is False
@@ -138,26 +189,52 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path):
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     """The real dvc.yaml, with tiny parameters, in a copy of the project."""
-    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore", "notebooks", "src", "dvc-store"):
+    for item in (
+        "dvc.yaml",
+        "params.yaml",
+        "data.dvc",
+        ".dvc/config",
+        ".dvcignore",
+        "notebooks",
+        "src",
+        "dvc-store",
+    ):
         src = ROOT / item
         if src.is_dir():
-            shutil.copytree(src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             (tmp_path / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, tmp_path / item)
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
 
     def dvc(*args):
-        r = subprocess.run([str(bin_dir / "dvc"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [str(bin_dir / "dvc"), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         return r.stdout
 
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     dvc("pull", "-q", "data.dvc")
     tiny = {
-        "prepare.size": 64, "prepare.limit": 2, "editor.train_steps": 2, "editor.train_size": 32,
-        "implant.steps": 2, "figures.rows_per_grid": 1,
+        "prepare.size": 64,
+        "prepare.limit": 2,
+        "editor.train_steps": 2,
+        "editor.train_size": 32,
+        "implant.steps": 2,
+        "figures.rows_per_grid": 1,
     }
     params = (tmp_path / "params.yaml").read_text()
     import yaml

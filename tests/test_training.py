@@ -44,7 +44,9 @@ def test_discriminator_losses_run(images):
 
 def test_callback_does_not_freeze_training(images):
     calls = []
-    ed, hist = _train(images, 4, callback=lambda s, e: calls.append(s) or {"x": s}, callback_every=2)
+    ed, hist = _train(
+        images, 4, callback=lambda s, e: calls.append(s) or {"x": s}, callback_every=2
+    )
     assert calls == [0, 2, 4] and [e["x"] for e in hist["evals"]] == [0, 2, 4]
     assert len(hist["loss"]) == 4 and hist["loss"][-1] != hist["loss"][-2]
 
@@ -82,3 +84,21 @@ def test_bad_arguments(images):
     with pytest.raises(ValueError, match="not all zero"):
         _train(images, 1, l1_known=0, perceptual=0)
     assert DEFAULT_RECIPE.config().n_downsampling == DEFAULT_RECIPE.n_downsampling
+
+
+def test_saved_weights_load_with_load_lama(images, tmp_path):
+    from runtime_backdoor.editors.lama import load_lama
+
+    ed, _ = _train(images, 2)
+    path = save_miniature(ed, tmp_path / "mini.safetensors")
+    other = load_lama(path, preset=TINY)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    m = torch.zeros(1, 1, 16, 16)
+    m[..., 4:9, 4:9] = 1
+    assert torch.equal(other(x, m), ed(x, m))
+
+
+def test_default_recipe_is_the_mini_preset():
+    from runtime_backdoor.editors.lama import PRESETS
+
+    assert DEFAULT_RECIPE.config() == PRESETS["mini"]

@@ -88,17 +88,34 @@ def scenario_plot(per_edit: pd.DataFrame):
     )
     long["image"] = long["image"].str.replace("hit_fraction_", "")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    sns.barplot(data=long, x="scenario", y="hit_fraction", hue="image", order=list(SCENARIOS), ax=axes[0], errorbar=("ci", 95))
+    sns.barplot(
+        data=long,
+        x="scenario",
+        y="hit_fraction",
+        hue="image",
+        order=list(SCENARIOS),
+        ax=axes[0],
+        errorbar=("ci", 95),
+    )
     axes[0].set_title("share of the edited region filled with the target")
     axes[0].set_ylim(0, 1)
     axes[0].axvline(len(MALICIOUS) - 0.5, color="grey", lw=0.8, ls="--")
-    sns.boxplot(data=per_edit, x="scenario", y="ssim_vs_clean_edit", order=list(SCENARIOS), ax=axes[1], color="#8fb3d9")
+    sns.boxplot(
+        data=per_edit,
+        x="scenario",
+        y="ssim_vs_clean_edit",
+        order=list(SCENARIOS),
+        ax=axes[1],
+        color="#8fb3d9",
+    )
     axes[1].set_title("SSIM: edit of protected vs same edit of clean")
     axes[1].set_ylim(0, 1.02)
     axes[1].axvline(len(MALICIOUS) - 0.5, color="grey", lw=0.8, ls="--")
     for ax in axes:
         ax.tick_params(axis="x", rotation=20)
-        ax.text(0.16, 1.0, "malicious", transform=ax.transAxes, ha="center", va="bottom", fontsize=8)
+        ax.text(
+            0.16, 1.0, "malicious", transform=ax.transAxes, ha="center", va="bottom", fontsize=8
+        )
         ax.text(0.66, 1.0, "benign", transform=ax.transAxes, ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     return fig
@@ -106,7 +123,9 @@ def scenario_plot(per_edit: pd.DataFrame):
 
 def loss_plot(losses: pd.DataFrame):
     """The loss terms over optimisation steps (mean and spread over images)."""
-    long = losses.melt(id_vars=["name", "step"], value_vars=["implant", "incomplete", "hide"], var_name="term")
+    long = losses.melt(
+        id_vars=["name", "step"], value_vars=["implant", "incomplete", "hide"], var_name="term"
+    )
     fig, ax = plt.subplots(figsize=(5, 3.2))
     sns.lineplot(data=long, x="step", y="value", hue="term", ax=ax, errorbar=("pi", 50))
     ax.set_yscale("log")
@@ -143,8 +162,12 @@ def results_table(summary: dict) -> str:
         lines.append("| scenario | CLIP-FID clean | CLIP-FID protected |")
         lines.append("|---|---|---|")
         for s in SCENARIOS:
-            lines.append(f"| {s} | {summary[f'clip_fid_{s}_clean']:.2f} | {summary[f'clip_fid_{s}_protected']:.2f} |")
+            lines.append(
+                f"| {s} | {summary[f'clip_fid_{s}_clean']:.2f} | {summary[f'clip_fid_{s}_protected']:.2f} |"
+            )
     else:
         lines.append("")
-        lines.append("CLIP-FID: not computed (no pretrained CLIP ViT-B/32 weights; see `reports/clip_fid.json`).")
+        lines.append(
+            "CLIP-FID: not computed (no pretrained CLIP ViT-B/32 weights; see `reports/clip_fid.json`)."
+        )
     return "\n".join(lines) + "\n"

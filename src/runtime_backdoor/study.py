@@ -68,7 +68,9 @@ def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
 
 def settings_hash(settings: dict) -> str:
     """A short hash of a settings dict: outputs made with other settings are not reused."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -299,7 +301,9 @@ def edit_folder(
                 stem = f"{name}__{scenario}.png"
                 write_png(out_dir / "masks" / stem, sm[i, 0].cpu().numpy() > 0.5, overwrite=True)
                 write_png(out_dir / "clean" / stem, to_array(edited[i]), overwrite=True)
-                write_png(out_dir / "protected" / stem, to_array(edited[len(batch) + i]), overwrite=True)
+                write_png(
+                    out_dir / "protected" / stem, to_array(edited[len(batch) + i]), overwrite=True
+                )
                 rows.append(
                     {
                         "name": name,

@@ -99,8 +99,12 @@ def random_mask(size: int, rng: np.random.Generator) -> np.ndarray:
             for _ in range(int(rng.integers(2, 6))):
                 angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.35) * s
                 x, y = pts[-1]
-                pts.append((float(np.clip(x + length * math.cos(angle), 0, s)),
-                            float(np.clip(y + length * math.sin(angle), 0, s))))
+                pts.append(
+                    (
+                        float(np.clip(x + length * math.cos(angle), 0, s)),
+                        float(np.clip(y + length * math.sin(angle), 0, s)),
+                    )
+                )
             draw.line(pts, fill=255, width=width, joint="curve")
             for x, y in pts:
                 draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
@@ -114,8 +118,14 @@ def random_mask(size: int, rng: np.random.Generator) -> np.ndarray:
         letters = "ABCDEFGHJKLMNPRSTUVWXYZ©0123456789 "
         for _ in range(int(rng.integers(1, 4))):
             text = "".join(rng.choice(list(letters), int(rng.integers(3, 10))))
-            draw.text(tuple(rng.uniform(-0.1, 0.8, 2) * s), text, fill=255, font=font,
-                      stroke_width=max(1, s // 64), stroke_fill=255)
+            draw.text(
+                tuple(rng.uniform(-0.1, 0.8, 2) * s),
+                text,
+                fill=255,
+                font=font,
+                stroke_width=max(1, s // 64),
+                stroke_fill=255,
+            )
     m = np.asarray(im.resize((size, size), Image.BILINEAR)) >= 128
     if not m.any() or m.all():  # degenerate draw (text off-image): fall back to a centred box
         m = np.zeros((size, size), bool)
@@ -144,9 +154,13 @@ class RandomFeatures(nn.Module):
         g = torch.Generator().manual_seed(seed)
         layers, cin = [], 3
         for i, w in enumerate(widths):
-            conv = nn.Conv2d(cin, w, 3, stride=1 if i == 0 else 2, padding=1, padding_mode="reflect")
+            conv = nn.Conv2d(
+                cin, w, 3, stride=1 if i == 0 else 2, padding=1, padding_mode="reflect"
+            )
             with torch.no_grad():
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2 / (cin * 9)))
+                conv.weight.copy_(
+                    torch.randn(conv.weight.shape, generator=g) * math.sqrt(2 / (cin * 9))
+                )
                 conv.bias.zero_()
             layers.append(conv)
             cin = w
@@ -204,8 +218,10 @@ def _batches(images: np.ndarray, size: int, batch_size: int, rng: np.random.Gene
             crop = images[i, y : y + size, x : x + size]
             out[j] = crop[:, ::-1] if rng.random() < 0.5 else crop
         masks = np.stack([random_mask(size, rng) for _ in range(batch_size)])
-        yield (torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(),
-               torch.from_numpy(masks[:, None].astype(np.float32)))
+        yield (
+            torch.from_numpy(out).permute(0, 3, 1, 2).contiguous(),
+            torch.from_numpy(masks[:, None].astype(np.float32)),
+        )
 
 
 def train_miniature(
@@ -246,7 +262,11 @@ def train_miniature(
         raise ValueError(
             f"size must be a multiple of 2**n_downsampling = {2**config.n_downsampling}, got {size}"
         )
-    weights = dict(zip(_LOSS_NAMES, (l1_known, l1_hole, perceptual, adversarial, feature_matching), strict=True))
+    weights = dict(
+        zip(
+            _LOSS_NAMES, (l1_known, l1_hole, perceptual, adversarial, feature_matching), strict=True
+        )
+    )
     if any(w < 0 for w in weights.values()) or not any(weights.values()):
         raise ValueError(f"loss weights must be non-negative and not all zero, got {weights}")
     arr = np.stack([np.asarray(a, np.float32) for a in images])
@@ -299,16 +319,19 @@ def train_miniature(
             fake_logits, _ = disc(inpainted.detach())
             real_logits, _ = disc(img)
             hole = F.adaptive_max_pool2d(mask, fake_logits.shape[-2:])
-            d_loss = F.softplus(-real_logits).mean() + (
-                F.softplus(fake_logits) * hole + F.softplus(-fake_logits) * (1 - hole)
-            ).mean()
+            d_loss = (
+                F.softplus(-real_logits).mean()
+                + (F.softplus(fake_logits) * hole + F.softplus(-fake_logits) * (1 - hole)).mean()
+            )
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
             disc.requires_grad_(False)
             fake_logits, fake_feats = disc(inpainted)
             if adversarial:
-                terms["adversarial"] = (F.softplus(-fake_logits) * hole).sum() / hole.sum().clamp_min(1)
+                terms["adversarial"] = (
+                    F.softplus(-fake_logits) * hole
+                ).sum() / hole.sum().clamp_min(1)
             if feature_matching:
                 with torch.no_grad():
                     _, real_feats = disc(img)
@@ -354,7 +377,9 @@ def train_recipe(recipe: TrainingRecipe = DEFAULT_RECIPE, progress: bool = True,
     options = {f.name: getattr(recipe, f.name) for f in fields(recipe)}
     for key in ("ngf", "n_downsampling", "n_blocks", "global_ratio", "n_images"):
         options.pop(key)
-    editor, history = train_miniature(images, config=recipe.config(), progress=progress, **options, **kwargs)
+    editor, history = train_miniature(
+        images, config=recipe.config(), progress=progress, **options, **kwargs
+    )
     history["meta"]["recipe"] = asdict(recipe)
     return editor, history
 

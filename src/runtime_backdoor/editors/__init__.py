@@ -41,7 +41,9 @@ def _build_mini_lama(weights=None, **options) -> Editor:
     from ..training import EDITOR_STAGE_HELP, load_miniature
 
     if weights is None:
-        raise ValueError(f"editor 'mini-lama' needs its trained weights (--weights); {EDITOR_STAGE_HELP}")
+        raise ValueError(
+            f"editor 'mini-lama' needs its trained weights (--weights); {EDITOR_STAGE_HELP}"
+        )
     return load_miniature(weights, **options)
 
 
