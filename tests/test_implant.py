@@ -152,3 +152,16 @@ def test_bad_parameters_are_named(batch, kwargs, message):
     x, m = batch
     with pytest.raises(ValueError, match=message):
         implant(ConstantFillEditor(), x, m, progress=False, **kwargs)
+
+
+def test_bf16_autocast_keeps_delta_and_losses_in_float32(batch):
+    x, m = batch
+    from runtime_backdoor.editors.lama import load_lama
+
+    ed = load_lama(None, preset="mini", seed=0)
+    r = implant(ed, x[:1], m[:1], steps=2, progress=False, autocast_dtype=torch.bfloat16)
+    ref = implant(ed, x[:1], m[:1], steps=2, progress=False)
+    assert r.delta.dtype == torch.float32 and r.losses["total"].dtype == torch.float32
+    assert r.delta.abs().max() <= EPS + 1e-7
+    # bf16 changes the editor's numbers a little, not the optimisation's outcome.
+    assert torch.allclose(r.losses["total"][0], ref.losses["total"][0], rtol=0.05)

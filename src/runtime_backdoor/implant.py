@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +27,8 @@ from .editors.base import check_image_mask
 from .masks import PAPER_EXPAND_KERNEL, check_mask, expand, ring
 from .targets import make_target
 
-LOSS_TERMS = ("implant", "incomplete", "hide", "total")
+TERMS = ("implant", "incomplete", "hide")
+LOSS_TERMS = (*TERMS, "total")
 
 
 @dataclass
@@ -83,13 +85,18 @@ def implant(
     target: str | torch.Tensor = "solid",
     seed: int = 0,
     batch_passes: bool = True,
+    autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> ImplantResult:
     """Protect ``image`` (B, 3, H, W in [0, 1]) whose protected region is ``mask`` (B, 1, H, W).
 
     ``editor`` follows :class:`runtime_backdoor.editors.base.Editor`'s interface.
     ``batch_passes`` runs the three loss passes as one editor call of batch 3B
-    (faster; set False to save memory). Returns an :class:`ImplantResult`.
+    (faster); False runs and back-propagates them one by one (a third of the
+    activation memory). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs
+    the editor under autocast while δ, the losses and Adam stay in float32. A
+    compiled editor (``torch.compile(editor)``) can be passed as it is.
+    Returns an :class:`ImplantResult`.
     """
     check_image_mask(image, mask)
     check_mask(mask)
@@ -107,8 +114,11 @@ def implant(
     b = x.shape[0]
 
     # The clean ring reference IM(x, R) is constant: compute it once.
-    with torch.no_grad():
-        clean_ring = editor(x, band)
+    with (
+        torch.no_grad(),
+        torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
+        clean_ring = editor(x, band).float()
 
     # Draw δ₀ on the CPU so the same seed gives the same start on every device.
     gen = torch.Generator().manual_seed(seed)
@@ -119,27 +129,40 @@ def implant(
     history = {k: [] for k in LOSS_TERMS}
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="implant", disable=not progress, leave=False)
+    autocast = partial(
+        torch.autocast, x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+    )
+
+    def perturbed() -> torch.Tensor:
+        x_adv = x + delta
+        # Straight-through clip: forward sees [0, 1], backward sees the identity.
+        return x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+
     for _ in bar:
         with torch.no_grad():
             delta.clamp_(-eps, eps)
-        x_adv = x + delta
-        # Straight-through clip: forward sees [0, 1], backward sees the identity.
-        x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
-        if batch_passes:
-            out = editor(torch.cat([x_adv] * 3), torch.cat([m, big, band]))
-            out_m, out_e, out_r = out.split(b)
-        else:
-            out_m, out_e, out_r = editor(x_adv, m), editor(x_adv, big), editor(x_adv, band)
-        terms = {
-            "implant": masked_mse(out_m, phi, m),
-            "incomplete": masked_mse(out_e, phi, big),
-            "hide": masked_mse(out_r, clean_ring, band),
-        }
-        terms["total"] = sum(
-            w * terms[k] for w, k in zip(weights, ("implant", "incomplete", "hide"), strict=True)
-        )
         opt.zero_grad(set_to_none=True)
-        terms["total"].sum().backward()
+        if batch_passes:
+            with autocast():
+                out = editor(torch.cat([perturbed()] * 3), torch.cat([m, big, band])).float()
+            out_m, out_e, out_r = out.split(b)
+            terms = {
+                "implant": masked_mse(out_m, phi, m),
+                "incomplete": masked_mse(out_e, phi, big),
+                "hide": masked_mse(out_r, clean_ring, band),
+            }
+            terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
+            terms["total"].sum().backward()
+        else:
+            # One pass at a time, back-propagated at once: only one graph is alive.
+            terms = {}
+            passes = zip(weights, TERMS, (m, big, band), (phi, phi, clean_ring), strict=True)
+            for w, k, region, reference in passes:
+                with autocast():
+                    out = editor(perturbed(), region).float()
+                terms[k] = masked_mse(out, reference, region)
+                (w * terms[k]).sum().backward()
+            terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
         opt.step()
         for k, v in terms.items():
             history[k].append(v.detach())

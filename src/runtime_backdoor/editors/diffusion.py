@@ -30,7 +30,8 @@ only the last step) or a surrogate (e.g. the encoder alone, as in PhotoGuard):
 what is optimised is then exactly what a user running that sampler gets.
 The cost is memory linear in ``steps``;
 ``gradient_checkpointing=True`` wraps each UNet call in
-``torch.utils.checkpoint`` to trade it for one more UNet forward per step.
+``torch.utils.checkpoint`` (and turns on the VAE's own checkpointing) to trade
+memory for one more forward per step.
 The paper claims SD-inpainting results but released no diffusion code, so its
 sampler, step count, guidance and gradient path are unknown; these are our
 choices, exposed as parameters.
@@ -116,6 +117,9 @@ class DiffusionInpaintEditor(Editor):
         self.guidance_scale = float(guidance_scale)
         self.seed = int(seed)
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        if self.gradient_checkpointing and hasattr(self.vae, "enable_gradient_checkpointing"):
+            # Without it the VAE's activations dominate the memory of a checkpointed chain.
+            self.vae.enable_gradient_checkpointing()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor
         dtype, device = unet.dtype, unet.device

@@ -1,0 +1,1078 @@
+"""What does protection cost? Seconds, memory and a FLOP floor per protected image.
+
+For each editor and size this measures the official schedule (20 Adam iterations, each one
+batched forward+backward of the three loss passes, plus one no-grad clean-ring pass) with
+randomly initialised weights (cost does not depend on weight values):
+
+- seconds per protected image (median of ``--repeats`` runs after a one-iteration warm-up)
+  and optimiser iterations per second; when 20 iterations do not fit in
+  ``--max-seconds-per-case``, fewer are run and the 20-iteration time is extrapolated (the row
+  says so);
+- peak memory: the process's peak RSS on CPU (reset per case through ``/proc/self/clear_refs``),
+  ``torch.cuda.max_memory_allocated`` on GPU;
+- a floor: the FLOPs of the editor passes (``FlopCounterMode`` on meta tensors, so even cases
+  that cannot run here are counted) divided by the matrix throughput measured on this device;
+- a PhotoGuard-style baseline on the same SD editor (200 iterations x 10 gradient repetitions
+  through a 4-step chain = 2,000 batch-1 chain passes per image), its per-pass cost measured
+  here and extrapolated to 2,000 passes;
+- speed switches against the plain setting: separate vs batched loss passes, gradient
+  checkpointing, channels-last, and on CUDA only bf16 autocast and ``torch.compile``.
+
+A case whose floor alone says it cannot finish a warm-up and one iteration within
+``--max-seconds-per-case`` is reported as "skipped: needs a GPU" with its floor.
+Prints a table last and writes JSON::
+
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 nice python benchmarks/benchmark_protection.py \\
+        [--cases cpu|gpu|smoke|all|NAME ...] [--device auto] [--repeats 3] \\
+        [--max-seconds-per-case 45] [--out reports/benchmarks/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import functools
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = 1
+
+ITERATIONS = 20  #: the official schedule
+GUIDANCE = 7.5  #: the SD editor's default, also PhotoGuard's
+PHOTOGUARD_ITERS = 200  #: PhotoGuard's diffusion attack (its demo notebook)
+PHOTOGUARD_REPS = 10  #: gradient repetitions per iteration, each a full chain pass
+PHOTOGUARD_EPS = 16 / 255  #: only sets the projection; cost does not depend on it
+PHOTOGUARD_STEP = 1 / 255
+
+#: an 8x-downsampling SD-inpainting stack small enough for CPU (as in tests/test_diffusion.py)
+SD_TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=9,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+SD_TINY_VAE = dict(
+    block_out_channels=(8, 8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+#: stable-diffusion-v1-5/stable-diffusion-inpainting, unet/config.json and vae/config.json
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=9,
+    out_channels=4,
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+#: SD-1.5's noise schedule on a DDIM sampler
+SD_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+)
+SD_STACKS = {
+    "sd-tiny": (SD_TINY_UNET, SD_TINY_VAE),
+    "sd15": (SD15_UNET, SD15_VAE),
+}
+EDITOR_KINDS = ("mini", "big-lama", "sd-tiny", "sd15")
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark row: an editor, an image size and the speed switches."""
+
+    name: str
+    editor: str  #: one of EDITOR_KINDS
+    size: int  #: square images, px
+    sampler_steps: int | None = None  #: SD editors only
+    batch_passes: bool = True
+    checkpointing: bool = False  #: SD editors only
+    channels_last: bool = False
+    bf16: bool = False  #: bf16 autocast, CUDA only
+    compile: bool = False  #: torch.compile of the editor, CUDA only
+    photoguard: bool = False  #: the PhotoGuard-style baseline instead of our schedule
+    compare_to: str | None = None  #: the case this one differs from by one switch
+    groups: tuple[str, ...] = ()
+
+    @property
+    def cuda_only(self) -> bool:
+        return self.bf16 or self.compile
+
+    def switches(self) -> str:
+        on = [
+            "separate passes" if not self.batch_passes else "",
+            "checkpointing" if self.checkpointing else "",
+            "channels-last" if self.channels_last else "",
+            "bf16" if self.bf16 else "",
+            "compile" if self.compile else "",
+        ]
+        return ", ".join(s for s in on if s) or "-"
+
+
+def _cases() -> list[Case]:
+    cpu_gpu, cpu, gpu, smoke = ("cpu", "gpu"), ("cpu",), ("gpu",), ("smoke",)
+
+    def variant(base: Case, suffix: str, groups: tuple[str, ...], **switches: Any) -> Case:
+        return replace(
+            base, name=base.name + suffix, compare_to=base.name, groups=groups, **switches
+        )
+
+    cases: list[Case] = []
+    # smoke: seconds on CPU, through every code path the CPU runs
+    mini32 = Case("smoke-mini-32", "mini", 32, groups=smoke)
+    tiny32 = Case("smoke-sd-tiny-32-s1", "sd-tiny", 32, 1, groups=smoke)
+    cases += [
+        mini32,
+        variant(mini32, "-separate", smoke, batch_passes=False),
+        tiny32,
+        replace(
+            tiny32, name="smoke-photoguard-sd-tiny-32-s1", photoguard=True, compare_to=tiny32.name
+        ),
+    ]
+    # the embedded miniature (the training recipe's generator)
+    for size in (128, 256):
+        base = Case(f"mini-{size}", "mini", size, groups=cpu_gpu)
+        cases += [base, variant(base, "-separate", cpu, batch_passes=False)]
+        if size == 128:
+            cases.append(variant(base, "-channels-last", cpu, channels_last=True))
+    # the Big-LaMa architecture
+    cases.append(Case("big-lama-256", "big-lama", 256, groups=cpu_gpu))
+    big = Case("big-lama-512", "big-lama", 512, groups=cpu_gpu)
+    big_bf16 = variant(big, "-bf16", gpu, bf16=True)
+    cases += [
+        big,
+        variant(big, "-separate", gpu, batch_passes=False),
+        variant(big, "-channels-last", gpu, channels_last=True),
+        big_bf16,
+        variant(big_bf16, "-channels-last", gpu, channels_last=True),
+        variant(big_bf16, "-compile", gpu, compile=True),
+    ]
+    # the tiny SD stack: the switches the CPU can compare, and the baseline's ratio
+    tiny = Case("sd-tiny-64-s4", "sd-tiny", 64, 4, groups=cpu)
+    cases += [
+        tiny,
+        variant(tiny, "-separate", cpu, batch_passes=False),
+        variant(tiny, "-ckpt", cpu, checkpointing=True),
+        replace(tiny, name="photoguard-sd-tiny-64-s4", photoguard=True, compare_to=tiny.name),
+    ]
+    # SD-1.5 inpainting at 512 px: fp32 and bf16, 1/2/4 sampler steps, with and without
+    # gradient checkpointing, and the PhotoGuard-style baseline on the 4-step chain
+    for bf16 in (False, True):
+        tag = "-bf16" if bf16 else ""
+        for steps in (1, 2, 4):
+            # the GPU group runs fp32 only for the 4-step chain, to fit a short GPU session
+            groups = cpu_gpu if bf16 or steps == 4 else cpu
+            base = Case(f"sd15-512-s{steps}{tag}", "sd15", 512, steps, bf16=bf16, groups=groups)
+            cases += [base, variant(base, "-ckpt", groups, checkpointing=True)]
+            if steps == 4:
+                cases.append(
+                    replace(
+                        base,
+                        name=f"photoguard-sd15-512-s4{tag}",
+                        photoguard=True,
+                        compare_to=base.name,
+                    )
+                )
+                if bf16:
+                    cases.append(variant(base, "-separate", gpu, batch_passes=False))
+    return cases
+
+
+CASES: dict[str, Case] = {c.name: c for c in _cases()}
+GROUPS = ("smoke", "cpu", "gpu", "all")
+
+
+def select_cases(patterns: Sequence[str], device: str) -> list[Case]:
+    """Cases named by groups (smoke, cpu, gpu, all), names or shell patterns, in table order."""
+    if not patterns:
+        patterns = ["gpu" if device == "cuda" else "cpu"]
+    chosen: set[str] = set()
+    for p in patterns:
+        if p == "all":
+            chosen |= set(CASES)
+        elif p in GROUPS:
+            chosen |= {n for n, c in CASES.items() if p in c.groups}
+        else:
+            hits = fnmatch.filter(CASES, p)
+            if not hits:
+                raise SystemExit(f"unknown case {p!r}; groups: {GROUPS}; cases: {', '.join(CASES)}")
+            chosen |= set(hits)
+    return [c for n, c in CASES.items() if n in chosen]
+
+
+# --------------------------------------------------------------------------- editors
+
+
+def _sd_scheduler(host_timesteps: bool = False):
+    from diffusers import DDIMScheduler
+
+    if not host_timesteps:
+        return DDIMScheduler(**SD_SCHEDULE)
+
+    class HostTimesteps(DDIMScheduler):
+        # meta tensors cannot index the schedule's tables: keep the timesteps real
+        def set_timesteps(self, num_inference_steps, device=None):
+            return super().set_timesteps(num_inference_steps, device="cpu")
+
+    return HostTimesteps(**SD_SCHEDULE)
+
+
+_SD_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
+def _sd_components(kind: str, device: torch.device) -> tuple[Any, Any]:
+    """UNet and VAE of ``kind`` with random weights, built once per device."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    key = (kind, str(device))
+    if key not in _SD_CACHE:
+        if device.type != "meta":
+            _SD_CACHE.clear()  # one real stack at a time: SD-1.5 holds 3.8 GB of weights
+        unet_cfg, vae_cfg = SD_STACKS[kind]
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise where the weights live (fast on GPU)
+            unet = UNet2DConditionModel(**unet_cfg)
+            vae = AutoencoderKL(**vae_cfg)
+        _SD_CACHE[key] = (unet, vae)
+    return _SD_CACHE[key]
+
+
+def build_editor(case: Case, device: torch.device) -> torch.nn.Module:
+    """The frozen editor of ``case`` with random weights on ``device`` (``meta``: shapes only)."""
+    from runtime_backdoor.editors.lama import PRESETS, FFCResNetGenerator, LamaEditor, load_lama
+    from runtime_backdoor.training import DEFAULT_RECIPE
+
+    if case.editor in ("mini", "big-lama"):
+        config = DEFAULT_RECIPE.config() if case.editor == "mini" else PRESETS["big-lama"]
+        if device.type == "meta":
+            with torch.device("meta"):
+                return LamaEditor(FFCResNetGenerator(config))
+        return load_lama(None, preset=config, seed=0, device=device)
+    if case.editor in SD_STACKS:
+        from runtime_backdoor.editors.diffusion import DiffusionInpaintEditor
+
+        unet, vae = _sd_components(case.editor, device)
+        dim = unet.config.cross_attention_dim
+        g = torch.Generator().manual_seed(0)
+        prompt, negative = torch.randn(2, 1, 77, dim, generator=g)
+        return DiffusionInpaintEditor.from_components(
+            unet,
+            vae,
+            _sd_scheduler(host_timesteps=device.type == "meta"),
+            prompt,
+            negative,
+            steps=case.sampler_steps,
+            guidance_scale=GUIDANCE,
+            gradient_checkpointing=case.checkpointing,
+        )
+    raise ValueError(f"unknown editor kind {case.editor!r}; choose one of {EDITOR_KINDS}")
+
+
+def make_inputs(size: int, batch: int = 1, device: torch.device | str = "cpu"):
+    """A seeded image and a centred box mask (a quarter of the area); cost ignores content."""
+    from runtime_backdoor.masks import scaled_kernel
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(batch, 3, size, size, generator=g).to(device)
+    mask = torch.zeros(batch, 1, size, size, device=device)
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    return image, mask, scaled_kernel(size)
+
+
+# --------------------------------------------------------------------------- FLOPs and floor
+
+
+@dataclass
+class Flops:
+    """FLOPs of one case's editor passes."""
+
+    pass_flops: int  #: one forward+backward of the call an iteration makes
+    clean_flops: int  #: the no-grad clean-ring pass (0 for the baseline)
+    passes: int  #: how many such calls one protected image needs
+
+    @property
+    def per_image(self) -> int:
+        return self.passes * self.pass_flops + self.clean_flops
+
+
+def count_flops(case: Case) -> Flops:
+    """FLOPs of ``case``'s editor passes (precision and memory layout do not change them)."""
+    return _count_flops(
+        case.editor, case.size, case.sampler_steps, case.checkpointing, case.photoguard
+    )
+
+
+@functools.cache
+def _count_flops(
+    editor_kind: str, size: int, sampler_steps: int | None, checkpointing: bool, photoguard: bool
+) -> Flops:
+    """Count on meta tensors: no memory, no compute, any size.
+
+    Ours: the batched 3-pass call (forward+backward) x 20 + the clean-ring forward.
+    PhotoGuard-style: a batch-1 forward+backward x 2,000. FFTs are not counted
+    (``FlopCounterMode`` has no formula for them): LaMa's Fourier units are left out.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    case = Case("count", editor_kind, size, sampler_steps, checkpointing=checkpointing)
+    editor = build_editor(case, torch.device("meta"))
+    batch = 1 if photoguard else 3
+    x = torch.empty(batch, 3, size, size, device="meta", requires_grad=True)
+    m = torch.zeros(batch, 1, size, size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        editor(x, m).sum().backward()
+    pass_flops = counter.get_total_flops()
+    if photoguard:
+        return Flops(pass_flops, 0, PHOTOGUARD_ITERS * PHOTOGUARD_REPS)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        editor(x[:1].detach(), m[:1])
+    return Flops(pass_flops, counter.get_total_flops(), ITERATIONS)
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """Shapes-only attention that keeps for backward what flash attention keeps.
+
+    On meta tensors ``scaled_dot_product_attention`` takes the math path, which saves
+    the (tokens x tokens) attention matrix: 3 GiB per layer for SD-1.5 at 512 px,
+    which the GPU kernels never store.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        logsumexp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - estimates run forward only
+        raise NotImplementedError("shapes-only attention has no backward")
+
+
+def _flash_like_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("the memory estimate covers unmasked attention only")
+    return _FlashLikeAttention.apply(q, k, v)
+
+
+@dataclass
+class MemoryEstimate:
+    """fp32 bytes a case needs beyond the Python process, from shapes alone."""
+
+    weight_bytes: int
+    activation_bytes: int  #: saved for backward by one iteration (+ a recomputed UNet step)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def estimate_memory(case: Case) -> MemoryEstimate:
+    """Weights + activations of the largest backward pass of ``case`` (fp32, meta tensors).
+
+    With checkpointing, one UNet step is recomputed during backward: its activations are
+    added. Not counted: gradients in flight, allocator slack, cuDNN workspaces; bf16
+    autocast stores most activations at half the size.
+    """
+    batch = 1 if case.photoguard else 3
+    weights, saved = _saved_bytes(
+        case.editor, case.size, case.sampler_steps, case.checkpointing, batch
+    )
+    if case.checkpointing:
+        _, full = _saved_bytes(case.editor, case.size, 1, False, batch)
+        _, kept = _saved_bytes(case.editor, case.size, 1, True, batch)
+        saved += full - kept
+    return MemoryEstimate(weights, saved)
+
+
+@functools.cache
+def _saved_bytes(
+    editor_kind: str, size: int, sampler_steps: int | None, checkpointing: bool, batch: int
+) -> tuple[int, int]:
+    import torch.nn.functional as F
+
+    case = Case("estimate", editor_kind, size, sampler_steps, checkpointing=checkpointing)
+    editor = build_editor(case, torch.device("meta"))
+    state = {id(t) for t in (*editor.parameters(), *editor.buffers())}
+    weights = sum(t.numel() * t.element_size() for t in editor.parameters())
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in state:  # a tensor saved twice is stored once
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    x = torch.empty(batch, 3, size, size, device="meta", requires_grad=True)
+    m = torch.zeros(batch, 1, size, size, device="meta")
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _flash_like_sdpa  # diffusers looks it up at call time
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            editor(x, m)
+    finally:
+        F.scaled_dot_product_attention = original
+    return weights, sum(saved.values())
+
+
+def floor_seconds(flops: float, flops_per_second: float) -> float:
+    """Time the work would take at the device's measured matrix throughput."""
+    if flops_per_second <= 0:
+        raise ValueError("flops_per_second must be positive")
+    return flops / flops_per_second
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float:
+    """FLOP/s of a large square matmul on ``device`` (best of several, after a warm-up)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        best = math.inf
+        for _ in range(6 if device.type == "cpu" else 12):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return 2 * n**3 / best
+
+
+def device_throughput(device: torch.device) -> dict[str, float]:
+    """Measured matmul FLOP/s: fp32 on CPU; fp32, tf32 and bf16 on CUDA."""
+    if device.type == "cpu":
+        return {"fp32": matmul_throughput(device, torch.float32)}
+    return {
+        "fp32": matmul_throughput(device, torch.float32),
+        "tf32": matmul_throughput(device, torch.float32, tf32=True),
+        "bf16": matmul_throughput(device, torch.bfloat16),
+    }
+
+
+def throughput_key(case: Case, device: torch.device) -> str:
+    """The precision the bulk of the case's FLOPs run at (cuDNN convolutions use TF32 by default)."""
+    if device.type == "cpu":
+        return "fp32"
+    if case.bf16:
+        return "bf16"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated, or the process's peak RSS on Linux."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+    def reset(self) -> None:
+        """Start a new peak here; :meth:`current_bytes` is its baseline."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _release_freed_memory()
+            try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass  # the peak then spans the whole process so far
+        self.baseline = self.current_bytes()
+
+    def current_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return _proc_status_bytes("VmRSS:")
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        peak = _proc_status_bytes("VmHWM:")
+        if peak is not None:
+            return peak
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier cases back to the OS, so that it shows in the next peak."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: peaks may then be understated after a larger case
+
+
+def extrapolate(total: float, loop: float, measured: int, target: int) -> float:
+    """Per-image seconds for ``target`` iterations from a run of ``measured`` iterations.
+
+    ``total`` is the run's wall time, ``loop`` the part spent in the iterations; the rest
+    (clean-ring pass, setup, quantisation) is paid once per image.
+    """
+    if measured < 1 or target < 1:
+        raise ValueError("measured and target must be >= 1")
+    return (total - loop) + loop / measured * target
+
+
+def plan_iterations(
+    estimate: float, target: int, repeats: int, max_seconds: float, cap: int | None = None
+) -> tuple[int, int]:
+    """(iterations per run, runs) that fit ``max_seconds`` given ``estimate`` s per iteration.
+
+    At least one iteration and one run; at most ``target`` (or ``cap``) iterations and
+    ``repeats`` runs.
+    """
+    limit = min(target, cap) if cap else target
+    if estimate <= 0:
+        return limit, repeats
+    k = max(1, min(limit, int(max_seconds / (repeats * estimate))))
+    runs = repeats if k * repeats * estimate <= max_seconds else max(1, int(max_seconds / estimate))
+    return k, min(runs, repeats)
+
+
+def photoguard_attack(
+    editor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    iters: int = PHOTOGUARD_ITERS,
+    grad_reps: int = PHOTOGUARD_REPS,
+    eps: float = PHOTOGUARD_EPS,
+    step: float = PHOTOGUARD_STEP,
+) -> tuple[torch.Tensor, float]:
+    """The cost model of PhotoGuard's diffusion attack; returns (image, loop seconds).
+
+    Each iteration averages ``grad_reps`` gradients, each a batch-1 forward+backward
+    through the whole sampling chain, of ``‖edit(x_adv) - target‖₂``, then takes a
+    signed step projected to the L∞ ball. It is here to be timed, not to compare
+    protection strength.
+    """
+    target = torch.full_like(image, 0.5)
+    x_adv = image.clone()
+    _sync(image.device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        grad = torch.zeros_like(image)
+        for _ in range(grad_reps):
+            x = x_adv.clone().requires_grad_(True)
+            loss = (editor(x, mask) - target).norm()
+            grad += torch.autograd.grad(loss, x)[0]
+        with torch.no_grad():
+            x_adv = x_adv - step * grad.sign()
+            x_adv = (image + (x_adv - image).clamp(-eps, eps)).clamp(0, 1)
+    _sync(image.device)
+    return x_adv, time.perf_counter() - start
+
+
+@dataclass
+class Row:
+    """One line of the table and of the JSON ``rows``."""
+
+    case: str
+    editor: str
+    size: int
+    sampler_steps: int | None
+    switches: str
+    schedule: str
+    status: str = "ok"
+    note: str = ""
+    seconds_per_image: float | None = None
+    seconds_per_image_runs: list[float] = field(default_factory=list)
+    iterations_per_second: float | None = None
+    iterations_measured: int | None = None
+    extrapolated: bool = False
+    peak_memory_gib: float | None = None  #: process RSS / CUDA allocated, weights included
+    working_memory_gib: float | None = None  #: peak minus the memory held before the run
+    memory_kind: str = ""
+    gflop_per_image: float | None = None
+    gflop_per_pass: float | None = None
+    estimate_gib: float | None = None  #: fp32 weights + activations from shapes (meta)
+    floor_seconds: float | None = None
+    floor_throughput: str = ""
+    measured_over_floor: float | None = None
+    load_average_1m: float | None = None
+    compare_to: str | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much measuring a case may cost."""
+
+    repeats: int = 3  #: timed runs per case (the median is reported)
+    max_seconds: float = 45.0  #: for a case's timed runs; beyond it, measure fewer iterations
+    max_iterations: int | None = None  #: cap on measured iterations (smoke tests)
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+
+    def plan(self, estimate: float, target: int) -> tuple[int, int]:
+        return plan_iterations(
+            estimate, target, self.repeats, self.max_seconds, self.max_iterations
+        )
+
+
+def _run_ours(
+    case: Case, editor, image, mask, kernel, device, budget: Budget, estimate: float
+) -> tuple[list[float], list[float], int]:
+    from runtime_backdoor.implant import implant
+
+    def once(steps: int) -> tuple[float, float]:
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=case.bf16):
+            result = implant(
+                editor,
+                image,
+                mask,
+                steps=steps,
+                expand_kernel=kernel,
+                batch_passes=case.batch_passes,
+                progress=False,
+            )
+        _sync(device)
+        return time.perf_counter() - start, result.seconds
+
+    warm_total, _ = once(1)  # allocator, kernel selection, compilation
+    # the warm-up ran the clean pass and one iteration: about twice an iteration
+    k, runs = budget.plan(max(estimate, warm_total / 2), ITERATIONS)
+    totals, loops = zip(*(once(k) for _ in range(runs)), strict=True)
+    return list(totals), list(loops), k
+
+
+def _run_photoguard(
+    case: Case, editor, image, mask, device, budget: Budget, estimate: float
+) -> tuple[list[float], list[float], int]:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=case.bf16):
+        _, warm = photoguard_attack(editor, image, mask, iters=1, grad_reps=1)
+        # one attack iteration (10 chain passes) shows the per-pass cost
+        k, runs = budget.plan(max(estimate, warm), PHOTOGUARD_REPS)
+        loops = [
+            photoguard_attack(editor, image, mask, iters=1, grad_reps=k)[1] for _ in range(runs)
+        ]
+    return loops, loops, k
+
+
+def run_case(
+    case: Case,
+    device: torch.device,
+    throughput: dict[str, float],
+    budget: Budget,
+) -> Row:
+    """Measure one case (or explain why not) and return its row."""
+    passes = PHOTOGUARD_ITERS * PHOTOGUARD_REPS if case.photoguard else ITERATIONS
+    one = "chain pass" if case.photoguard else "iteration"
+    unit = "chain passes" if case.photoguard else "iterations"
+    row = Row(
+        case.name,
+        case.editor,
+        case.size,
+        case.sampler_steps,
+        case.switches(),
+        f"PhotoGuard-style {PHOTOGUARD_ITERS}x{PHOTOGUARD_REPS}"
+        if case.photoguard
+        else f"ours {ITERATIONS} it",
+        compare_to=case.compare_to,
+        load_average_1m=round(os.getloadavg()[0], 2),
+    )
+    flops = count_flops(case)
+    key = throughput_key(case, device)
+    row.gflop_per_pass = flops.pass_flops / 1e9
+    row.gflop_per_image = flops.per_image / 1e9
+    row.floor_seconds = floor_seconds(flops.per_image, throughput[key])
+    row.floor_throughput = key
+    row.estimate_gib = estimate_memory(case).total_bytes / 2**30
+    estimate = floor_seconds(flops.pass_flops, throughput[key])  # per iteration / chain pass
+
+    if case.cuda_only and device.type != "cuda":
+        row.status = "skipped: needs a GPU"
+        row.note = "CUDA-only switch"
+        return row
+    if 2 * estimate > budget.max_seconds:  # a warm-up and one measured iteration do not fit
+        row.status = "skipped: needs a GPU" if device.type == "cpu" else "skipped: too slow"
+        row.note = (
+            f"floor {estimate:.0f} s per {one} here, "
+            f"over half of --max-seconds-per-case {budget.max_seconds:g}"
+        )
+        return row
+
+    memory = PeakMemory(device)
+    editor = None
+    try:
+        editor = build_editor(case, device)
+        image, mask, kernel = make_inputs(case.size, 1, device)
+        if case.channels_last:
+            editor = editor.to(memory_format=torch.channels_last)
+            image = image.contiguous(memory_format=torch.channels_last)
+            mask = mask.contiguous(memory_format=torch.channels_last)
+        if case.compile:
+            editor = torch.compile(editor)
+        memory.reset()
+        if case.photoguard:
+            totals, loops, k = _run_photoguard(case, editor, image, mask, device, budget, estimate)
+        else:
+            totals, loops, k = _run_ours(
+                case, editor, image, mask, kernel, device, budget, estimate
+            )
+        peak = memory.peak_bytes()
+        if peak is not None:
+            row.peak_memory_gib = peak / 2**30
+            if memory.baseline is not None:
+                row.working_memory_gib = max(0, peak - memory.baseline) / 2**30
+        row.memory_kind = memory.kind
+    except torch.cuda.OutOfMemoryError as err:
+        row.status = "failed: out of memory"
+        row.note = str(err).splitlines()[0][:120]
+        return row
+    except Exception as err:  # one broken case must not lose a scarce GPU session's other rows
+        row.status = f"failed: {type(err).__name__}"
+        row.note = str(err).splitlines()[0][:160] if str(err) else ""
+        return row
+    finally:
+        del editor
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    per_image = [extrapolate(t, s, k, passes) for t, s in zip(totals, loops, strict=True)]
+    row.seconds_per_image_runs = per_image
+    row.seconds_per_image = statistics.median(per_image)
+    row.iterations_measured = k
+    loop = statistics.median(loops)
+    if case.photoguard:
+        row.iterations_per_second = k / loop / PHOTOGUARD_REPS  # attack iterations
+    else:
+        row.iterations_per_second = k / loop
+    row.extrapolated = k < passes
+    notes = [f"median of {len(per_image)} run{'s' if len(per_image) > 1 else ''}"]
+    if row.extrapolated:
+        notes.append(f"extrapolated from {k} {unit if k > 1 else one} (of {passes})")
+    row.note = "; ".join(notes)
+    row.measured_over_floor = row.seconds_per_image / row.floor_seconds
+    return row
+
+
+def compare(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Each case against its ``compare_to`` partner: time and memory ratios."""
+    by_name = {r.case: r for r in rows}
+    out = []
+    for r in rows:
+        ref = by_name.get(r.compare_to or "")
+        if ref is None or r.seconds_per_image is None or ref.seconds_per_image is None:
+            continue
+        entry = {
+            "case": r.case,
+            "reference": ref.case,
+            "what": "PhotoGuard-style / ours" if "PhotoGuard" in r.schedule else r.switches,
+            "time_ratio": r.seconds_per_image / ref.seconds_per_image,
+        }
+        if r.working_memory_gib and ref.working_memory_gib:
+            entry["working_memory_ratio"] = r.working_memory_gib / ref.working_memory_gib
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": device.type,
+        "name": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_gib=props.total_memory / 2**30)
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:
+        versions["diffusers"] = None
+    return {"device": info, "versions": versions}
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return ""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}" if value >= 0.01 else f"{value:.2g}"
+
+
+def table(rows: Sequence[Row], comparisons: Sequence[dict[str, Any]]) -> str:
+    headers = [
+        "case",
+        "switches",
+        "s/image",
+        "it/s",
+        "peak GiB",
+        "work GiB",
+        "est. GiB",
+        "TFLOP/image",
+        "floor s",
+        "x floor",
+        "status / note",
+    ]
+    body = [
+        [
+            r.case,
+            r.switches,
+            _fmt(r.seconds_per_image) + ("*" if r.extrapolated else ""),
+            _fmt(r.iterations_per_second),
+            _fmt(r.peak_memory_gib),
+            _fmt(r.working_memory_gib),
+            _fmt(r.estimate_gib),
+            f"{r.gflop_per_image / 1e3:.3g}" if r.gflop_per_image is not None else "",
+            _fmt(r.floor_seconds),
+            _fmt(r.measured_over_floor, 1),
+            r.note if r.status == "ok" else f"{r.status} ({r.note})",
+        ]
+        for r in rows
+    ]
+    cmp_headers = ["case", "vs", "what", "time ratio", "work-memory ratio"]
+    cmp_body = [
+        [
+            c["case"],
+            c["reference"],
+            c["what"],
+            _fmt(c["time_ratio"]),
+            _fmt(c.get("working_memory_ratio")),
+        ]
+        for c in comparisons
+    ]
+    try:
+        from tabulate import tabulate
+
+        text = tabulate(body, headers, tablefmt="github")
+        if cmp_body:
+            text += "\n\n" + tabulate(cmp_body, cmp_headers, tablefmt="github")
+    except ImportError:
+        text = "\n".join(" | ".join(map(str, line)) for line in [headers, *body])
+        if cmp_body:
+            text += "\n\n" + "\n".join(
+                " | ".join(map(str, line)) for line in [cmp_headers, *cmp_body]
+            )
+    return text + (
+        "\n(* extrapolated to the full schedule; work GiB: peak minus the memory held before "
+        "the run; est. GiB: fp32 weights + activations kept for backward, from shapes; "
+        "floor: FLOPs / measured matmul throughput)"
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def run(
+    cases: Sequence[str] = (),
+    device: str = "auto",
+    budget: Budget | None = None,
+    out: str | Path | None = None,
+    threads: int | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the selected cases, write the JSON report to ``out`` and return it."""
+    budget = budget or Budget()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    selected = select_cases(cases, device)
+    out = Path(out) if out else ROOT / "reports" / "benchmarks" / f"{device}.json"
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    throughput = device_throughput(dev)
+    echo(
+        f"{device}: matmul throughput "
+        + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in throughput.items())
+        + f"; load average {load_before[0]:.2f}"
+    )
+    settings = {
+        "cases": [c.name for c in selected],
+        "repeats": budget.repeats,
+        "max_seconds_per_case": budget.max_seconds,
+        "max_iterations": budget.max_iterations,
+        "iterations": ITERATIONS,
+        "photoguard": {
+            "iterations": PHOTOGUARD_ITERS,
+            "grad_reps": PHOTOGUARD_REPS,
+            "sampler_steps": 4,
+        },
+        "guidance_scale": GUIDANCE,
+        "weights": "random",
+        "image": "1 image per run, centred box mask of a quarter of the area",
+    }
+    rows: list[Row] = []
+
+    def report() -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **environment(dev, torch.get_num_threads()),
+            "settings": settings,
+            "matmul_flops_per_second": throughput,
+            "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+            "wall_seconds": time.perf_counter() - started,
+            "complete": len(rows) == len(selected),
+            "rows": [asdict(r) for r in rows],
+            "comparisons": compare(rows),
+        }
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = report()
+    for case in selected:
+        row = run_case(case, dev, throughput, budget)
+        echo(
+            f"  {case.name}: {row.status}"
+            + (f", {row.seconds_per_image:.3g} s/image" if row.seconds_per_image else "")
+            + (f", floor {row.floor_seconds:.3g} s" if row.floor_seconds else "")
+        )
+        rows.append(row)
+        # after every row: a run cut short (GPU time limit) keeps what it measured
+        result = report()
+        out.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+    echo(f"wrote {out}")
+    echo(table(rows, result["comparisons"]))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cases",
+        nargs="*",
+        default=[],
+        help="groups (smoke, cpu, gpu, all), case names or shell patterns; "
+        "default: cpu or gpu after the device",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (median)")
+    parser.add_argument(
+        "--max-seconds-per-case",
+        type=float,
+        default=45.0,
+        help="time budget of a case's timed runs; beyond it fewer iterations run and the "
+        "per-image time is extrapolated",
+    )
+    parser.add_argument(
+        "--max-iterations",
+        type=int,
+        default=None,
+        help="measure at most this many iterations per run and extrapolate (quick checks)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default reports/benchmarks/DEVICE.json)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for c in CASES.values():
+            print(f"{c.name:36s} {','.join(c.groups):14s} {c.switches()}")
+        return
+    budget = Budget(args.repeats, args.max_seconds_per_case, args.max_iterations)
+    run(args.cases, args.device, budget, args.out, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Smoke tests of benchmarks/benchmark_protection.py: its arithmetic, FLOP counting and JSON.
+
+No timing assertions: the machine is shared and timings are noise here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_protection.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_protection", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_floor_and_extrapolation_arithmetic(bench):
+    flops = bench.Flops(pass_flops=10, clean_flops=3, passes=20)
+    assert flops.per_image == 203
+    assert bench.floor_seconds(2e12, 1e12) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        bench.floor_seconds(1.0, 0.0)
+    # 2 s outside the loop are paid once; 8 s for 2 iterations -> 80 s for 20
+    assert bench.extrapolate(10.0, 8.0, 2, 20) == pytest.approx(82.0)
+    assert bench.extrapolate(10.0, 8.0, 20, 20) == pytest.approx(10.0)
+
+
+def test_plan_iterations_fits_the_budget(bench):
+    assert bench.plan_iterations(0.1, 20, 3, 45.0) == (20, 3)
+    assert bench.plan_iterations(1.0, 20, 3, 30.0) == (10, 3)
+    assert bench.plan_iterations(20.0, 20, 3, 45.0) == (1, 2)
+    assert bench.plan_iterations(100.0, 20, 3, 45.0) == (1, 1)
+    assert bench.plan_iterations(0.1, 20, 3, 45.0, cap=1) == (1, 3)
+    with pytest.raises(ValueError):
+        bench.Budget(repeats=0)
+
+
+def test_flops_on_meta_match_a_real_run(bench):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    case = bench.CASES["smoke-mini-32"]
+    counted = bench.count_flops(case)
+    editor = bench.build_editor(case, torch.device("cpu"))
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    m = torch.zeros(3, 1, 32, 32)
+    m[..., 8:24, 8:24] = 1
+    with FlopCounterMode(display=False) as counter:
+        editor(x, m).sum().backward()
+    assert counted.pass_flops == counter.get_total_flops() > 0
+    assert counted.per_image == 20 * counted.pass_flops + counted.clean_flops
+
+
+def test_checkpointing_estimate_keeps_less_but_recomputes_a_step(bench):
+    plain = bench.estimate_memory(bench.CASES["sd-tiny-64-s4"])
+    ckpt = bench.estimate_memory(bench.CASES["sd-tiny-64-s4-ckpt"])
+    assert plain.weight_bytes == ckpt.weight_bytes > 0
+    assert 0 < ckpt.activation_bytes < plain.activation_bytes
+
+
+def test_case_selection(bench):
+    smoke = bench.select_cases(["smoke"], "cpu")
+    assert [c.name for c in smoke][:2] == ["smoke-mini-32", "smoke-mini-32-separate"]
+    assert {c.name for c in bench.select_cases([], "cpu")} >= {"mini-128", "sd15-512-s4"}
+    assert all(c.compare_to in bench.CASES for c in bench.CASES.values() if c.compare_to)
+    with pytest.raises(SystemExit):
+        bench.select_cases(["no-such-case"], "cpu")
+
+
+def test_cases_that_cannot_run_here_are_skipped_with_their_floor(bench):
+    throughput = {"fp32": 1e11}
+    budget = bench.Budget(repeats=1, max_seconds=1.0)
+    slow = bench.run_case(bench.CASES["big-lama-512"], torch.device("cpu"), throughput, budget)
+    assert slow.status == "skipped: needs a GPU"
+    assert slow.floor_seconds > 0 and slow.seconds_per_image is None
+    assert slow.estimate_gib > 0
+    cuda_only = bench.run_case(
+        bench.CASES["big-lama-512-bf16"], torch.device("cpu"), throughput, budget
+    )
+    assert cuda_only.status == "skipped: needs a GPU"
+
+
+def test_smoke_run_writes_the_report(bench, tmp_path):
+    out = tmp_path / "smoke.json"
+    bench.run(
+        ["smoke"],
+        device="cpu",
+        budget=bench.Budget(repeats=1, max_seconds=30.0, max_iterations=1),
+        out=out,
+        echo=lambda _: None,
+    )
+    report = json.loads(out.read_text())
+    assert report["schema"] == bench.SCHEMA
+    for key in ("device", "versions", "settings", "load_average", "rows", "comparisons"):
+        assert key in report
+    assert report["device"]["type"] == "cpu" and report["complete"]
+    assert report["versions"]["torch"] == torch.__version__
+    assert len(report["load_average"]["before"]) == 3
+    assert report["matmul_flops_per_second"]["fp32"] > 0
+    rows = {r["case"]: r for r in report["rows"]}
+    assert set(rows) == {c.name for c in bench.select_cases(["smoke"], "cpu")}
+    for row in rows.values():
+        assert row["status"] == "ok"
+        assert row["seconds_per_image"] > 0 and row["floor_seconds"] > 0
+        assert row["iterations_measured"] == 1 and row["extrapolated"]
+        assert "extrapolated from 1" in row["note"]
+        assert row["peak_memory_gib"] > 0
+    assert rows["smoke-mini-32-separate"]["switches"] == "separate passes"
+    whats = {c["what"] for c in report["comparisons"]}
+    assert {"separate passes", "PhotoGuard-style / ours"} <= whats
