@@ -235,6 +235,7 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
         "editor.train_size": 32,
         "implant.steps": 2,
         "figures.rows_per_grid": 1,
+        "eps_sweep.eps_8bit": "4,32",
     }
     params = (tmp_path / "params.yaml").read_text()
     import yaml
@@ -251,3 +252,4 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     assert "up to date" in dvc("status").lower()
     per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
     assert len(per_edit) == 12
+    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * 2 * 2  # ε x editors x images

@@ -171,3 +171,26 @@ def results_table(summary: dict) -> str:
             "CLIP-FID: not computed (no pretrained CLIP ViT-B/32 weights; see `reports/clip_fid.json`)."
         )
     return "\n".join(lines) + "\n"
+
+
+def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
+    """Hit rate, benign ring PSNR and protection PSNR against ε, one line per editor."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    hits = sweep.groupby(["editor", "eps_8bit"], as_index=False)["hit"].mean()
+    sns.lineplot(data=hits, x="eps_8bit", y="hit", hue="editor", marker="o", ax=axes[0])
+    axes[0].set_ylabel("share of images hit (malicious: m)")
+    axes[0].set_ylim(-0.02, 1.02)
+    finite = sweep.replace(np.inf, 100.0)
+    sns.lineplot(data=finite, x="eps_8bit", y="ring_psnr", hue="editor", marker="o", ax=axes[1], errorbar=("pi", 50))
+    axes[1].axhline(30, color="grey", ls=":", lw=1)
+    axes[1].set_ylabel("benign ring edit: PSNR vs clean edit (dB)")
+    sns.lineplot(data=finite, x="eps_8bit", y="protection_psnr", hue="editor", marker="o", ax=axes[2], errorbar=("pi", 50))
+    axes[2].axhline(32, color="grey", ls=":", lw=1)
+    axes[2].set_ylabel("protected vs original: PSNR (dB)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ε (8-bit units)")
+        ax.axvline(paper_eps_8bit, color="tab:red", lw=0.8, ls="--")
+    axes[0].text(paper_eps_8bit, 1.0, " paper", color="tab:red", fontsize=8, va="top")
+    fig.tight_layout()
+    return fig
