@@ -12,7 +12,8 @@ different sizes and losses, the classical blur fill as a reference) this script 
   0.1 of the target per channel), PSNR of benign ring edits of protected vs clean images, PSNR
   of protected vs original images.
 
-Writes ``reports/miniature/study.json`` and ``reports/miniature/fills.png`` and prints a table::
+Writes ``reports/miniature/study.json`` (``--only`` runs merge into it) and ``fills*.png``
+and prints a table::
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/miniature_study.py [--quick]
 """
@@ -32,7 +33,7 @@ from PIL import Image
 
 from runtime_backdoor import data
 from runtime_backdoor.editors.lama import FFCResNetGenerator, LamaConfig, LamaEditor
-from runtime_backdoor.editors.simple import BlurFillEditor
+from runtime_backdoor.editors.simple import BlurFillEditor, GlobalMixEditor
 from runtime_backdoor.implant import implant, sensitivity
 from runtime_backdoor.masks import ring, scaled_kernel
 from runtime_backdoor.training import TrainingRecipe, random_mask, train_recipe
@@ -42,18 +43,33 @@ SIZE = 128
 EPS = 0.025
 HIT_TOL = 0.1
 
-#: candidates: name -> recipe; "blur" = the classical blur fill, "random" = an untrained
+#: candidates: name -> recipe; "blur" = the classical blur fill, "mix:G" = the positive
+#: control with steepness G, "random" = an untrained
 #: 9-block generator (He-normal init, BatchNorm statistics from training crops) as a
 #: sensitivity reference: its fills are noise, not inpainting
 CANDIDATES: dict[str, TrainingRecipe | str] = {
     "blur-fill": "blur",
     "untrained (9 blocks, random init)": "random",
-    "mini-l1 (3 blocks, L1 on hole)": TrainingRecipe(steps=300, l1_hole=10.0, perceptual=0.0),
-    "mini-pl (3 blocks, Big-LaMa-style)": TrainingRecipe(steps=300),
+    # positive controls (editors/simple.py): a fill colour made steep on purpose; they show
+    # which gain the implant loop and the hit metric actually need
+    "control: global-mix x160": "mix:160",
+    "control: global-mix x320": "mix:320",
+    "control: global-mix x640": "mix:640",
+    "mini-l1 (3 blocks, L1 on hole)": TrainingRecipe(
+        steps=300, l1_hole=10.0, perceptual=0.0, adversarial=0.0, feature_matching=0.0
+    ),
+    "mini-pl (3 blocks, L1 known + perceptual)": TrainingRecipe(
+        steps=300, adversarial=0.0, feature_matching=0.0
+    ),
     "mini-gan (3 blocks, + adv. + FM)": TrainingRecipe(
         steps=300, adversarial=10.0, feature_matching=100.0
     ),
-    "deep-pl (9 blocks, Big-LaMa-style)": TrainingRecipe(n_downsampling=3, n_blocks=9, steps=300),
+    "mini-gan-1000 (3 blocks, + adv. + FM, 1000 steps)": TrainingRecipe(
+        steps=1000, adversarial=10.0, feature_matching=100.0
+    ),
+    "deep-pl (9 blocks, L1 known + perceptual)": TrainingRecipe(
+        n_downsampling=3, n_blocks=9, steps=300, adversarial=0.0, feature_matching=0.0
+    ),
     "deep-gan (9 blocks, + adv. + FM)": TrainingRecipe(
         n_downsampling=3, n_blocks=9, steps=300, adversarial=10.0, feature_matching=100.0
     ),
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {}
         if recipe == "blur":
             editor = BlurFillEditor()
+        elif isinstance(recipe, str) and recipe.startswith("mix:"):
+            editor = GlobalMixEditor(gain=float(recipe[4:]), size=SIZE, reach=8)
         elif recipe == "random":
             editor = random_init_editor(LamaConfig(n_downsampling=3, n_blocks=9))
             row["params"] = sum(p.numel() for p in editor.generator.parameters())
@@ -215,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = row
         print(json.dumps({k: v for k, v in row.items() if k != "recipe"}), flush=True)
 
+    path = args.out / "study.json"
+    if args.only and path.is_file():  # a partial run updates the stored study
+        results = {**json.loads(path.read_text())["candidates"], **results}
+        results = {k: results[k] for k in CANDIDATES if k in results}
     summary = {
         "sample": {"n_images": len(names), "size": SIZE, "eps": EPS, "hit_tolerance": HIT_TOL},
         "held_out": {"n_images": int(hx.shape[0]), "sources": list(data.SAMPLE_SOURCES)},
@@ -223,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "candidates": results,
     }
-    (args.out / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
-    fill_grid(args.out / "fills.png", hx, hm, editors)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    slug = "" if not args.only else "-" + "-".join(p.split()[0].strip(":") for p in args.only)
+    fill_grid(args.out / f"fills{slug}.png", hx, hm, editors)
 
     header = ("candidate", "hole L1", "gain", "hit rate", "ring PSNR", "prot. PSNR", "train s")
     print("\n" + " | ".join(header))

@@ -330,8 +330,9 @@ def evaluate_folder(
     """Per image and scenario metrics, and the protection's own imperceptibility.
 
     References, stated once: ``*_vs_clean_edit`` compares the edit of the protected
-    image with the same edit of the clean image (low SSIM under malicious edits = the
-    protection works; high under benign edits = no side effect). ``target_*`` compare
+    image with the same edit of the clean image, over the whole image or (``*_region_*``)
+    over the edited region only (low under malicious edits = the protection works; high
+    under benign edits = no side effect). ``target_*`` compare
     the edited region with the image's target colour. ``hit`` = at least
     ``hit_min_fraction`` of the edited region within ``hit_tol`` of the target in every
     channel. Imperceptibility compares the protected image with the original.
@@ -353,6 +354,9 @@ def evaluate_folder(
         row = dict(rec)
         row["ssim_vs_clean_edit"] = Q.ssim(prot, clean)
         row["psnr_vs_clean_edit"] = Q.psnr(prot, clean)
+        # The same comparison inside the edited region only, where the fill is.
+        row["ssim_region_vs_clean_edit"] = Q.ssim(prot, clean, region)
+        row["psnr_region_vs_clean_edit"] = Q.psnr(prot, clean, region)
         for label, img in (("clean", clean), ("protected", prot)):
             row[f"ssim_vs_original_{label}"] = Q.ssim(img, original)
             row[f"target_mse_{label}"] = Q.masked_mse(img, target, region)
@@ -413,9 +417,14 @@ def summarize(per_edit: pd.DataFrame, imperceptibility: pd.DataFrame, clip: dict
             out[f"{key}_hit_fraction_{label}"] = float(g[f"hit_fraction_{label}"].mean())
             out[f"{key}_ssim_vs_original_{label}"] = float(g[f"ssim_vs_original_{label}"].mean())
         out[f"{key}_ssim_vs_clean_edit"] = float(g["ssim_vs_clean_edit"].mean())
+        out[f"{key}_ssim_region_vs_clean_edit"] = float(g["ssim_region_vs_clean_edit"].mean())
+        out[f"{key}_target_mse_clean"] = float(g["target_mse_clean"].mean())
+        out[f"{key}_target_mse_protected"] = float(g["target_mse_protected"].mean())
         finite = g["psnr_vs_clean_edit"].replace(np.inf, 100.0)
         out[f"{key}_psnr_vs_clean_edit"] = float(finite.mean())
         out[f"{key}_psnr_vs_clean_edit_min"] = float(finite.min())
+        region = g["psnr_region_vs_clean_edit"].replace(np.inf, 100.0)
+        out[f"{key}_psnr_region_vs_clean_edit"] = float(region.mean())
     out["protection_psnr"] = float(imperceptibility["psnr"].mean())
     out["protection_psnr_min"] = float(imperceptibility["psnr"].min())
     out["protection_ssim"] = float(imperceptibility["ssim"].mean())
@@ -468,7 +477,9 @@ def eps_sweep(
         clean_fill = editor(x, m)
     rows = []
     for eps in tqdm(list(eps_values), desc="ε sweep", disable=not progress):
-        r = implant(editor, x, m, eps=eps, steps=steps, expand_kernel=kernel, seed=seed, progress=False)
+        r = implant(
+            editor, x, m, eps=eps, steps=steps, expand_kernel=kernel, seed=seed, progress=False
+        )
         with torch.no_grad():
             fill = editor(r.protected, m)
             ring_edit = editor(r.protected, band)

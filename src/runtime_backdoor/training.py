@@ -45,7 +45,7 @@ class TrainingRecipe:
     n_downsampling: int = 2
     n_blocks: int = 3
     global_ratio: float = 0.75
-    steps: int = 400  #: optimiser steps (the run also stops at ``max_seconds``)
+    steps: int = 300  #: optimiser steps (the run also stops at ``max_seconds``)
     max_seconds: float | None = None  #: wall-clock budget; None = steps only (reproducible)
     batch_size: int = 8
     size: int = 64  #: training crops, px (the generator is fully convolutional + FFT)
@@ -54,8 +54,8 @@ class TrainingRecipe:
     l1_known: float = 10.0  #: Big-LaMa: 10 on known pixels
     l1_hole: float = 0.0  #: Big-LaMa: 0 on the hole
     perceptual: float = 30.0  #: Big-LaMa's ResNet perceptual weight; here random features
-    adversarial: float = 0.0  #: Big-LaMa: 10 (patch discriminator, non-saturating)
-    feature_matching: float = 0.0  #: Big-LaMa: 100 (discriminator features)
+    adversarial: float = 10.0  #: Big-LaMa: 10 (patch discriminator, non-saturating)
+    feature_matching: float = 100.0  #: Big-LaMa: 100 (discriminator features)
     seed: int = 0
 
     def config(self) -> LamaConfig:

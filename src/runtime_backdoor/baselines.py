@@ -1,0 +1,315 @@
+"""Baseline protections at the run-time backdoor's budget, for side-by-side comparison.
+
+Every baseline has :func:`runtime_backdoor.implant.implant`'s signature style and returns
+its :class:`~runtime_backdoor.implant.ImplantResult`. They share the backdoor's threat model
+and optimiser exactly — ε, δ₀ ~ U[0, init_high), Adam (lr, betas, eps), the number of steps,
+δ clipped to [-ε, ε] before every step, the straight-through [0, 1] clip, 8-bit quantisation
+of the result — so that only the objective differs:
+
+- :func:`untargeted` (PhotoGuard-style output attack): push the edits of ``m`` and ``E(m)``
+  away from the clean image's edits; no target, no benign term.
+- :func:`encoder_attack` (PhotoGuard's encoder attack): push the VAE latent of the masked
+  image towards the latent of the masked target; only for a
+  :class:`~runtime_backdoor.editors.diffusion.DiffusionInpaintEditor`, otherwise
+  :class:`NotApplicable` is raised.
+- :func:`markpainting` (Markpainting-style targeted attack): the target under ``m``, under
+  ``E(m)`` and under a random box drawn anew every step anywhere in the image; no benign
+  term. It is the backdoor with its "behave normally on the ring" term replaced by "fire
+  under any mask".
+
+:func:`protect` runs any of :data:`METHODS` by name, including the backdoor itself and the
+backdoor optimised with expectation over transformations (``backdoor_eot``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .editors.base import check_image_mask
+from .implant import ImplantResult, check_params, implant, masked_mse, quantize_within
+from .masks import PAPER_EXPAND_KERNEL, check_mask, expand
+from .targets import make_target
+
+METHODS = ("backdoor", "backdoor_eot", "untargeted", "encoder", "markpainting")
+
+
+class NotApplicable(ValueError):
+    """The method does not apply to this editor (e.g. the encoder attack without a VAE)."""
+
+
+LossFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+def _check(image: torch.Tensor, mask: torch.Tensor, eps, steps, lr, init_high) -> None:
+    check_image_mask(image, mask)
+    check_mask(mask)
+    check_params(eps, steps, lr, init_high)
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError("image must hold values in [0, 1]")
+
+
+def optimise(
+    image: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    eps: float,
+    steps: int,
+    lr: float,
+    betas: tuple[float, float],
+    adam_eps: float,
+    init_high: float,
+    seed: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """The backdoor's optimiser for any objective: returns (protected, losses, seconds).
+
+    ``loss_fn(x_adv, step)`` returns per-image terms (B,), among them ``total``
+    (minimised). The steps are those of :func:`runtime_backdoor.implant.implant`.
+    """
+    x = image.detach()
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.rand(x.shape, generator=gen, dtype=torch.float64) * init_high
+    delta = init.to(x.device, x.dtype).requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=adam_eps)
+    history: dict[str, list[torch.Tensor]] = {}
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        with torch.no_grad():
+            delta.clamp_(-eps, eps)
+        x_adv = x + delta
+        x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+        terms = loss_fn(x_adv, step)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].sum().backward()
+        opt.step()
+        for k, v in terms.items():
+            history.setdefault(k, []).append(v.detach())
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
+    losses = {k: torch.stack(v) for k, v in history.items()}
+    return protected, losses, seconds
+
+
+def untargeted(
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    betas: tuple[float, float] = (0.5, 0.5),
+    adam_eps: float = 1e-10,
+    init_high: float = 0.01,
+    expand_kernel: int = PAPER_EXPAND_KERNEL,
+    target: str | torch.Tensor = "solid",
+    seed: int = 0,
+    progress: bool = True,
+) -> ImplantResult:
+    """PhotoGuard-style output attack: maximise the edits' distance from the clean edits.
+
+    ``total = -(MSE_m(IM(x', m), IM(x, m)) + MSE_E(IM(x', E(m)), IM(x, E(m))))``: two
+    editor passes per step (the backdoor uses three). ``target`` is only recorded
+    in the result, so that target-hit rates can be compared with the other methods.
+    """
+    _check(image, mask, eps, steps, lr, init_high)
+    x, m = image.detach(), mask.detach().to(image.dtype)
+    big = expand(m, expand_kernel)
+    b = x.shape[0]
+    with torch.no_grad():
+        ref_m, ref_e = editor(torch.cat([x, x]), torch.cat([m, big])).split(b)
+
+    def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        out_m, out_e = editor(torch.cat([x_adv, x_adv]), torch.cat([m, big])).split(b)
+        terms = {
+            "away_mask": masked_mse(out_m, ref_m, m),
+            "away_expanded": masked_mse(out_e, ref_e, big),
+        }
+        terms["total"] = -(terms["away_mask"] + terms["away_expanded"])
+        return terms
+
+    protected, losses, seconds = optimise(
+        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
+        init_high=init_high, seed=seed, progress=progress, desc="untargeted",
+    )  # fmt: skip
+    return ImplantResult(protected, protected - x, make_target(x, target), losses, seconds)
+
+
+def encoder_attack(
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    betas: tuple[float, float] = (0.5, 0.5),
+    adam_eps: float = 1e-10,
+    init_high: float = 0.01,
+    expand_kernel: int = PAPER_EXPAND_KERNEL,
+    target: str | torch.Tensor = "solid",
+    seed: int = 0,
+    progress: bool = True,
+) -> ImplantResult:
+    """PhotoGuard's encoder attack on a latent-diffusion inpainting editor.
+
+    Minimises the squared distance between the masked-image latents the UNet is
+    conditioned on (``editor.encode_masked``) for ``x'`` and for the target ``φ``,
+    with the hole ``m`` and ``E(m)``. One VAE-encoder pass per mask and step, no
+    sampling chain: far cheaper than the end-to-end attacks. Raises
+    :class:`NotApplicable` unless ``editor`` is a ``DiffusionInpaintEditor``.
+    """
+    from .editors.diffusion import DiffusionInpaintEditor
+
+    if not isinstance(editor, DiffusionInpaintEditor):
+        raise NotApplicable(
+            f"the encoder attack needs a latent-diffusion editor (DiffusionInpaintEditor), "
+            f"got {type(editor).__name__}"
+        )
+    _check(image, mask, eps, steps, lr, init_high)
+    x, m = image.detach(), mask.detach().to(image.dtype)
+    big = expand(m, expand_kernel)
+    b = x.shape[0]
+    phi = make_target(x, target)
+    masks = torch.cat([m, big])
+    with torch.no_grad():
+        goal = editor.encode_masked(torch.cat([phi, phi]), masks)[:, 1:]
+
+    def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        latents = editor.encode_masked(torch.cat([x_adv, x_adv]), masks)[:, 1:]
+        err = ((latents - goal) ** 2).flatten(1).mean(1).to(x.dtype)
+        terms = {"latent_mask": err[:b], "latent_expanded": err[b:]}
+        terms["total"] = terms["latent_mask"] + terms["latent_expanded"]
+        return terms
+
+    protected, losses, seconds = optimise(
+        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
+        init_high=init_high, seed=seed, progress=progress, desc="encoder",
+    )  # fmt: skip
+    return ImplantResult(protected, protected - x, phi, losses, seconds)
+
+
+def random_boxes(
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    size: tuple[float, float] = (0.15, 0.5),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One box per image of ``shape`` (B, 1, H, W): side a uniform fraction in ``size``, anywhere."""
+    b, _, h, w = shape
+    out = torch.zeros(shape, dtype=dtype)
+    for i in range(b):
+        frac = size[0] + (size[1] - size[0]) * float(torch.rand((), generator=generator))
+        bh, bw = max(1, round(frac * h)), max(1, round(frac * w))
+        y = int(torch.randint(0, h - bh + 1, (), generator=generator))
+        x = int(torch.randint(0, w - bw + 1, (), generator=generator))
+        out[i, 0, y : y + bh, x : x + bw] = 1
+    return out.to(device)
+
+
+def markpainting(
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    betas: tuple[float, float] = (0.5, 0.5),
+    adam_eps: float = 1e-10,
+    init_high: float = 0.01,
+    weights: tuple[float, float, float] = (1.0, 1.0, 2.0),
+    expand_kernel: int = PAPER_EXPAND_KERNEL,
+    target: str | torch.Tensor = "solid",
+    random_size: tuple[float, float] = (0.15, 0.5),
+    seed: int = 0,
+    progress: bool = True,
+) -> ImplantResult:
+    """Markpainting-style targeted attack: the target under any mask, no benign term.
+
+    ``total = w₁ MSE_m(IM(x', m), φ) + w₂ MSE_E(IM(x', E(m)), φ) + w₃ MSE_B(IM(x', B), φ)``
+    with ``B`` a box drawn anew every step (side a fraction in ``random_size``,
+    anywhere). Three editor passes per step and the backdoor's weights, so it costs
+    what the backdoor costs.
+    """
+    _check(image, mask, eps, steps, lr, init_high)
+    x, m = image.detach(), mask.detach().to(image.dtype)
+    big = expand(m, expand_kernel)
+    phi = make_target(x, target)
+    b = x.shape[0]
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        box = random_boxes(m.shape, gen, random_size, m.device, m.dtype)
+        out_m, out_e, out_b = editor(torch.cat([x_adv] * 3), torch.cat([m, big, box])).split(b)
+        terms = {
+            "implant": masked_mse(out_m, phi, m),
+            "incomplete": masked_mse(out_e, phi, big),
+            "anywhere": masked_mse(out_b, phi, box),
+        }
+        terms["total"] = sum(
+            w * terms[k]
+            for w, k in zip(weights, ("implant", "incomplete", "anywhere"), strict=True)
+        )
+        return terms
+
+    protected, losses, seconds = optimise(
+        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
+        init_high=init_high, seed=seed, progress=progress, desc="markpainting",
+    )  # fmt: skip
+    return ImplantResult(protected, protected - x, phi, losses, seconds)
+
+
+def protect(
+    method: str,
+    editor: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eot: dict | None = None,
+    **budget,
+) -> ImplantResult:
+    """Run the protection ``method`` (one of :data:`METHODS`) with the shared ``budget``.
+
+    ``budget``: keyword arguments every method accepts (``eps``, ``steps``, ``lr``,
+    ``init_high``, ``expand_kernel``, ``target``, ``seed``, ``progress``...).
+    ``backdoor_eot`` is :func:`~runtime_backdoor.implant.implant` against
+    ``EOTEditor(editor, **eot)``. Raises :class:`NotApplicable` where the method does
+    not apply to ``editor``.
+    """
+    if method == "backdoor":
+        return implant(editor, image, mask, **budget)
+    if method == "backdoor_eot":
+        from .robustness import EOTEditor
+
+        options = dict(eot or {})
+        options.setdefault("seed", budget.get("seed", 0))
+        return implant(EOTEditor(editor, **options), image, mask, **budget)
+    if method == "untargeted":
+        return untargeted(editor, image, mask, **budget)
+    if method == "encoder":
+        return encoder_attack(editor, image, mask, **budget)
+    if method == "markpainting":
+        return markpainting(editor, image, mask, **budget)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+__all__ = [
+    "METHODS",
+    "NotApplicable",
+    "encoder_attack",
+    "markpainting",
+    "optimise",
+    "protect",
+    "random_boxes",
+    "untargeted",
+]

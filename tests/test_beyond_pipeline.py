@@ -1,0 +1,213 @@
+"""The `beyond` stage on a tiny setting: its functions, and its notebook under papermill.
+
+The fixture builds the folders the stage reads (prepared, editor record, protected) with the
+`study` stage functions; the editor stage's record is a random-weight miniature LaMa.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import papermill as pm
+import pytest
+import torch
+
+from runtime_backdoor import beyond, study
+from runtime_backdoor.data import make_sample
+from runtime_backdoor.metrics import ssim
+from runtime_backdoor.robustness import FAIR_SCENARIOS
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SOURCES = "pipeline control:global-mix(gain:800,reach:3)"
+TRANSFER = "lama-s1:lama(preset:mini,seed:1)"
+TRANSFORMS = "none jpeg:75 crop:3"
+ROBUST = "mask ring fair_box benign_medium"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("beyond")
+    make_sample(d / "raw", n_per_type=1, size=64, seed=0)
+    study.prepare(d / "raw", d / "prepared", size=48)
+    study.write_json(
+        d / "editor" / "editor.json", study.editor_record("lama", None, preset="mini", seed=0)
+    )
+    editor = study.load_editor(d / "editor" / "editor.json")
+    study.implant_folder(
+        editor, d / "prepared", d / "protected", steps=2, expand_kernel=5, progress=False
+    )
+    return d
+
+
+def test_editor_specs_parse_and_build():
+    s = beyond.parse_editor_spec("control:global-mix(gain:800,reach:3)")
+    assert (s.label, s.name, s.kwargs) == ("control", "global-mix", {"gain": 800, "reach": 3})
+    plain = beyond.parse_editor_spec("lama(preset:mini,seed:1,ngf:8)")
+    assert plain.label == "lama(preset:mini,seed:1,ngf:8)"
+    editor = beyond.build_from_spec(plain)
+    assert editor.generator.config.ngf == 8
+    assert beyond.parse_editor_spec("pipeline").name == "pipeline"
+    for bad in ("nope", "global-mix(gain800)", "global-mix(gain:1"):
+        with pytest.raises(ValueError):
+            beyond.parse_editor_spec(bad)
+    with pytest.raises(ValueError, match="unique"):
+        beyond.parse_editor_specs("a:global-mix a:blur-fill")
+
+
+def test_subset_is_round_robin_over_content():
+    manifest = pd.DataFrame(
+        {"name": list("abcdef"), "content": ["face"] * 3 + ["logo"] * 2 + ["watermark"]}
+    )
+    assert beyond.subset_names(manifest, 4) == ["a", "d", "f", "b"]
+    assert beyond.subset_names(manifest, 0) == list("abcdef")
+
+
+def test_batched_ssim_is_the_metrics_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 30, 27, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    m = torch.zeros(2, 1, 30, 27)
+    m[..., 3:20, 0:9] = 1
+    for i in range(2):
+        assert abs(float(beyond.ssim_batch(a, b)[i]) - ssim(a[i], b[i])) < 1e-9
+        assert abs(float(beyond.ssim_batch(a, b, m)[i]) - ssim(a[i], b[i], m[i, 0] > 0)) < 1e-9
+
+
+def test_stage_function_covers_every_part(folders):
+    d = folders
+    per_edit, protection = beyond.run(
+        d / "prepared", d / "protected", d / "editor" / "editor.json",
+        editors=SOURCES, transfer_editors=TRANSFER, subset=2, transforms=TRANSFORMS,
+        robust_scenarios=ROBUST, budget={"eps": 0.025, "steps": 2, "expand_kernel": 5},
+        progress=False,
+    )  # fmt: skip
+    n_scen, n_robust, n_methods = 6 + len(FAIR_SCENARIOS), 4, 4  # encoder is n/a here
+    own = per_edit[per_edit["source"] == per_edit["editor"]]
+    # Part 1: the pipeline's protected images, all 3, every scenario + robust ones transformed.
+    pipe = own[(own["source"] == "pipeline") & (own["method"] == "backdoor")]
+    assert pipe["name"].nunique() == 3
+    assert len(pipe) == 3 * (n_scen + 2 * n_robust)
+    # Part 2: every applicable method on the 2-image subset, for both sources.
+    for source in ("pipeline", "control"):
+        d2 = own[(own["source"] == source) & (own["method"] != "backdoor")]
+        assert set(d2["method"]) == {"backdoor_eot", "untargeted", "markpainting"}
+        assert len(d2) == 3 * 2 * (n_scen + 2 * n_robust)
+    na = protection[protection["status"].str.startswith("n/a")]
+    assert set(na["method"]) == {"encoder"} and set(na["source"]) == {"pipeline", "control"}
+    # Part 3: transfer to every other editor, untransformed.
+    cross = per_edit[per_edit["source"] != per_edit["editor"]]
+    assert set(zip(cross["source"], cross["editor"], strict=True)) == {
+        ("pipeline", "control"), ("pipeline", "lama-s1"),
+        ("control", "pipeline"), ("control", "lama-s1"),
+    }  # fmt: skip
+    assert set(cross["transform"]) == {"none"}
+    assert cross.groupby(["source", "editor"])["method"].nunique().eq(n_methods).all()
+    # Values in range; every method within ε.
+    for col in ("hit_fraction_clean", "hit_fraction_protected"):
+        assert per_edit[col].between(0, 1).all()
+    assert per_edit["ssim_region_vs_clean_edit"].between(-1, 1 + 1e-9).all()
+    ok = protection[protection["status"] == "ok"]
+    assert ok["linf_8bit"].max() <= 6.375 + 1e-4
+    # The crop shrinks the scenario masks with the image.
+    crop = pipe[pipe["transform"] == "crop:3"].set_index(["name", "scenario"])["edited_fraction"]
+    assert crop.notna().all()
+
+    tables = {
+        "fair": beyond.fair_mask_table(per_edit),
+        "robust": beyond.robustness_table(per_edit),
+        "eot": beyond.eot_table(per_edit, protection),
+        "base": beyond.baseline_table(per_edit, protection),
+        "transfer": beyond.transfer_table(per_edit),
+    }
+    assert set(tables["fair"]["scenario"]) == set(beyond.ALL_SCENARIOS)
+    assert set(tables["robust"]["transform"]) == {"none", "jpeg:75", "crop:3"}
+    assert set(tables["eot"]["method"]) == {"backdoor", "backdoor_eot"}
+    assert (tables["eot"]["n_images"] == 2).all()  # the same images for both
+    base = tables["base"]
+    assert (base[base["method"] == "encoder"]["status"].str.startswith("n/a")).all()
+    assert (base[base["status"] == "ok"]["n_images"] == 2).all()
+    md = beyond.markdown(per_edit, protection)
+    assert "not applicable" in md and "## Transfer" in md and "## EOT" in md
+    summary = beyond.summarize(per_edit, protection)
+    assert summary["n_edits"] == len(per_edit)
+    assert 0 <= summary["pipeline_backdoor_mask_hit_rate"] <= 1
+    assert "control_markpainting_seconds_per_image" in summary
+
+
+def run_notebook(notebook, cwd, **parameters):
+    out = cwd / f"{notebook}.out.ipynb"
+    pm.execute_notebook(
+        str(NOTEBOOKS / f"{notebook}.ipynb"),
+        str(out),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(cwd),
+        progress_bar=False,
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_beyond_notebook_on_a_tiny_setting(folders):
+    d = folders
+    run_notebook(
+        "07_beyond",
+        d,
+        prepared_dir="prepared",
+        protected_dir="protected",
+        editor_record="editor/editor.json",
+        reports_dir="reports",
+        editors=SOURCES,
+        transfer_editors=TRANSFER,
+        subset=2,
+        transforms=TRANSFORMS,
+        robust_scenarios=ROBUST,
+        steps=2,
+        expand_kernel=5,
+        device="cpu",
+    )
+    out = d / "reports" / "beyond"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_edits"] > 300 and metrics["stage_seconds"] > 0
+    assert 0 <= metrics["control_backdoor_mask_hit_rate"] <= 1
+    assert metrics["pipeline_backdoor_linf_8bit_max"] <= 6.375 + 1e-4
+    for name in (
+        "per_edit",
+        "protection",
+        "fair_masks",
+        "robustness",
+        "eot",
+        "baselines",
+        "transfer",
+    ):
+        assert len(pd.read_csv(out / f"{name}.csv")) > 0, name
+    md = (out / "results.md").read_text()
+    assert "| control | encoder | not applicable |" in md
+    for fig in ("fair_masks", "robustness", "baselines", "transfer"):
+        assert (d / "reports" / "figures" / "beyond" / f"{fig}.png").stat().st_size > 5_000, fig
+
+
+def test_dvc_stage_passes_every_notebook_parameter_from_params_yaml():
+    import re
+
+    import nbformat
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["beyond"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    nb = nbformat.read(NOTEBOOKS / "07_beyond.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    declared = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
+    # papermill's parser rejects a parameter line with more than one "=".
+    assert all(line.count("=") == 1 for line in cell.source.splitlines() if line.strip())
+    assert set(re.findall(r"-p (\w+) ", stage["cmd"])) == declared
+    used = re.findall(r"\$\{(\w+)\.(\w+)\}", stage["cmd"])
+    for section, key in used:
+        assert key in params[section], f"{section}.{key}"
+    assert set(params["beyond"]) == {k for s, k in used if s == "beyond"}
+    # String values with spaces or parentheses are quoted for the shell.
+    for key in ("editors", "transfer_editors", "methods", "transforms", "robust_scenarios"):
+        assert f'"${{beyond.{key}}}"' in stage["cmd"]
+    for spec in (params["beyond"]["editors"] + " " + params["beyond"]["transfer_editors"]).split():
+        beyond.parse_editor_spec(spec)
