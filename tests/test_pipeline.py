@@ -78,6 +78,7 @@ def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
     )
     assert lost.is_file() and kept.stat().st_mtime_ns == mtime
     assert again["settings"].nunique() == 1
+    assert sorted(again.columns) == sorted(first.columns)  # a resumed manifest keeps its shape
     # Other settings: nothing is reused.
     study.implant_folder(
         editor,

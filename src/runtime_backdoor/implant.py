@@ -65,8 +65,9 @@ def check_params(eps: float, steps: int, lr: float, init_high: float) -> None:
         raise ValueError(f"steps must be a whole number in [0, 100000], got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    if not 0 <= init_high <= eps:
-        raise ValueError(f"init_high must be in [0, eps={eps}], got {init_high}")
+    # δ₀ above ε is allowed: like the official code, δ is clipped to [-ε, ε] before every step.
+    if not 0 <= init_high <= 1:
+        raise ValueError(f"init_high must be in [0, 1], got {init_high}")
 
 
 def implant(

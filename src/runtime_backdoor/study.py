@@ -205,7 +205,8 @@ def implant_folder(
     done: dict[str, dict] = {}
     if (out_dir / "manifest.csv").is_file():
         old = pd.read_csv(out_dir / "manifest.csv")
-        for row in old.to_dict("records"):
+        own = [c for c in old.columns if c != "content" and not c.startswith("content_")]
+        for row in old[own].to_dict("records"):
             if row.get("settings") == tag and (out_dir / f"{row['name']}.png").is_file():
                 done[row["name"]] = row
     curves = []
