@@ -79,7 +79,17 @@ def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
     assert lost.is_file() and kept.stat().st_mtime_ns == mtime
     assert again["settings"].nunique() == 1
     assert sorted(again.columns) == sorted(first.columns)  # a resumed manifest keeps its shape
-    # Other settings: nothing is reused.
+    # Other weights or other settings: nothing is reused.
+    study.implant_folder(
+        GlobalMixEditor(gain=800, seed=1),
+        tmp_path / "prepared",
+        tmp_path / "protected",
+        batch_size=2,
+        progress=False,
+        **kwargs,
+    )
+    assert kept.stat().st_mtime_ns != mtime
+    mtime = kept.stat().st_mtime_ns
     study.implant_folder(
         editor,
         tmp_path / "prepared",

@@ -73,6 +73,22 @@ def settings_hash(settings: dict) -> str:
     ]
 
 
+def editor_fingerprint(editor: torch.nn.Module) -> str:
+    """Class and a hash of the weights: protections made against other weights are not reused."""
+    h = hashlib.sha256(type(editor).__qualname__.encode())
+    for name, t in sorted(editor.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _implant_source() -> str:
+    """A hash of the optimiser's source: a changed algorithm invalidates earlier outputs."""
+    from . import implant as module
+
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """H x W x 3 float array -> (1, 3, H, W) tensor."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
@@ -201,7 +217,9 @@ def implant_folder(
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = read_folder(prepared_dir)
-    tag = settings_hash({"editor": repr(editor.__class__), **implant_kwargs})
+    tag = settings_hash(
+        {"editor": editor_fingerprint(editor), "code": _implant_source(), **implant_kwargs}
+    )
     done: dict[str, dict] = {}
     if (out_dir / "manifest.csv").is_file():
         old = pd.read_csv(out_dir / "manifest.csv")
