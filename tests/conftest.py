@@ -15,3 +15,23 @@ torch.set_num_threads(1)
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def run_notebook():
+    """Run ``notebooks/NAME.ipynb`` under papermill in ``cwd`` with ``parameters``."""
+    from pathlib import Path
+
+    import papermill as pm
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+
+    def run(notebook: str, cwd, **parameters):
+        out = Path(cwd) / f"{notebook}.out.ipynb"
+        pm.execute_notebook(
+            str(notebooks / f"{notebook}.ipynb"), str(out), parameters=parameters,
+            kernel_name="python3", cwd=str(cwd), progress_bar=False,
+        )  # fmt: skip
+        return out
+
+    return run

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import papermill as pm
 import pytest
 import torch
 
@@ -135,21 +134,8 @@ def test_stage_function_covers_every_part(folders):
     assert "control_markpainting_seconds_per_image" in summary
 
 
-def run_notebook(notebook, cwd, **parameters):
-    out = cwd / f"{notebook}.out.ipynb"
-    pm.execute_notebook(
-        str(NOTEBOOKS / f"{notebook}.ipynb"),
-        str(out),
-        parameters=parameters,
-        kernel_name="python3",
-        cwd=str(cwd),
-        progress_bar=False,
-    )
-    return out
-
-
 @pytest.mark.slow
-def test_beyond_notebook_on_a_tiny_setting(folders):
+def test_beyond_notebook_on_a_tiny_setting(folders, run_notebook):
     d = folders
     run_notebook(
         "07_beyond",

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import papermill as pm
 import pytest
 import torch
 
@@ -21,7 +20,6 @@ from runtime_backdoor.data import make_sample, read_image
 from runtime_backdoor.editors.simple import GlobalMixEditor
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
 
 
 @pytest.fixture(scope="module")
@@ -130,21 +128,8 @@ def test_scenario_masks_relations():
     assert torch.all(s["incomplete"] <= s["expanded"])
 
 
-def run_notebook(notebook, tmp_path, **parameters):
-    out = tmp_path / f"{notebook}.out.ipynb"
-    pm.execute_notebook(
-        str(NOTEBOOKS / f"{notebook}.ipynb"),
-        str(out),
-        parameters=parameters,
-        kernel_name="python3",
-        cwd=str(tmp_path),
-        progress_bar=False,
-    )
-    return out
-
-
 @pytest.mark.slow
-def test_every_notebook_on_a_tiny_setting(raw, tmp_path):
+def test_every_notebook_on_a_tiny_setting(raw, tmp_path, run_notebook):
     d = tmp_path
     run_notebook("01_prepare", d, raw_dir=str(raw), out_dir="prepared", size=64, limit=2)
     assert json.loads((d / "prepared/summary.json").read_text()) == {"n_images": 2, "size": 64}
@@ -264,3 +249,22 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
     assert len(per_edit) == 12
     assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * 2 * 2  # ε x editors x images
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_source_notebooks_are_thin_and_parameterised(path):
+    """Committed without outputs; one `parameters` cell of literals papermill can parse."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for line in tagged[0].source.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, rest = line.partition(" = ")
+            assert name.isidentifier(), line
+            # papermill cannot parse a parameter line with '=' in its comment
+            assert "=" not in rest, line
+    assert nb.metadata["kernelspec"]["name"] == "python3"

@@ -23,15 +23,10 @@ backdoor optimised with expectation over transformations (``backdoor_eot``).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
-from tqdm.auto import tqdm
 
-from .editors.base import check_image_mask
-from .implant import ImplantResult, check_params, implant, masked_mse, quantize_within
-from .masks import PAPER_EXPAND_KERNEL, check_mask, expand
+from .implant import ImplantResult, check_inputs, implant, masked_mse, optimise
+from .masks import PAPER_EXPAND_KERNEL, expand
 from .targets import make_target
 
 METHODS = ("backdoor", "backdoor_eot", "untargeted", "encoder", "markpainting")
@@ -39,63 +34,6 @@ METHODS = ("backdoor", "backdoor_eot", "untargeted", "encoder", "markpainting")
 
 class NotApplicable(ValueError):
     """The method does not apply to this editor (e.g. the encoder attack without a VAE)."""
-
-
-LossFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
-
-
-def _check(image: torch.Tensor, mask: torch.Tensor, eps, steps, lr, init_high) -> None:
-    check_image_mask(image, mask)
-    check_mask(mask)
-    check_params(eps, steps, lr, init_high)
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError("image must hold values in [0, 1]")
-
-
-def optimise(
-    image: torch.Tensor,
-    loss_fn: LossFn,
-    *,
-    eps: float,
-    steps: int,
-    lr: float,
-    betas: tuple[float, float],
-    adam_eps: float,
-    init_high: float,
-    seed: int,
-    progress: bool,
-    desc: str,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-    """The backdoor's optimiser for any objective: returns (protected, losses, seconds).
-
-    ``loss_fn(x_adv, step)`` returns per-image terms (B,), among them ``total``
-    (minimised). The steps are those of :func:`runtime_backdoor.implant.implant`.
-    """
-    x = image.detach()
-    gen = torch.Generator().manual_seed(seed)
-    init = torch.rand(x.shape, generator=gen, dtype=torch.float64) * init_high
-    delta = init.to(x.device, x.dtype).requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=adam_eps)
-    history: dict[str, list[torch.Tensor]] = {}
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-        with torch.no_grad():
-            delta.clamp_(-eps, eps)
-        x_adv = x + delta
-        x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
-        terms = loss_fn(x_adv, step)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].sum().backward()
-        opt.step()
-        for k, v in terms.items():
-            history.setdefault(k, []).append(v.detach())
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
-    losses = {k: torch.stack(v) for k, v in history.items()}
-    return protected, losses, seconds
 
 
 def untargeted(
@@ -120,7 +58,7 @@ def untargeted(
     editor passes per step (the backdoor uses three). ``target`` is only recorded
     in the result, so that target-hit rates can be compared with the other methods.
     """
-    _check(image, mask, eps, steps, lr, init_high)
+    check_inputs(image, mask, eps, steps, lr, init_high)
     x, m = image.detach(), mask.detach().to(image.dtype)
     big = expand(m, expand_kernel)
     b = x.shape[0]
@@ -174,7 +112,7 @@ def encoder_attack(
             f"the encoder attack needs a latent-diffusion editor (DiffusionInpaintEditor), "
             f"got {type(editor).__name__}"
         )
-    _check(image, mask, eps, steps, lr, init_high)
+    check_inputs(image, mask, eps, steps, lr, init_high)
     x, m = image.detach(), mask.detach().to(image.dtype)
     big = expand(m, expand_kernel)
     b = x.shape[0]
@@ -241,7 +179,7 @@ def markpainting(
     anywhere). Three editor passes per step and the backdoor's weights, so it costs
     what the backdoor costs.
     """
-    _check(image, mask, eps, steps, lr, init_high)
+    check_inputs(image, mask, eps, steps, lr, init_high)
     x, m = image.detach(), mask.detach().to(image.dtype)
     big = expand(m, expand_kernel)
     phi = make_target(x, target)
@@ -308,7 +246,6 @@ __all__ = [
     "NotApplicable",
     "encoder_attack",
     "markpainting",
-    "optimise",
     "protect",
     "random_boxes",
     "untargeted",

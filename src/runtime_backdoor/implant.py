@@ -17,6 +17,7 @@ optimised independently (Adam is element-wise and the losses are summed).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -70,6 +71,70 @@ def check_params(eps: float, steps: int, lr: float, init_high: float) -> None:
         raise ValueError(f"init_high must be in [0, 1], got {init_high}")
 
 
+LossFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
+
+
+def check_inputs(image: torch.Tensor, mask: torch.Tensor, eps, steps, lr, init_high) -> None:
+    """Shared validation of the optimisers' inputs (clear errors naming the parameter)."""
+    check_image_mask(image, mask)
+    check_mask(mask)
+    check_params(eps, steps, lr, init_high)
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError("image must hold values in [0, 1]")
+
+
+def optimise(
+    image: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    betas: tuple[float, float] = (0.5, 0.5),
+    adam_eps: float = 1e-10,
+    init_high: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "implant",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """The official optimisation of δ for any objective: returns (protected, losses, seconds).
+
+    ``loss_fn(x_adv, step)`` returns per-image terms (B,) including ``total``, which is
+    minimised; a ``loss_fn`` that back-propagates by itself returns ``total`` detached.
+    δ₀ ~ U[0, init_high) drawn on the CPU (same start on every device); δ is clipped to
+    [-ε, ε] before every Adam step; the [0, 1] clip is passed straight through; the
+    result is quantised to 8 bits within ε of ``image``.
+    """
+    x = image.detach()
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.rand(x.shape, generator=gen, dtype=torch.float64) * init_high
+    delta = init.to(x.device, x.dtype).requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=adam_eps)
+    history: dict[str, list[torch.Tensor]] = {}
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        with torch.no_grad():
+            delta.clamp_(-eps, eps)
+        opt.zero_grad(set_to_none=True)
+        x_adv = x + delta
+        # Straight-through clip: forward sees [0, 1], backward sees the identity.
+        x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+        terms = loss_fn(x_adv, step)
+        if terms["total"].requires_grad:
+            terms["total"].sum().backward()
+        opt.step()
+        for k, v in terms.items():
+            history.setdefault(k, []).append(v.detach())
+        bar.set_postfix(loss=f"{float(terms['total'].detach().mean()):.4f}")
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
+    return protected, {k: torch.stack(v) for k, v in history.items()}, seconds
+
+
 def implant(
     editor: torch.nn.Module,
     image: torch.Tensor,
@@ -99,13 +164,9 @@ def implant(
     compiled editor (``torch.compile(editor)``) can be passed as it is.
     Returns an :class:`ImplantResult`.
     """
-    check_image_mask(image, mask)
-    check_mask(mask)
-    check_params(eps, steps, lr, init_high)
+    check_inputs(image, mask, eps, steps, lr, init_high)
     if len(weights) != 3 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be three non-negative numbers, got {weights}")
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError("image must hold values in [0, 1]")
 
     x = image.detach()
     m = mask.detach().to(x.dtype)
@@ -113,70 +174,43 @@ def implant(
     band = ring(m, expand_kernel)
     phi = make_target(x, target)
     b = x.shape[0]
-
-    # The clean ring reference IM(x, R) is constant: compute it once.
-    with (
-        torch.no_grad(),
-        torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-    ):
-        clean_ring = editor(x, band).float()
-
-    # Draw δ₀ on the CPU so the same seed gives the same start on every device.
-    gen = torch.Generator().manual_seed(seed)
-    init = torch.rand(x.shape, generator=gen, dtype=torch.float64) * init_high
-    delta = init.to(x.device, x.dtype).requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=lr, betas=betas, eps=adam_eps)
-
-    history = {k: [] for k in LOSS_TERMS}
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="implant", disable=not progress, leave=False)
     autocast = partial(
         torch.autocast, x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
     )
 
-    def perturbed() -> torch.Tensor:
-        x_adv = x + delta
-        # Straight-through clip: forward sees [0, 1], backward sees the identity.
-        return x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+    # The clean ring reference IM(x, R) is constant: compute it once.
+    with torch.no_grad(), autocast():
+        clean_ring = editor(x, band).float()
 
-    for _ in bar:
-        with torch.no_grad():
-            delta.clamp_(-eps, eps)
-        opt.zero_grad(set_to_none=True)
+    def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         if batch_passes:
             with autocast():
-                out = editor(torch.cat([perturbed()] * 3), torch.cat([m, big, band])).float()
+                out = editor(torch.cat([x_adv] * 3), torch.cat([m, big, band])).float()
             out_m, out_e, out_r = out.split(b)
             terms = {
                 "implant": masked_mse(out_m, phi, m),
                 "incomplete": masked_mse(out_e, phi, big),
                 "hide": masked_mse(out_r, clean_ring, band),
             }
-            terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
-            terms["total"].sum().backward()
         else:
-            # One pass at a time, back-propagated at once: only one graph is alive.
+            # One pass at a time, back-propagated at once: only one editor graph is alive.
             terms = {}
             passes = zip(weights, TERMS, (m, big, band), (phi, phi, clean_ring), strict=True)
             for w, k, region, reference in passes:
                 with autocast():
-                    out = editor(perturbed(), region).float()
-                terms[k] = masked_mse(out, reference, region)
-                (w * terms[k]).sum().backward()
-            terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
-        opt.step()
-        for k, v in terms.items():
-            history[k].append(v.detach())
-        bar.set_postfix(loss=f"{float(terms['total'].detach().mean()):.4f}")
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-    seconds = time.perf_counter() - start
+                    out = editor(x_adv, region).float()
+                term = masked_mse(out, reference, region)
+                (w * term).sum().backward(retain_graph=True)
+                terms[k] = term.detach()
+        terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
+        return terms
 
-    with torch.no_grad():
-        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
-    losses = {
-        k: torch.stack(v) if v else torch.zeros(0, b, device=x.device) for k, v in history.items()
-    }
+    protected, losses, seconds = optimise(
+        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
+        init_high=init_high, seed=seed, progress=progress, desc="implant",
+    )  # fmt: skip
+    for k in LOSS_TERMS:
+        losses.setdefault(k, torch.zeros(0, b, device=x.device))
     return ImplantResult(protected, protected - x, phi, losses, seconds)
 
 
