@@ -284,7 +284,10 @@ def _build_from_file(model_name: str, path: Path, quick_gelu: bool):
     import open_clip
 
     if not path.is_file():
-        raise ClipUnavailable(f"weights file not found: {path}; {_place_hint(model_name)}")
+        raise ClipUnavailable(
+            f"weights file not found: {path}; save the open_clip weights of {model_name} there "
+            f"(the file '{_CLIP_FILENAMES[0]}' of huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K)"
+        )
     if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
         raise ClipUnavailable(f"{path}: expected a .safetensors, .bin, .pt or .pth state dict")
     try:
