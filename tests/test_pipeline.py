@@ -248,7 +248,7 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     assert "up to date" in dvc("status").lower()
     per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
     assert len(per_edit) == 12
-    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * 2 * 2  # ε x editors x images
+    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * 3 * 2  # ε x editors x images
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)

@@ -176,8 +176,11 @@ def results_table(summary: dict) -> str:
 def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
     """Hit rate, benign ring PSNR and protection PSNR against ε, one line per editor."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    order = sorted(sweep["editor"].unique())  # the same colour for an editor in every panel
     hits = sweep.groupby(["editor", "eps_8bit"], as_index=False)["hit"].mean()
-    sns.lineplot(data=hits, x="eps_8bit", y="hit", hue="editor", marker="o", ax=axes[0])
+    sns.lineplot(
+        data=hits, x="eps_8bit", y="hit", hue="editor", hue_order=order, marker="o", ax=axes[0]
+    )
     axes[0].set_ylabel("share of images hit (malicious: m)")
     axes[0].set_ylim(-0.02, 1.02)
     finite = sweep.replace(np.inf, 100.0)
@@ -186,6 +189,7 @@ def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
         x="eps_8bit",
         y="ring_psnr",
         hue="editor",
+        hue_order=order,
         marker="o",
         ax=axes[1],
         errorbar=("pi", 50),
@@ -197,6 +201,7 @@ def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
         x="eps_8bit",
         y="protection_psnr",
         hue="editor",
+        hue_order=order,
         marker="o",
         ax=axes[2],
         errorbar=("pi", 50),
