@@ -1,4 +1,5 @@
 import hashlib
+import os
 import struct
 import zlib
 
@@ -314,3 +315,12 @@ def test_write_png_values_and_validation(tmp_path):
     with pytest.raises(ValueError, match=".png"):
         data.write_png(tmp_path / "x.jpg", x)
     assert not (tmp_path / "r.png").exists()
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = data.write_png(tmp_path / "x.png", np.zeros((4, 4, 3)))
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -293,6 +293,19 @@ def _to_uint8(array, path: Path) -> np.ndarray:
     raise ValueError(f"{path}: unsupported dtype {a.dtype} (use float in [0, 1], uint8 or bool)")
 
 
+def temp_file_for(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A temporary file next to ``path`` for an atomic write, with the usual permissions.
+
+    ``mkstemp`` creates files readable by the owner only; outputs should follow the umask
+    like any other file, so the mode is reset before the rename publishes the file.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_png(path: str | os.PathLike, array, overwrite: bool = False) -> Path:
     """Write an 8-bit PNG atomically (temporary file in the same folder, then rename).
 
@@ -307,7 +320,7 @@ def write_png(path: str | os.PathLike, array, overwrite: bool = False) -> Path:
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(a).save(f, format="PNG")
@@ -334,7 +347,7 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             df.to_csv(f, index=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,14 +13,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .data import read_image, read_mask  # noqa: E402
+from .data import read_image, read_mask, temp_file_for  # noqa: E402
 from .study import BENIGN, MALICIOUS, SCENARIOS  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, tmp = temp_file_for(path, suffix=path.suffix)
     os.close(fd)
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)

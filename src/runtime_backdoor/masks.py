@@ -90,7 +90,9 @@ def box_elsewhere(
     b, _, h, w = mask.shape
     blocked = expand(expand(mask, kernel), 2 * margin + 1)
     big = min(h, w) // 2 * 2 + 1
-    crowd = F.avg_pool2d(expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False)
+    crowd = F.avg_pool2d(
+        expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False
+    )
     out = torch.zeros_like(mask)
     for i in range(b):
         side = max(min_side, round(size * min(h, w)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import masks as M
-from .data import list_pairs, read_image, read_mask, read_pair, write_png
+from .data import list_pairs, read_image, read_mask, read_pair, temp_file_for, write_png
 from .editors import EDITORS, build_editor
 from .implant import implant
 
@@ -48,7 +47,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=float)
         f.write("\n")
@@ -59,7 +58,7 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_for(path)
     with os.fdopen(fd, "w", newline="") as f:
         df.to_csv(f, index=False)
     os.replace(tmp, path)
