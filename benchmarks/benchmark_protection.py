@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from runtime_backdoor.editors.diffusion import SD_NOISE_SCHEDULE, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
 
@@ -58,28 +60,6 @@ PHOTOGUARD_REPS = 10  #: gradient repetitions per iteration, each a full chain p
 PHOTOGUARD_EPS = 16 / 255  #: only sets the projection; cost does not depend on it
 PHOTOGUARD_STEP = 1 / 255
 
-#: an 8x-downsampling SD-inpainting stack small enough for CPU (as in tests/test_diffusion.py)
-SD_TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=8,
-    in_channels=9,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=(2, 4),
-    norm_num_groups=8,
-)
-SD_TINY_VAE = dict(
-    block_out_channels=(8, 8, 16, 16),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=64,
-)
 #: stable-diffusion-v1-5/stable-diffusion-inpainting, unet/config.json and vae/config.json
 SD15_UNET = dict(
     sample_size=64,
@@ -114,16 +94,9 @@ SD15_VAE = dict(
     scaling_factor=0.18215,
 )
 #: SD-1.5's noise schedule on a DDIM sampler
-SD_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-    clip_sample=False,
-    set_alpha_to_one=False,
-)
+SD_SCHEDULE = dict(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE)
 SD_STACKS = {
-    "sd-tiny": (SD_TINY_UNET, SD_TINY_VAE),
+    "sd-tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
     "sd15": (SD15_UNET, SD15_VAE),
 }
 EDITOR_KINDS = ("mini", "big-lama", "sd-tiny", "sd15")
@@ -143,6 +116,8 @@ class Case:
     batch_passes: bool = True
     checkpointing: bool = False  #: SD editors only
     channels_last: bool = False
+    fast: bool = True  #: LaMa editors: BatchNorm folded (+ channels-last on CPU), the default
+    images: int = 1  #: images per implant call; times are per image
     bf16: bool = False  #: bf16 autocast, CUDA only
     compile: bool = False  #: torch.compile of the editor, CUDA only
     photoguard: bool = False  #: the PhotoGuard-style baseline instead of our schedule
@@ -155,6 +130,8 @@ class Case:
 
     def switches(self) -> str:
         on = [
+            "unfolded" if not self.fast else "",
+            f"{self.images} images per call" if self.images > 1 else "",
             "separate passes" if not self.batch_passes else "",
             "checkpointing" if self.checkpointing else "",
             "channels-last" if self.channels_last else "",
@@ -179,6 +156,7 @@ def _cases() -> list[Case]:
     cases += [
         mini32,
         variant(mini32, "-separate", smoke, batch_passes=False),
+        variant(mini32, "-unfolded", smoke, fast=False),
         tiny32,
         replace(
             tiny32, name="smoke-photoguard-sd-tiny-32-s1", photoguard=True, compare_to=tiny32.name
@@ -187,15 +165,21 @@ def _cases() -> list[Case]:
     # the embedded miniature (the training recipe's generator)
     for size in (128, 256):
         base = Case(f"mini-{size}", "mini", size, groups=cpu_gpu)
-        cases += [base, variant(base, "-separate", cpu, batch_passes=False)]
+        cases += [
+            base,
+            variant(base, "-unfolded", cpu, fast=False),
+            variant(base, "-separate", cpu, batch_passes=False),
+        ]
         if size == 128:
-            cases.append(variant(base, "-channels-last", cpu, channels_last=True))
+            # the pipeline's implant stage protects 6 images per call
+            cases.append(variant(base, "-x6", cpu, images=6))
     # the Big-LaMa architecture
     cases.append(Case("big-lama-256", "big-lama", 256, groups=cpu_gpu))
     big = Case("big-lama-512", "big-lama", 512, groups=cpu_gpu)
     big_bf16 = variant(big, "-bf16", gpu, bf16=True)
     cases += [
         big,
+        variant(big, "-unfolded", gpu, fast=False),
         variant(big, "-separate", gpu, batch_passes=False),
         variant(big, "-channels-last", gpu, channels_last=True),
         big_bf16,
@@ -299,10 +283,11 @@ def build_editor(case: Case, device: torch.device) -> torch.nn.Module:
 
     if case.editor in ("mini", "big-lama"):
         config = DEFAULT_RECIPE.config() if case.editor == "mini" else PRESETS["big-lama"]
-        if device.type == "meta":
+        if device.type == "meta":  # FLOPs and memory estimates: the official layout
             with torch.device("meta"):
-                return LamaEditor(FFCResNetGenerator(config))
-        return load_lama(None, preset=config, seed=0, device=device)
+                return LamaEditor(FFCResNetGenerator(config), fast=False)
+        editor = load_lama(None, preset=config, seed=0, device=device)
+        return editor if case.fast else LamaEditor(editor.generator, fast=False)
     if case.editor in SD_STACKS:
         from runtime_backdoor.editors.diffusion import DiffusionInpaintEditor
 
@@ -450,11 +435,12 @@ def _saved_bytes(
     editor = build_editor(case, torch.device("meta"))
     state = {id(t) for t in (*editor.parameters(), *editor.buffers())}
     weights = sum(t.numel() * t.element_size() for t in editor.parameters())
-    saved: dict[int, int] = {}
+    saved: dict[int, tuple[torch.Tensor, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in state:  # a tensor saved twice is stored once
-            saved[id(t)] = t.numel() * t.element_size()
+        # a tensor saved twice is stored once; holding it keeps its id from being reused
+        if id(t) not in state:
+            saved[id(t)] = (t, t.numel() * t.element_size())
         return t
 
     x = torch.empty(batch, 3, size, size, device="meta", requires_grad=True)
@@ -466,7 +452,7 @@ def _saved_bytes(
             editor(x, m)
     finally:
         F.scaled_dot_product_attention = original
-    return weights, sum(saved.values())
+    return weights, sum(n for _, n in saved.values())
 
 
 def floor_seconds(flops: float, flops_per_second: float) -> float:
@@ -782,7 +768,7 @@ def run_case(
     editor = None
     try:
         editor = build_editor(case, device)
-        image, mask, kernel = make_inputs(case.size, 1, device)
+        image, mask, kernel = make_inputs(case.size, case.images, device)
         if case.channels_last:
             editor = editor.to(memory_format=torch.channels_last)
             image = image.contiguous(memory_format=torch.channels_last)
@@ -816,7 +802,9 @@ def run_case(
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    per_image = [extrapolate(t, s, k, passes) for t, s in zip(totals, loops, strict=True)]
+    per_image = [
+        extrapolate(t, s, k, passes) / case.images for t, s in zip(totals, loops, strict=True)
+    ]
     row.seconds_per_image_runs = per_image
     row.seconds_per_image = statistics.median(per_image)
     row.iterations_measured = k
@@ -964,8 +952,13 @@ def run(
     out: str | Path | None = None,
     threads: int | None = None,
     echo: Callable[[str], None] = print,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Run the selected cases, write the JSON report to ``out`` and return it."""
+    """Run the selected cases, write the JSON report to ``out`` and return it.
+
+    ``deadline``: seconds after which no further case starts (they are reported as
+    skipped), so that a time-limited GPU call ends with its JSON written.
+    """
     budget = budget or Budget()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1000,7 +993,8 @@ def run(
         },
         "guidance_scale": GUIDANCE,
         "weights": "random",
-        "image": "1 image per run, centred box mask of a quarter of the area",
+        "image": "centred box mask of a quarter of the area; 1 image per call unless the row says",
+        "deadline_seconds": deadline,
     }
     rows: list[Row] = []
 
@@ -1021,7 +1015,11 @@ def run(
     out.parent.mkdir(parents=True, exist_ok=True)
     result = report()
     for case in selected:
-        row = run_case(case, dev, throughput, budget)
+        if deadline is not None and time.perf_counter() - started > deadline:
+            row = Row(case.name, case.editor, case.size, case.sampler_steps, case.switches(), "")
+            row.status, row.note = "skipped: out of time", f"--deadline-seconds {deadline:g}"
+        else:
+            row = run_case(case, dev, throughput, budget)
         echo(
             f"  {case.name}: {row.status}"
             + (f", {row.seconds_per_image:.3g} s/image" if row.seconds_per_image else "")
@@ -1062,6 +1060,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--deadline-seconds",
+        type=float,
+        default=None,
+        help="start no case after this many seconds (the rest are reported as skipped)",
+    )
+    parser.add_argument(
         "--out", default=None, help="JSON path (default reports/benchmarks/DEVICE.json)"
     )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -1071,7 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{c.name:36s} {','.join(c.groups):14s} {c.switches()}")
         return
     budget = Budget(args.repeats, args.max_seconds_per_case, args.max_iterations)
-    run(args.cases, args.device, budget, args.out, args.threads)
+    run(args.cases, args.device, budget, args.out, args.threads, deadline=args.deadline_seconds)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,22 @@ def test_checkpointing_estimate_keeps_less_but_recomputes_a_step(bench):
     assert 0 < ckpt.activation_bytes < plain.activation_bytes
 
 
+def test_counts_do_not_depend_on_which_cases_ran_before(bench):
+    plain, ckpt = bench.CASES["sd-tiny-64-s4"], bench.CASES["sd-tiny-64-s4-ckpt"]
+
+    def fresh(fn, case):
+        bench._count_flops.cache_clear()
+        bench._saved_bytes.cache_clear()
+        return fn(case)
+
+    first = fresh(bench.count_flops, plain), fresh(bench.estimate_memory, plain)
+    fresh(bench.count_flops, ckpt)  # builds an editor with checkpointing on shared parts
+    fresh(bench.estimate_memory, ckpt)
+    again = fresh(bench.count_flops, plain), fresh(bench.estimate_memory, plain)
+    assert again == first
+    assert fresh(bench.count_flops, ckpt).pass_flops > first[0].pass_flops  # recomputation
+
+
 def test_case_selection(bench):
     smoke = bench.select_cases(["smoke"], "cpu")
     assert [c.name for c in smoke][:2] == ["smoke-mini-32", "smoke-mini-32-separate"]
@@ -119,3 +135,14 @@ def test_smoke_run_writes_the_report(bench, tmp_path):
     assert rows["smoke-mini-32-separate"]["switches"] == "separate passes"
     whats = {c["what"] for c in report["comparisons"]}
     assert {"separate passes", "PhotoGuard-style / ours"} <= whats
+    assert rows["smoke-mini-32-unfolded"]["switches"] == "unfolded"
+    assert "unfolded" in whats
+
+
+def test_deadline_skips_the_remaining_cases_and_still_writes_the_report(bench, tmp_path):
+    out = tmp_path / "late.json"
+    bench.run(["smoke-mini-32*"], device="cpu", out=out, echo=lambda _: None, deadline=0.0)
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["settings"]["deadline_seconds"] == 0.0
+    assert {r["status"] for r in report["rows"]} == {"skipped: out of time"}
+    assert len(report["rows"]) == 3

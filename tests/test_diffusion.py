@@ -26,38 +26,24 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from runtime_backdoor.editors.diffusion import (  # noqa: E402
+    SD_NOISE_SCHEDULE,
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
     DiffusionInpaintEditor,
     encode_prompt,
     load_sd_inpainting,
 )
 
-SD_SCHEDULER = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
 SCHEDULERS = {
-    "ddim": DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD_SCHEDULER),
-    "dpm": DPMSolverMultistepScheduler(**SD_SCHEDULER),
-    "euler": EulerDiscreteScheduler(**SD_SCHEDULER),
+    "ddim": DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE),
+    "dpm": DPMSolverMultistepScheduler(**SD_NOISE_SCHEDULE),
+    "euler": EulerDiscreteScheduler(**SD_NOISE_SCHEDULE),
 }
 
 
 def tiny_unet(in_channels: int = 9) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        norm_num_groups=8,
-    )
+    return UNet2DConditionModel(**{**TINY_UNET_CONFIG, "in_channels": in_channels})
 
 
 def tiny_vae() -> AutoencoderKL:
@@ -67,15 +53,7 @@ def tiny_vae() -> AutoencoderKL:
     near-zero spread (std = exp(-15)) makes the two agree.
     """
     torch.manual_seed(1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
     with torch.no_grad():
         vae.quant_conv.weight[4:] = 0
         vae.quant_conv.bias[4:] = -60.0  # log-variance, clamped to -30 by diffusers
@@ -229,6 +207,16 @@ def test_gradient_checkpointing_gives_the_same_gradient(editor64):
     editor64.gradient_checkpointing = False
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_vae_checkpointing_follows_each_editor_built_on_shared_components(parts):
+    def vae_checkpointing() -> bool:
+        return parts["vae"].encoder.gradient_checkpointing
+
+    make_editor(parts, gradient_checkpointing=True)
+    assert vae_checkpointing()
+    make_editor(parts)  # same UNet and VAE objects: the earlier setting must not leak
+    assert not vae_checkpointing()
 
 
 def test_save_pretrained_folder_loads_offline(parts, tmp_path, monkeypatch):

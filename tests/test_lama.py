@@ -16,6 +16,7 @@ from runtime_backdoor.editors.lama import (
     FFCResNetGenerator,
     LamaEditor,
     convert_lama_weights,
+    fold_batchnorm,
     init_weights_,
     load_lama,
     read_lama_weights,
@@ -100,7 +101,8 @@ def test_init_weights_depends_only_on_seed():
 def test_editor_output_shape_range_and_known_pixels(mini):
     image, mask = image_and_mask(37, 45)  # not multiples of 8
     calls = []
-    handle = mini.generator.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    runs = mini.inference_generator(image.device)  # the module predict runs
+    handle = runs.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
     try:
         with torch.no_grad():
             out = mini(image, mask)
@@ -149,6 +151,49 @@ def test_dtype_argument():
         got = bf16(image.bfloat16(), mask.bfloat16())
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["mini", "lama-fourier"])
+def test_folded_batchnorm_computes_the_same_function(preset):
+    generator = init_weights_(FFCResNetGenerator(PRESETS[preset]).eval(), seed=0)
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    folded = fold_batchnorm(generator)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in generator.modules())
+    assert n_bn == (30 if preset == "mini" else 80)  # the original keeps its layout
+    assert all(torch.equal(v, before[k]) for k, v in generator.state_dict().items())
+    x1 = reference_input().requires_grad_(True)
+    x2 = reference_input().requires_grad_(True)
+    y1, y2 = generator(x1), folded(x2)
+    weight = torch.randn(y1.shape, generator=torch.Generator().manual_seed(0))
+    (y1 * weight).sum().backward()
+    (y2 * weight).sum().backward()
+    # the comparison can fail: the same weights without BatchNorm compute something else
+    stripped = FFCResNetGenerator(PRESETS[preset]).eval()
+    stripped.load_state_dict(generator.state_dict())
+    for module in list(stripped.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, name, torch.nn.Identity())
+    with torch.no_grad():
+        assert (stripped(reference_input()) - y1).abs().max() > 1e-2
+    torch.testing.assert_close(y2, y1, atol=2e-6, rtol=0)
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5 * x1.grad.abs().max().item(), rtol=0)
+
+
+def test_fast_editor_follows_weight_changes_and_gradient_mode():
+    image, mask = image_and_mask()
+    editor = load_lama(None, preset="mini", seed=0)
+    slow = LamaEditor(editor.generator, fast=False)  # same weights, official module
+    with torch.no_grad():
+        torch.testing.assert_close(editor(image, mask), slow(image, mask), atol=2e-6, rtol=0)
+        other = init_weights_(FFCResNetGenerator(PRESETS["mini"]), seed=5).state_dict()
+        editor.generator.load_state_dict(other)  # in place: the folded copy must be rebuilt
+        torch.testing.assert_close(editor(image, mask), slow(image, mask), atol=2e-6, rtol=0)
+    assert editor.inference_generator(image.device) is not editor.generator
+    assert slow.inference_generator(image.device) is slow.generator
+    editor.generator.requires_grad_(True)  # training through the editor: no frozen copy
+    assert editor.inference_generator(image.device) is editor.generator
 
 
 # ---------------------------------------------------------------- weight files

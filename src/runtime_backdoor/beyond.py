@@ -119,24 +119,17 @@ def tiny_sd_editor(seed: int = 0, steps: int = 2, size: int = 64):
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from .editors.diffusion import DiffusionInpaintEditor
+    from .editors.diffusion import (
+        SD_NOISE_SCHEDULE,
+        TINY_UNET_CONFIG,
+        TINY_VAE_CONFIG,
+        DiffusionInpaintEditor,
+    )
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=size // 8, in_channels=9,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=(2, 4), norm_num_groups=8,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16), down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=1,
-        norm_num_groups=8, sample_size=size,
-    )  # fmt: skip
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        clip_sample=False, set_alpha_to_one=False,
-    )  # fmt: skip
+    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "sample_size": size // 8})
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": size})
+    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE)
     embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(seed))
     return DiffusionInpaintEditor.from_components(
         unet, vae, scheduler, embeds, steps=steps, guidance_scale=1.0, seed=seed

@@ -59,6 +59,35 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
 }
 
+#: SD 1.x's noise schedule (its scheduler_config.json), for schedulers built without a download
+SD_NOISE_SCHEDULE = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+)
+#: a randomly initialised SD-inpainting stack small enough for CPU tests and benchmarks: the
+#: same family as SD 1.x inpainting (9-channel UNet with cross-attention, 8x VAE); set
+#: ``sample_size`` to the latent side (UNet) and the image side (VAE)
+TINY_UNET_CONFIG = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=8,
+    in_channels=9,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+)
+TINY_VAE_CONFIG = dict(
+    block_out_channels=(8, 8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+
 _SDXL_MESSAGE = (
     "SDXL inpainting (e.g. diffusers/stable-diffusion-xl-1.0-inpainting-0.1) is not "
     "supported: it needs two text encoders, pooled text embeddings and size/crop "
@@ -117,9 +146,11 @@ class DiffusionInpaintEditor(Editor):
         self.guidance_scale = float(guidance_scale)
         self.seed = int(seed)
         self.gradient_checkpointing = bool(gradient_checkpointing)
-        if self.gradient_checkpointing and hasattr(self.vae, "enable_gradient_checkpointing"):
-            # Without it the VAE's activations dominate the memory of a checkpointed chain.
-            self.vae.enable_gradient_checkpointing()
+        # Without it the VAE's activations dominate the memory of a checkpointed chain. Set
+        # both ways: components shared with an earlier editor may carry its setting.
+        switch = "enable" if self.gradient_checkpointing else "disable"
+        if hasattr(self.vae, f"{switch}_gradient_checkpointing"):
+            getattr(self.vae, f"{switch}_gradient_checkpointing")()
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor
         dtype, device = unet.dtype, unet.device

@@ -281,6 +281,75 @@ def init_weights_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+# --------------------------------------------------------------------------- inference form
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen BatchNorm as ``scale * x + shift`` per channel (float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def _scale_into(
+    conv: nn.Conv2d | nn.ConvTranspose2d, scale: torch.Tensor, shift: torch.Tensor | None = None
+) -> None:
+    """Multiply ``conv``'s output channels by ``scale`` and add ``shift`` to its bias, in place."""
+    w = conv.weight
+    per_out = (1, -1, 1, 1) if isinstance(conv, nn.ConvTranspose2d) else (-1, 1, 1, 1)
+    conv.weight = nn.Parameter((w.double() * scale.view(per_out)).to(w.dtype), False)
+    if shift is not None:
+        bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+        conv.bias = nn.Parameter(bias.to(w.dtype), False)
+    elif conv.bias is not None:
+        conv.bias = nn.Parameter((conv.bias.double() * scale).to(w.dtype), False)
+
+
+@torch.no_grad()
+def fold_batchnorm(generator: FFCResNetGenerator) -> FFCResNetGenerator:
+    """A frozen copy of ``generator`` with every BatchNorm folded into the linear layer before it.
+
+    Frozen BatchNorm is an affine map per channel, and LaMa applies it right after
+    linear paths (a convolution, a sum of two, a transposed convolution): scaling
+    their weights and adding a bias computes the same function (float32 differences
+    ~1e-7) with two fewer passes over each activation, forward and backward. The copy
+    has no BatchNorm keys, so it is for inference only; ``generator`` is not changed.
+    """
+    import copy
+
+    folded = copy.deepcopy(generator).eval().requires_grad_(False)
+    for module in list(folded.modules()):
+        for name, value in vars(module).items():  # hooks belong to the original modules
+            if "hooks" in name and isinstance(value, dict):
+                value.clear()
+        if isinstance(module, FourierUnit):
+            _scale_into(module.conv_layer, *_bn_affine(module.bn))
+            module.bn = nn.Identity()
+        elif isinstance(module, SpectralTransform):
+            _scale_into(module.conv1[0], *_bn_affine(module.conv1[1]))
+            module.conv1[1] = nn.Identity()
+        elif isinstance(module, FFCBlock):
+            ffc = module.ffc
+            # the global branch's last linear layer is the spectral transform's 1x1 expand
+            g2g = None if ffc.convg2g is None else ffc.convg2g.conv2
+            for bn_name, paths in (
+                ("bn_l", (ffc.convl2l, ffc.convg2l)),
+                ("bn_g", (ffc.convl2g, g2g)),
+            ):
+                bn = getattr(module, bn_name)
+                if bn is None:
+                    continue
+                scale, shift = _bn_affine(bn)
+                for i, conv in enumerate(c for c in paths if c is not None):
+                    _scale_into(conv, scale, shift if i == 0 else None)  # one bias per sum
+                setattr(module, bn_name, nn.Identity())
+    layers = folded.model
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.ConvTranspose2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+            _scale_into(layers[i], *_bn_affine(layers[i + 1]))
+            layers[i + 1] = nn.Identity()
+    return folded
+
+
 # --------------------------------------------------------------------------- editor
 
 
@@ -288,24 +357,51 @@ class LamaEditor(Editor):
     """Frozen LaMa: fills the hole from ``cat([image * (1 - mask), mask])`` like the official trainer.
 
     Masks are used as given; the official predictor binarises them (``mask > 0``) first.
+    ``generator`` keeps the official layout (state dict, weight files). Inference runs a
+    copy with BatchNorm folded (:func:`fold_batchnorm`), rebuilt whenever the weights
+    change, and on the CPU in channels-last layout (measured faster there; see
+    ``benchmarks/README.md``). ``fast=False`` runs ``generator`` itself, hooks
+    included. Weights that require gradients (training through the editor) always
+    use ``generator``.
     """
 
     name = "lama"
 
-    def __init__(self, generator: FFCResNetGenerator) -> None:
+    def __init__(self, generator: FFCResNetGenerator, *, fast: bool = True) -> None:
         super().__init__()
         self.generator = generator
+        self.fast = fast
         # the official predictor pads to a multiple of 8 (configs/prediction/default.yaml)
         self.size_multiple = max(8, 2**generator.config.n_downsampling)
         self.requires_grad_(False)
         self.eval()
+        self.__dict__["_folded"] = (None, None)  # (weights key, copy): not a submodule
 
     def train(self, mode: bool = True) -> LamaEditor:
         # frozen: BatchNorm must keep using the released running statistics
         return super().train(False)
 
+    def inference_generator(self, device: torch.device) -> nn.Module:
+        """The module :meth:`predict` runs: the folded copy, or ``generator`` (see class doc)."""
+        tensors = [*self.generator.parameters(), *self.generator.buffers()]
+        if not self.fast or any(t.requires_grad for t in tensors):
+            return self.generator
+        # in-place updates (optimiser steps, load_state_dict) bump _version; moves change data_ptr
+        key = (device.type, *((t.data_ptr(), t._version) for t in tensors))
+        cached_key, folded = self.__dict__["_folded"]
+        if key != cached_key:
+            folded = fold_batchnorm(self.generator)
+            if device.type == "cpu":
+                folded = folded.to(memory_format=torch.channels_last)
+            self.__dict__["_folded"] = (key, folded)
+        return folded
+
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.generator(torch.cat([image * (1 - mask), mask], dim=1))
+        x = torch.cat([image * (1 - mask), mask], dim=1)
+        generator = self.inference_generator(x.device)
+        if generator is not self.generator and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return generator(x).contiguous()
 
 
 def load_lama(

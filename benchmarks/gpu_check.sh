@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU measurement of this project in one call on a lent H100/H200 (no internet there).
+#
+# Here, once (needs the package registry): the GPU image has torch but not diffusers
+#     bash benchmarks/gpu_check.sh --fetch-wheels      # -> .whl/ (git-ignored, about 6 MB)
+# There, through the device tool, with carry [".whl"] and timeout_s 540:
+#     bash benchmarks/gpu_check.sh
+# Results land in $OUT (the device tool brings them back) or reports/benchmarks/ without it:
+# gpu-key.json holds the issue's target rows, gpu-rest.json the remaining switches; both are
+# rewritten after every row, and DEADLINE (seconds, default 420) stops new rows in time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 importlib_metadata
+    ls -l .whl
+    exit
+fi
+
+out=${OUT:-reports/benchmarks}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+deadline=${DEADLINE:-420}
+start=$SECONDS
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+
+# 1. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness
+"$py" benchmarks/benchmark_protection.py --device cuda --repeats 2 --max-seconds-per-case 20 \
+    --deadline-seconds "$deadline" --out "$out/gpu-key.json" --cases \
+    big-lama-512 big-lama-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
+    photoguard-sd15-512-s4-bf16 sd15-512-s4 sd15-512-s4-ckpt 2>&1 | tee "$out/gpu-key.log"
+
+# 2. every other row of the gpu group, in the time left
+left=$((deadline - (SECONDS - start)))
+if ((left > 30)); then
+    "$py" benchmarks/benchmark_protection.py --device cuda --repeats 2 \
+        --max-seconds-per-case 15 --deadline-seconds "$left" --out "$out/gpu-rest.json" \
+        --cases mini-128 mini-256 big-lama-256 big-lama-512-unfolded big-lama-512-separate \
+        'big-lama-512*channels-last' big-lama-512-bf16-compile 'sd15-512-s[12]-bf16*' \
+        sd15-512-s4-bf16-separate photoguard-sd15-512-s4 2>&1 | tee "$out/gpu-rest.log"
+fi
+echo "gpu_check: $((SECONDS - start)) s"
