@@ -48,6 +48,15 @@ def test_prepare_names_the_bad_file(raw, tmp_path):
         study.prepare(bad, tmp_path / "out", size=48)
 
 
+def test_resume_key_covers_the_editor_code():
+    from runtime_backdoor.editors.lama import load_lama
+
+    lama = load_lama(None, preset="mini", seed=0)
+    mix = GlobalMixEditor(gain=800)
+    assert study._code_hash(mix) == study._code_hash(GlobalMixEditor(gain=1, seed=1))
+    assert study._code_hash(mix) != study._code_hash(lama)  # simple.py vs lama.py
+
+
 def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
     study.prepare(raw, tmp_path / "prepared", size=64)
     editor = GlobalMixEditor(gain=800)

@@ -81,11 +81,17 @@ def editor_fingerprint(editor: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _implant_source() -> str:
-    """A hash of the optimiser's source: a changed algorithm invalidates earlier outputs."""
-    from . import implant as module
+def _code_hash(editor: torch.nn.Module) -> str:
+    """A hash of the optimiser's and the editor's source: changed code invalidates earlier outputs."""
+    import sys
 
-    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
+    from . import implant
+    from .editors import base
+
+    h = hashlib.sha256()
+    for module in (implant, base, sys.modules[type(editor).__module__]):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -217,7 +223,7 @@ def implant_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     df = read_folder(prepared_dir)
     tag = settings_hash(
-        {"editor": editor_fingerprint(editor), "code": _implant_source(), **implant_kwargs}
+        {"editor": editor_fingerprint(editor), "code": _code_hash(editor), **implant_kwargs}
     )
     done: dict[str, dict] = {}
     if (out_dir / "manifest.csv").is_file():
