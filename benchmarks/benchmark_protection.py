@@ -410,8 +410,9 @@ class MemoryEstimate:
 def estimate_memory(case: Case) -> MemoryEstimate:
     """Weights + activations of the largest backward pass of ``case`` (fp32, meta tensors).
 
-    With checkpointing, one UNet step is recomputed during backward: its activations are
-    added. Not counted: gradients in flight, allocator slack, cuDNN workspaces; bf16
+    With checkpointing, the activations of a whole one-step chain that checkpointing drops
+    are added back: an upper bound, since backward recomputes one segment (a UNet step or
+    a VAE block) at a time. Not counted: gradients in flight, allocator slack, cuDNN workspaces; bf16
     autocast stores most activations at half the size.
     """
     batch = 1 if case.photoguard else 3
