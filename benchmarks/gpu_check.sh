@@ -6,8 +6,10 @@
 # There, through the device tool, with carry [".whl"] and timeout_s 540:
 #     bash benchmarks/gpu_check.sh
 # Results land in $OUT (the device tool brings them back) or reports/benchmarks/ without it:
-# gpu-key.json holds the issue's target rows, gpu-rest.json the remaining switches; both are
+# device_checks.json holds correctness checks on the GPU, gpu-key.json the issue's target
+# rows, gpu-rest.json the remaining switches; the benchmark files are
 # rewritten after every row, and DEADLINE (seconds, default 420) stops new rows in time.
+# A dry run of the plumbing here: DEVICE=cpu DEADLINE=20 PYTHON=.venv/bin/python OUT=/tmp/gc bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -29,11 +31,18 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 deadline=${DEADLINE:-420}
+device=${DEVICE:-cuda}
 start=$SECONDS
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+fi
+
+# 0. correctness on the device: the test suite's key comparisons (seconds)
+"$py" benchmarks/device_checks.py --device "$device" --out "$out/device_checks.json" 2>&1 |
+    tee "$out/device_checks.log"
 
 # 1. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness
-"$py" benchmarks/benchmark_protection.py --device cuda --repeats 2 --max-seconds-per-case 20 \
+"$py" benchmarks/benchmark_protection.py --device "$device" --repeats 2 --max-seconds-per-case 20 \
     --deadline-seconds "$deadline" --out "$out/gpu-key.json" --cases \
     big-lama-512 big-lama-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
     photoguard-sd15-512-s4-bf16 sd15-512-s4 sd15-512-s4-ckpt 2>&1 | tee "$out/gpu-key.log"
@@ -41,7 +50,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # 2. every other row of the gpu group, in the time left
 left=$((deadline - (SECONDS - start)))
 if ((left > 30)); then
-    "$py" benchmarks/benchmark_protection.py --device cuda --repeats 2 \
+    "$py" benchmarks/benchmark_protection.py --device "$device" --repeats 2 \
         --max-seconds-per-case 15 --deadline-seconds "$left" --out "$out/gpu-rest.json" \
         --cases mini-128 mini-256 big-lama-256 big-lama-512-unfolded big-lama-512-separate \
         'big-lama-512*channels-last' big-lama-512-bf16-compile 'sd15-512-s[12]-bf16*' \

@@ -146,3 +146,24 @@ def test_deadline_skips_the_remaining_cases_and_still_writes_the_report(bench, t
     assert report["complete"] and report["settings"]["deadline_seconds"] == 0.0
     assert {r["status"] for r in report["rows"]} == {"skipped: out of time"}
     assert len(report["rows"]) == 3
+
+
+def test_device_checks_pass_on_the_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "device_checks", SCRIPT.parent / "device_checks.py"
+    )
+    checks = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = checks
+    try:
+        spec.loader.exec_module(checks)
+        rows = checks.run("cpu", tmp_path / "checks.json", echo=lambda _: None)
+    finally:
+        sys.modules.pop(spec.name, None)
+    assert [r.name for r in rows] == list(checks.CHECKS)
+    failed = [(r.name, r.value, r.what) for r in rows if not r.passed]
+    assert not failed
+    by_name = {r.name: r for r in rows}
+    assert by_name["lama-device-vs-cpu"].value == 0  # the CPU against itself
+    assert 0 < by_name["sd-vs-diffusers-pipeline"].value < 1e-4  # two implementations
+    report = json.loads((tmp_path / "checks.json").read_text())
+    assert report["passed"] and report["device"] == "cpu" and len(report["checks"]) == len(rows)
