@@ -108,6 +108,21 @@ def test_protect_refuses_unknown_methods(images, control):
         B.protect("mist", control, *images, **KW)
 
 
+@pytest.mark.parametrize("method", ["untargeted", "markpainting"])
+def test_bad_settings_are_refused_before_any_work(images, control, method):
+    image, mask = images
+    calls = []
+    handle = control.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="eps must be in"):
+            B.protect(method, control, image, mask, eps=0.0)
+        with pytest.raises(TypeError, match="epz"):
+            B.protect(method, control, image, mask, epz=0.1)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
 def test_encoder_attack_is_not_applicable_without_a_vae(images, control):
     with pytest.raises(B.NotApplicable, match="latent-diffusion"):
         B.protect("encoder", control, *images, **KW)

@@ -1,7 +1,10 @@
 """Baseline protections at the run-time backdoor's budget, for side-by-side comparison.
 
-Every baseline has :func:`runtime_backdoor.implant.implant`'s signature style and returns
-its :class:`~runtime_backdoor.implant.ImplantResult`. They share the backdoor's threat model
+Every baseline takes ``editor, image, mask``, ``expand_kernel`` and ``target`` like
+:func:`runtime_backdoor.implant.implant`, passes every other keyword (``eps``, ``steps``,
+``lr``, ``betas``, ``adam_eps``, ``init_high``, ``seed``, ``progress``) to
+:func:`~runtime_backdoor.implant.optimise` with its defaults (the paper's), and returns an
+:class:`~runtime_backdoor.implant.ImplantResult`. They share the backdoor's threat model
 and optimiser exactly — ε, δ₀ ~ U[0, init_high), Adam (lr, betas, eps), the number of steps,
 δ clipped to [-ε, ε] before every step, the straight-through [0, 1] clip, 8-bit quantisation
 of the result — so that only the objective differs:
@@ -41,16 +44,9 @@ def untargeted(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    betas: tuple[float, float] = (0.5, 0.5),
-    adam_eps: float = 1e-10,
-    init_high: float = 0.01,
     expand_kernel: int = PAPER_EXPAND_KERNEL,
     target: str | torch.Tensor = "solid",
-    seed: int = 0,
-    progress: bool = True,
+    **settings,
 ) -> ImplantResult:
     """PhotoGuard-style output attack: maximise the edits' distance from the clean edits.
 
@@ -58,8 +54,7 @@ def untargeted(
     editor passes per step (the backdoor uses three). ``target`` is only recorded
     in the result, so that target-hit rates can be compared with the other methods.
     """
-    check_inputs(image, mask, eps, steps, lr, init_high)
-    x, m = image.detach(), mask.detach().to(image.dtype)
+    x, m = check_inputs(image, mask, settings)
     big = expand(m, expand_kernel)
     b = x.shape[0]
     with torch.no_grad():
@@ -74,11 +69,7 @@ def untargeted(
         terms["total"] = -(terms["away_mask"] + terms["away_expanded"])
         return terms
 
-    protected, losses, seconds = optimise(
-        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
-        init_high=init_high, seed=seed, progress=progress, desc="untargeted",
-    )  # fmt: skip
-    return ImplantResult(protected, protected - x, make_target(x, target), losses, seconds)
+    return optimise(x, loss, make_target(x, target), desc="untargeted", **settings)
 
 
 def encoder_attack(
@@ -86,16 +77,9 @@ def encoder_attack(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    betas: tuple[float, float] = (0.5, 0.5),
-    adam_eps: float = 1e-10,
-    init_high: float = 0.01,
     expand_kernel: int = PAPER_EXPAND_KERNEL,
     target: str | torch.Tensor = "solid",
-    seed: int = 0,
-    progress: bool = True,
+    **settings,
 ) -> ImplantResult:
     """PhotoGuard's encoder attack on a latent-diffusion inpainting editor.
 
@@ -112,8 +96,7 @@ def encoder_attack(
             f"the encoder attack needs a latent-diffusion editor (DiffusionInpaintEditor), "
             f"got {type(editor).__name__}"
         )
-    check_inputs(image, mask, eps, steps, lr, init_high)
-    x, m = image.detach(), mask.detach().to(image.dtype)
+    x, m = check_inputs(image, mask, settings)
     big = expand(m, expand_kernel)
     b = x.shape[0]
     phi = make_target(x, target)
@@ -128,11 +111,7 @@ def encoder_attack(
         terms["total"] = terms["latent_mask"] + terms["latent_expanded"]
         return terms
 
-    protected, losses, seconds = optimise(
-        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
-        init_high=init_high, seed=seed, progress=progress, desc="encoder",
-    )  # fmt: skip
-    return ImplantResult(protected, protected - x, phi, losses, seconds)
+    return optimise(x, loss, phi, desc="encoder", **settings)
 
 
 def random_boxes(
@@ -159,18 +138,11 @@ def markpainting(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    betas: tuple[float, float] = (0.5, 0.5),
-    adam_eps: float = 1e-10,
-    init_high: float = 0.01,
     weights: tuple[float, float, float] = (1.0, 1.0, 2.0),
     expand_kernel: int = PAPER_EXPAND_KERNEL,
     target: str | torch.Tensor = "solid",
     random_size: tuple[float, float] = (0.15, 0.5),
-    seed: int = 0,
-    progress: bool = True,
+    **settings,
 ) -> ImplantResult:
     """Markpainting-style targeted attack: the target under any mask, no benign term.
 
@@ -179,12 +151,11 @@ def markpainting(
     anywhere). Three editor passes per step and the backdoor's weights, so it costs
     what the backdoor costs.
     """
-    check_inputs(image, mask, eps, steps, lr, init_high)
-    x, m = image.detach(), mask.detach().to(image.dtype)
+    x, m = check_inputs(image, mask, settings)
     big = expand(m, expand_kernel)
     phi = make_target(x, target)
     b = x.shape[0]
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(settings.get("seed", 0) + 1)
 
     def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         box = random_boxes(m.shape, gen, random_size, m.device, m.dtype)
@@ -200,11 +171,7 @@ def markpainting(
         )
         return terms
 
-    protected, losses, seconds = optimise(
-        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
-        init_high=init_high, seed=seed, progress=progress, desc="markpainting",
-    )  # fmt: skip
-    return ImplantResult(protected, protected - x, phi, losses, seconds)
+    return optimise(x, loss, phi, desc="markpainting", **settings)
 
 
 def protect(

@@ -16,6 +16,7 @@ optimised independently (Adam is element-wise and the losses are summed).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,18 +75,29 @@ def check_params(eps: float, steps: int, lr: float, init_high: float) -> None:
 LossFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
 
 
-def check_inputs(image: torch.Tensor, mask: torch.Tensor, eps, steps, lr, init_high) -> None:
-    """Shared validation of the optimisers' inputs (clear errors naming the parameter)."""
+def check_inputs(
+    image: torch.Tensor, mask: torch.Tensor, settings: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate an optimiser's inputs and its :func:`optimise` ``settings`` before any work.
+
+    Errors name the parameter (an unknown setting is a ``TypeError``, as for any
+    keyword). Returns the detached image and the mask in the image's dtype.
+    """
     check_image_mask(image, mask)
     check_mask(mask)
-    check_params(eps, steps, lr, init_high)
+    bound = inspect.signature(optimise).bind_partial(**settings)
+    bound.apply_defaults()
+    args = bound.arguments
+    check_params(args["eps"], args["steps"], args["lr"], args["init_high"])
     if image.min() < 0 or image.max() > 1:
         raise ValueError("image must hold values in [0, 1]")
+    return image.detach(), mask.detach().to(image.dtype)
 
 
 def optimise(
     image: torch.Tensor,
     loss_fn: LossFn,
+    target: torch.Tensor,
     *,
     eps: float = 0.025,
     steps: int = 20,
@@ -96,8 +108,8 @@ def optimise(
     seed: int = 0,
     progress: bool = True,
     desc: str = "implant",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-    """The official optimisation of δ for any objective: returns (protected, losses, seconds).
+) -> ImplantResult:
+    """The official optimisation of δ for any objective; ``target`` is recorded in the result.
 
     ``loss_fn(x_adv, step)`` returns per-image terms (B,) including ``total``, which is
     minimised; a ``loss_fn`` that back-propagates by itself returns ``total`` detached.
@@ -132,7 +144,8 @@ def optimise(
     seconds = time.perf_counter() - start
     with torch.no_grad():
         protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
-    return protected, {k: torch.stack(v) for k, v in history.items()}, seconds
+    losses = {k: torch.stack(v) for k, v in history.items()}
+    return ImplantResult(protected, protected - x, target, losses, seconds)
 
 
 def implant(
@@ -164,12 +177,14 @@ def implant(
     compiled editor (``torch.compile(editor)``) can be passed as it is.
     Returns an :class:`ImplantResult`.
     """
-    check_inputs(image, mask, eps, steps, lr, init_high)
+    settings = dict(
+        eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps, init_high=init_high,
+        seed=seed, progress=progress,
+    )  # fmt: skip
+    x, m = check_inputs(image, mask, settings)
     if len(weights) != 3 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be three non-negative numbers, got {weights}")
 
-    x = image.detach()
-    m = mask.detach().to(x.dtype)
     big = expand(m, expand_kernel)
     band = ring(m, expand_kernel)
     phi = make_target(x, target)
@@ -205,13 +220,10 @@ def implant(
         terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
         return terms
 
-    protected, losses, seconds = optimise(
-        x, loss, eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps,
-        init_high=init_high, seed=seed, progress=progress, desc="implant",
-    )  # fmt: skip
+    result = optimise(x, loss, phi, desc="implant", **settings)
     for k in LOSS_TERMS:
-        losses.setdefault(k, torch.zeros(0, b, device=x.device))
-    return ImplantResult(protected, protected - x, phi, losses, seconds)
+        result.losses.setdefault(k, torch.zeros(0, b, device=x.device))
+    return result
 
 
 @dataclass
