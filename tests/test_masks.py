@@ -101,3 +101,13 @@ def test_scaled_kernel_matches_paper_at_512():
     assert masks.scaled_kernel(512) == 17
     assert masks.scaled_kernel(128) == 5
     assert masks.scaled_kernel(256) == 9
+
+
+def test_free_squares_shrink_until_one_fits():
+    blocked = torch.ones(1, 1, 40, 40)
+    blocked[..., :5, :5] = 0  # only a 5x5 corner is free
+    free, side = masks.free_squares(blocked, 20, min_side=4)
+    assert side == 4  # 20 -> 15 -> 11 -> 8 -> 6 -> 4
+    assert free.shape == (37, 37) and free.sum() == 4 and free[:2, :2].all()
+    free, side = masks.free_squares(blocked, 20, min_side=6)
+    assert side == 6 and not free.any()

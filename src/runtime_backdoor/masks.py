@@ -95,12 +95,7 @@ def box_elsewhere(
     )
     out = torch.zeros_like(mask)
     for i in range(b):
-        side = max(min_side, round(size * min(h, w)))
-        while True:
-            free = F.avg_pool2d(blocked[i : i + 1], side, stride=1)[0, 0] == 0
-            if free.any() or side <= min_side:
-                break
-            side = max(min_side, int(side * 0.75))
+        free, side = free_squares(blocked[i : i + 1], round(size * min(h, w)), min_side)
         if not free.any():
             raise ValueError(
                 f"no {side}x{side} benign box fits outside the expanded protected region of image {i}"
@@ -110,6 +105,20 @@ def box_elsewhere(
         y, x = divmod(int(torch.argmin(score)), score.shape[1])
         out[i, 0, y : y + side, x : x + side] = 1
     return out
+
+
+def free_squares(blocked: torch.Tensor, side: int, min_side: int) -> tuple[torch.Tensor, int]:
+    """Where a square avoids ``blocked`` (1, 1, H, W): (top-left corners as a bool map, side).
+
+    The side starts at ``side`` and shrinks by 3/4, down to ``min_side``, while no
+    square fits; the map is empty if even that does not fit.
+    """
+    side = max(min_side, side)
+    while True:
+        free = F.avg_pool2d(blocked, side, stride=1)[0, 0] == 0
+        if free.any() or side <= min_side:
+            return free, side
+        side = max(min_side, int(side * 0.75))
 
 
 def scaled_kernel(size: int, paper_kernel: int = PAPER_EXPAND_KERNEL, paper_size: int = 512) -> int:

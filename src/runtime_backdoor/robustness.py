@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .editors.base import Editor
-from .masks import check_mask
+from .masks import check_mask, free_squares
 
 #: Fair malicious scenarios: each covers (most of) the protected content.
 FAIR_MALICIOUS = ("fair_box", "fair_brush", "fair_hull", "fair_ellipse", "fair_hull_shifted")
@@ -179,12 +179,7 @@ def random_boxes_elsewhere(
     out = []
     for i, m in enumerate(_numpy_masks(mask)):
         h, w = m.shape
-        side = max(min_side, round(size * min(h, w)))
-        while True:
-            free = F.avg_pool2d(blocked[i : i + 1], side, stride=1)[0, 0] == 0
-            if free.any() or side <= min_side:
-                break
-            side = max(min_side, int(side * 0.75))
+        free, side = free_squares(blocked[i : i + 1], round(size * min(h, w)), min_side)
         options = torch.nonzero(free).cpu().numpy()
         if len(options) == 0:
             raise ValueError(
