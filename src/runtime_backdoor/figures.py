@@ -183,30 +183,23 @@ def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
     axes[0].set_ylabel("share of images hit (malicious: m)")
     axes[0].set_ylim(-0.02, 1.02)
     finite = sweep.replace(np.inf, 100.0)
-    sns.lineplot(
-        data=finite,
-        x="eps_8bit",
-        y="ring_psnr",
-        hue="editor",
-        hue_order=order,
-        marker="o",
-        ax=axes[1],
-        errorbar=("pi", 50),
+    psnr_panels = (
+        ("ring_psnr", 30, "benign ring edit: PSNR vs clean edit (dB)"),
+        ("protection_psnr", 32, "protected vs original: PSNR (dB)"),
     )
-    axes[1].axhline(30, color="grey", ls=":", lw=1)
-    axes[1].set_ylabel("benign ring edit: PSNR vs clean edit (dB)")
-    sns.lineplot(
-        data=finite,
-        x="eps_8bit",
-        y="protection_psnr",
-        hue="editor",
-        hue_order=order,
-        marker="o",
-        ax=axes[2],
-        errorbar=("pi", 50),
-    )
-    axes[2].axhline(32, color="grey", ls=":", lw=1)
-    axes[2].set_ylabel("protected vs original: PSNR (dB)")
+    for ax, (column, reference_db, label) in zip(axes[1:], psnr_panels, strict=True):
+        sns.lineplot(
+            data=finite,
+            x="eps_8bit",
+            y=column,
+            hue="editor",
+            hue_order=order,
+            marker="o",
+            ax=ax,
+            errorbar=("pi", 50),
+        )
+        ax.axhline(reference_db, color="grey", ls=":", lw=1)
+        ax.set_ylabel(label)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ε (8-bit units)")

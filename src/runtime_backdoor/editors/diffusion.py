@@ -220,6 +220,45 @@ class DiffusionInpaintEditor(Editor):
         decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1).to(image.dtype)
 
+    @torch.no_grad()
+    def reference(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same fill computed by diffusers' own ``StableDiffusionInpaintPipeline``.
+
+        Same components, scheduler, embeddings, steps, guidance and initial noise as
+        :meth:`predict`, without gradients: the two differ by round-off and by the VAE
+        posterior's spread (the pipeline samples it where :meth:`predict` takes its
+        mean). Sides must be multiples of the VAE's downsampling factor.
+        """
+        from diffusers import StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline(
+            vae=self.vae,
+            text_encoder=None,
+            tokenizer=None,
+            unet=self.unet,
+            scheduler=type(self.scheduler).from_config(self.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        batch, (h, w) = image.shape[0], image.shape[-2:]
+        f = self.vae_scale_factor
+        noise = self.initial_noise((self.vae.config.latent_channels, h // f, w // f))
+        negative = self.negative_prompt_embeds
+        return pipe(
+            prompt_embeds=self.prompt_embeds.expand(batch, -1, -1),
+            negative_prompt_embeds=None if negative is None else negative.expand(batch, -1, -1),
+            image=image,
+            mask_image=mask,
+            height=h,
+            width=w,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            latents=noise.expand(batch, -1, -1, -1),
+            output_type="pt",
+        ).images
+
     def _unet(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         def run(x: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
             return self.unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
