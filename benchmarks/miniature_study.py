@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime_backdoor import data
+from runtime_backdoor import data, samples
 from runtime_backdoor.editors.lama import FFCResNetGenerator, LamaConfig, LamaEditor
 from runtime_backdoor.editors.simple import BlurFillEditor, GlobalMixEditor
 from runtime_backdoor.implant import implant, sensitivity
@@ -81,7 +81,7 @@ def to_tensor(images) -> torch.Tensor:
 
 
 def load_sample(folder: Path) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    data.make_sample(folder, n_per_type=6, size=SIZE, seed=0)
+    samples.make_sample(folder, n_per_type=6, size=SIZE, seed=0)
     names, xs, ms = [], [], []
     for name, image_path, _ in data.list_pairs(folder):
         x, m = data.read_pair(image_path)
@@ -96,7 +96,7 @@ def held_out_fills(n: int = 12, seed: int = 1234) -> tuple[torch.Tensor, torch.T
     rng = np.random.default_rng(seed)
     xs, ms = [], []
     for k in range(n):
-        a = data.load_source(data.SAMPLE_SOURCES[k % len(data.SAMPLE_SOURCES)])
+        a = samples.load_source(samples.SAMPLE_SOURCES[k % len(samples.SAMPLE_SOURCES)])
         h, w = a.shape[:2]
         side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -117,7 +117,7 @@ def random_init_editor(config: LamaConfig, seed: int = 0) -> LamaEditor:
             mod.momentum = None  # cumulative average over the calibration batch
             mod.reset_running_stats()
     rng = np.random.default_rng(seed)
-    x = to_tensor(data.training_images(64, seed, 32))
+    x = to_tensor(samples.training_images(64, seed, 32))
     m = to_tensor([random_mask(64, rng)[..., None].astype(np.float32) for _ in range(32)])
     generator.train()
     with torch.no_grad():
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {k: results[k] for k in CANDIDATES if k in results}
     summary = {
         "sample": {"n_images": len(names), "size": SIZE, "eps": EPS, "hit_tolerance": HIT_TOL},
-        "held_out": {"n_images": int(hx.shape[0]), "sources": list(data.SAMPLE_SOURCES)},
+        "held_out": {"n_images": int(hx.shape[0]), "sources": list(samples.SAMPLE_SOURCES)},
         "threads": args.threads,
         "quick": args.quick,
         "date": time.strftime("%Y-%m-%d"),

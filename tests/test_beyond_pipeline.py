@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from runtime_backdoor import beyond, study
-from runtime_backdoor.data import make_sample
 from runtime_backdoor.metrics import ssim
 from runtime_backdoor.robustness import FAIR_SCENARIOS
+from runtime_backdoor.samples import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from runtime_backdoor import data
+from runtime_backdoor import data, samples
 
 
 def write_png16_rgb(path, arr):
@@ -37,7 +37,7 @@ def file_digest(path):
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("sample")
-    return out, data.make_sample(out, n_per_type=6, size=128, seed=0)
+    return out, samples.make_sample(out, n_per_type=6, size=128, seed=0)
 
 
 # --- the embedded sample ------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_sample_layout_and_manifest(sample):
         assert msk[:2] == ("L", (128, 128))
         assert set(np.unique(msk[2]).tolist()) == {0, 255}
         assert int((msk[2] == 255).sum()) == row["protected_pixels"]
-        assert row["source"].split("+")[0] in data.SAMPLE_SOURCES
+        assert row["source"].split("+")[0] in samples.SAMPLE_SOURCES
     assert not list(out.glob("*.tmp")), "temporary files left behind"
 
 
@@ -72,7 +72,7 @@ def test_sample_coverage_is_realistic(sample, content, lo, hi):
 
 def test_sample_is_deterministic_and_seeded(sample, tmp_path):
     out, df = sample
-    again = data.make_sample(tmp_path / "a", n_per_type=6, size=128, seed=0)
+    again = samples.make_sample(tmp_path / "a", n_per_type=6, size=128, seed=0)
     assert again.equals(df)
     for name in df.name:
         for suffix in ("_example.png", "_example_mask.png"):
@@ -80,12 +80,12 @@ def test_sample_is_deterministic_and_seeded(sample, tmp_path):
                 tmp_path / "a" / f"{name}{suffix}"
             )
     # Image k of a type does not depend on how many are made.
-    few = data.make_sample(tmp_path / "b", n_per_type=2, size=128, seed=0)
+    few = samples.make_sample(tmp_path / "b", n_per_type=2, size=128, seed=0)
     for name in few.name:
         assert file_digest(out / f"{name}_example.png") == file_digest(
             tmp_path / "b" / f"{name}_example.png"
         )
-    other = data.make_sample(tmp_path / "c", n_per_type=2, size=128, seed=1)
+    other = samples.make_sample(tmp_path / "c", n_per_type=2, size=128, seed=1)
     differ = [
         file_digest(out / f"{n}_example.png") != file_digest(tmp_path / "c" / f"{n}_example.png")
         for n in other.name
@@ -95,7 +95,7 @@ def test_sample_is_deterministic_and_seeded(sample, tmp_path):
 
 @pytest.mark.parametrize("size", [256, 512])
 def test_sample_other_sizes(tmp_path, size):
-    df = data.make_sample(tmp_path, n_per_type=6, size=size, seed=0)
+    df = samples.make_sample(tmp_path, n_per_type=6, size=size, seed=0)
     assert (df["size"] == size).all()
     frac = df.protected_pixels / size**2
     assert frac.between(0.01, 0.5).all(), frac.tolist()
@@ -117,38 +117,40 @@ def test_sample_faces_are_ellipses_on_the_face(sample):
 )
 def test_sample_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):
-        data.make_sample(tmp_path, **kwargs)
+        samples.make_sample(tmp_path, **kwargs)
 
 
 # --- training pool ------------------------------------------------------------------------------
 
 
 def test_training_and_sample_sources_are_disjoint():
-    assert not set(data.SAMPLE_SOURCES) & set(data.TRAINING_SOURCES)
-    assert not set(data.UNUSED_SOURCES) & (set(data.SAMPLE_SOURCES) | set(data.TRAINING_SOURCES))
+    assert not set(samples.SAMPLE_SOURCES) & set(samples.TRAINING_SOURCES)
+    assert not set(samples.UNUSED_SOURCES) & (
+        set(samples.SAMPLE_SOURCES) | set(samples.TRAINING_SOURCES)
+    )
 
     def digest(name):
-        return hashlib.sha256(data.load_source(name).tobytes()).hexdigest()
+        return hashlib.sha256(samples.load_source(name).tobytes()).hexdigest()
 
-    sample = {digest(n) for n in data.SAMPLE_SOURCES}
-    training = {digest(n) for n in data.TRAINING_SOURCES}
+    sample = {digest(n) for n in samples.SAMPLE_SOURCES}
+    training = {digest(n) for n in samples.TRAINING_SOURCES}
     assert not sample & training
     # 'cat' is the same photo as 'chelsea', so it must stay off the training side.
     assert digest("cat") in sample
 
 
 def test_training_images():
-    imgs = data.training_images(64, seed=0, n=30)
+    imgs = samples.training_images(64, seed=0, n=30)
     assert len(imgs) == 30
     for x in imgs:
         assert x.shape == (64, 64, 3) and x.dtype == np.float32
         assert 0.0 <= x.min() and x.max() <= 1.0
-    again = data.training_images(64, seed=0, n=30)
+    again = samples.training_images(64, seed=0, n=30)
     assert all(np.array_equal(a, b) for a, b in zip(imgs, again, strict=True))
-    other = data.training_images(64, seed=1, n=30)
+    other = samples.training_images(64, seed=1, n=30)
     assert not all(np.array_equal(a, b) for a, b in zip(imgs, other, strict=True))
     assert len({x.tobytes() for x in imgs}) == 30
-    it = data.iter_training_images(32, seed=0, n=None)
+    it = samples.iter_training_images(32, seed=0, n=None)
     assert next(it).shape == (32, 32, 3)
 
 

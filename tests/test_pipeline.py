@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from runtime_backdoor import study
-from runtime_backdoor.data import make_sample, read_image
+from runtime_backdoor.data import read_image
 from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.samples import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,13 +3,8 @@ import pytest
 import torch
 
 from runtime_backdoor.editors.lama import LamaConfig, LamaEditor
-from runtime_backdoor.training import (
-    DEFAULT_RECIPE,
-    load_miniature,
-    random_mask,
-    save_miniature,
-    train_miniature,
-)
+from runtime_backdoor.editors.mini import load_miniature, save_miniature
+from runtime_backdoor.training import DEFAULT_RECIPE, random_mask, train_miniature
 
 TINY = LamaConfig(ngf=4, n_downsampling=1, n_blocks=1)
 

@@ -1,8 +1,8 @@
-"""Training the embedded miniature LaMa from scratch, and saving/loading it.
+"""Training the embedded miniature LaMa from scratch (its files: :mod:`runtime_backdoor.editors.mini`).
 
 The miniature is LaMa's own generator (:class:`~runtime_backdoor.editors.lama.FFCResNetGenerator`)
 with a small :class:`~runtime_backdoor.editors.lama.LamaConfig`, trained on photos that ship with
-scikit-image (:func:`runtime_backdoor.data.training_images`, never the evaluation sample) with
+scikit-image (:func:`runtime_backdoor.samples.training_images`, never the evaluation sample) with
 random box, stroke, ellipse and text masks. The losses follow Big-LaMa's recipe in kind
 (``configs/training/big-lama.yaml``): L1 on the known pixels only, a perceptual loss, and
 optionally a patch discriminator with feature matching. Big-LaMa's perceptual network is a
@@ -18,7 +18,6 @@ which is what keeps the fill from collapsing to a smooth average)::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +33,6 @@ from tqdm.auto import tqdm
 
 from .editors.lama import FFCResNetGenerator, LamaConfig, LamaEditor
 
-EDITOR_STAGE_HELP = "the pipeline's `editor` stage creates it: run `dvc repro editor`"
-
 
 @dataclass(frozen=True)
 class TrainingRecipe:
@@ -49,7 +46,7 @@ class TrainingRecipe:
     max_seconds: float | None = None  #: wall-clock budget; None = steps only (reproducible)
     batch_size: int = 8
     size: int = 64  #: training crops, px (the generator is fully convolutional + FFT)
-    n_images: int = 256  #: distinct training crops drawn by ``data.training_images``
+    n_images: int = 256  #: distinct training crops drawn by ``samples.training_images``
     lr: float = 1e-3
     l1_known: float = 10.0  #: Big-LaMa: 10 on known pixels
     l1_hole: float = 0.0  #: Big-LaMa: 0 on the hole
@@ -370,8 +367,8 @@ def train_miniature(
 
 
 def train_recipe(recipe: TrainingRecipe = DEFAULT_RECIPE, progress: bool = True, **kwargs):
-    """Train with ``recipe`` on ``data.training_images(recipe.size, recipe.seed, recipe.n_images)``."""
-    from .data import training_images
+    """Train with ``recipe`` on ``samples.training_images(recipe.size, recipe.seed, recipe.n_images)``."""
+    from .samples import training_images
 
     images = training_images(recipe.size, recipe.seed, recipe.n_images)
     options = {f.name: getattr(recipe, f.name) for f in fields(recipe)}
@@ -384,55 +381,13 @@ def train_recipe(recipe: TrainingRecipe = DEFAULT_RECIPE, progress: bool = True,
     return editor, history
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def save_miniature(editor: LamaEditor, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``editor``'s generator to ``path`` (``.safetensors``) and its config + ``meta`` to a JSON sidecar."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    generator = editor.generator
-    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    save_file(state, str(path))
-    sidecar = {"config": asdict(generator.config), "training": meta or {}}
-    _sidecar(path).write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def load_miniature(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> LamaEditor:
-    """Load a miniature written by :func:`save_miniature` (safetensors; nothing is unpickled)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    for p, what in ((path, "weights"), (_sidecar(path), "config sidecar")):
-        if not p.is_file():
-            raise FileNotFoundError(f"miniature LaMa {what} not found at {p}; {EDITOR_STAGE_HELP}")
-    sidecar = json.loads(_sidecar(path).read_text())
-    config = LamaConfig(**sidecar["config"])
-    generator = FFCResNetGenerator(config)
-    generator.load_state_dict(load_file(str(path), device="cpu"), strict=True)
-    return LamaEditor(generator).to(device=device, dtype=dtype)
-
-
 __all__ = [
     "DEFAULT_RECIPE",
     "PatchDiscriminator",
     "RandomFeatures",
     "TrainingRecipe",
-    "load_miniature",
     "perceptual_loss",
     "random_mask",
-    "save_miniature",
     "train_miniature",
     "train_recipe",
 ]

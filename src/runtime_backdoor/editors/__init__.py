@@ -38,7 +38,7 @@ def _build_lama(weights=None, **options) -> Editor:
 
 
 def _build_mini_lama(weights=None, **options) -> Editor:
-    from ..training import EDITOR_STAGE_HELP, load_miniature
+    from .mini import EDITOR_STAGE_HELP, load_miniature
 
     if weights is None:
         raise ValueError(
