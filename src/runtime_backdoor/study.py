@@ -15,6 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ from . import masks as M
 from .data import list_pairs, read_image, read_mask, read_pair, temp_file_for, write_png
 from .editors import EDITORS, build_editor
 from .implant import implant
+from .robustness import fair_masks
 
 MALICIOUS = ("mask", "expanded", "incomplete")
 BENIGN = ("ring", "half_ring", "elsewhere")
@@ -201,6 +208,132 @@ def load_editor(record_path, device: str | torch.device = "cpu"):
     )
 
 
+# ------------------------------------------------------------------------------- resume and ranks
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a run split across processes (``accelerate launch``)."""
+
+    index: int = 0
+    count: int = 1
+    device: torch.device = torch.device("cpu")
+    barrier: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+    def share(self, items: list) -> list:
+        """Every ``count``-th item from ``index``: the same split on every process."""
+        return items[self.index :: self.count]
+
+
+def launched_ranks(device: str | torch.device = "auto") -> Ranks:
+    """The ranks ``accelerate launch`` started (one process per device), or a single process.
+
+    Each process of a multi-GPU launch gets its own GPU; CPU processes talk over gloo.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks(device=resolve_device(str(device)))
+    from accelerate import PartialState
+
+    cpu = str(device) == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    own = torch.device("cpu") if cpu else state.device
+    return Ranks(state.process_index, state.num_processes, own, state.wait_for_everyone)
+
+
+class Ledger:
+    """The rows a stage has finished in ``out_dir``, kept safe across interruptions and ranks.
+
+    ``TABLE.csv`` (``manifest.csv``, ...) holds the rows of finished runs. During a run each
+    process appends its rows to its own ``.parts/TABLE.rankN.csv`` (one writer per file, every
+    write atomic); at the end the main process merges them. A run that was killed leaves its
+    parts behind and the next run folds them in before it starts, so what was finished is
+    neither lost nor done again, whatever the number of processes.
+    """
+
+    def __init__(self, out_dir, ranks: Ranks | None = None, tables=("manifest",)) -> None:
+        self.out_dir, self.ranks, self.tables = Path(out_dir), ranks or Ranks(), tuple(tables)
+        self.parts = self.out_dir / ".parts"
+        self._rows: dict[str, list[pd.DataFrame]] = {t: [] for t in self.tables}
+
+    def _parts(self, table: str) -> list[Path]:
+        return sorted(self.parts.glob(f"{table}.rank*.csv"))
+
+    def _read(self, table: str, parts: bool) -> pd.DataFrame:
+        path = self.out_dir / f"{table}.csv"
+        frames = [pd.read_csv(path)] if path.is_file() else []
+        frames += [pd.read_csv(p) for p in self._parts(table)] if parts else []
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _clear_parts(self) -> None:
+        for table in self.tables:
+            for p in self._parts(table):
+                p.unlink()
+
+    def start(self) -> dict[str, pd.DataFrame]:
+        """Fold an interrupted run's parts into the tables; every process then reads the same."""
+        if self.ranks.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for table in self.tables:
+                if self._parts(table):
+                    write_csv(self.out_dir / f"{table}.csv", self._read(table, parts=True))
+            self._clear_parts()
+        self.ranks.barrier()
+        return {t: self._read(t, parts=False) for t in self.tables}
+
+    def record(self, **rows: pd.DataFrame) -> None:
+        """Add this process's finished rows (after their outputs are written)."""
+        for table, df in rows.items():
+            self._rows[table].append(df)
+            part = self.parts / f"{table}.rank{self.ranks.index}.csv"
+            write_csv(part, pd.concat(self._rows[table], ignore_index=True))
+
+    def collect(self) -> dict[str, pd.DataFrame]:
+        """Wait for every process; the rows all of them recorded in this run (main process)."""
+        self.ranks.barrier()
+        if not self.ranks.main:
+            return {}
+        out = {}
+        for table in self.tables:
+            frames = [pd.read_csv(p) for p in self._parts(table)]
+            out[table] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return out
+
+    def close(self) -> None:
+        """After the main process wrote the merged tables: drop the parts, release the others."""
+        if self.ranks.main:
+            self._clear_parts()
+        self.ranks.barrier()
+
+
+def latest_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per name, only the last curve (rows from its last ``step == 0`` on)."""
+    block = (curves["step"] == 0).cumsum()
+    last = block.groupby(curves["name"]).transform("max")
+    return curves[block == last].reset_index(drop=True)
+
+
+def finished_rows(manifest: pd.DataFrame, settings: str, output_of: Callable) -> dict[str, dict]:
+    """Rows of ``manifest`` made with ``settings`` whose output file exists, by name (last wins).
+
+    ``output_of(name)`` is the path of the name's output, or ``None`` when it has none.
+    """
+    done: dict[str, dict] = {}
+    if "settings" not in manifest or "name" not in manifest:
+        return done
+    for row in manifest.to_dict("records"):
+        out = output_of(row["name"])
+        if row["settings"] == settings and (out is None or Path(out).is_file()):
+            done[row["name"]] = row
+        else:
+            done.pop(row["name"], None)
+    return done
+
+
 # ------------------------------------------------------------------------------- 3. implant
 
 
@@ -212,48 +345,49 @@ def implant_folder(
     batch_size: int = 6,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    ranks: Ranks | None = None,
     **implant_kwargs,
 ) -> pd.DataFrame:
     """Protect every prepared image; write ``NAME.png``, the loss curves and a manifest.
 
     Images already protected by an earlier run with the same settings (same hash in
-    ``manifest.csv``) are kept, so an interrupted run resumes where it stopped.
+    ``manifest.csv``) are kept, so an interrupted run resumes where it stopped. With
+    ``ranks`` (:func:`launched_ranks`) each process takes every N-th batch; the batches
+    are those of a single process, so the outputs are the same.
     """
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = ranks or Ranks()
     df = read_folder(prepared_dir)
     tag = settings_hash(
         {"editor": editor_fingerprint(editor), "code": _code_hash(editor), **implant_kwargs}
     )
-    done: dict[str, dict] = {}
-    if (out_dir / "manifest.csv").is_file():
-        old = pd.read_csv(out_dir / "manifest.csv")
-        own = [c for c in old.columns if c != "content" and not c.startswith("content_")]
-        for row in old[own].to_dict("records"):
-            if row.get("settings") == tag and (out_dir / f"{row['name']}.png").is_file():
-                done[row["name"]] = row
-    curves = []
-    if (out_dir / "losses.csv").is_file() and done:
-        prev = pd.read_csv(out_dir / "losses.csv")
-        curves.append(prev[prev["name"].isin(done)])
+    ledger = Ledger(out_dir, ranks, tables=("manifest", "losses"))
+    previous = ledger.start()
+    old = previous["manifest"]
+    own = [c for c in old.columns if c != "content" and not c.startswith("content_")]
+    done = finished_rows(old[own], tag, lambda name: out_dir / f"{name}.png")
+    resumed = set(done)
     todo = [n for n in df["name"] if n not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    for names in tqdm(batches, desc="protect", disable=not progress):
+    for names in tqdm(ranks.share(batches), desc="protect", disable=not progress):
         _, x, m = load_prepared(prepared_dir, names)
         x, m = x.to(device), m.to(device)
         r = implant(editor, x, m, progress=False, **implant_kwargs)
+        rows, curves = [], []
         for i, name in enumerate(names):
             write_png(out_dir / f"{name}.png", to_array(r.protected[i]), overwrite=True)
             d = r.delta[i]
-            done[name] = {
-                "name": name,
-                "settings": tag,
-                "seconds": r.seconds / len(names),
-                "linf_8bit": float(d.abs().max() * 255),
-                "mean_abs_8bit": float(d.abs().mean() * 255),
-                "target": ",".join(f"{v:.0f}" for v in (r.target[i, :, 0, 0] * 255).tolist()),
-                **{f"final_{k}": float(v[-1, i]) for k, v in r.losses.items() if len(v)},
-            }
+            rows.append(
+                {
+                    "name": name,
+                    "settings": tag,
+                    "seconds": r.seconds / len(names),
+                    "linf_8bit": float(d.abs().max() * 255),
+                    "mean_abs_8bit": float(d.abs().mean() * 255),
+                    "target": ",".join(f"{v:.0f}" for v in (r.target[i, :, 0, 0] * 255).tolist()),
+                    **{f"final_{k}": float(v[-1, i]) for k, v in r.losses.items() if len(v)},
+                }
+            )
             steps = r.losses["total"].shape[0]
             curves.append(
                 pd.DataFrame(
@@ -261,29 +395,46 @@ def implant_folder(
                     | {k: v[:, i].cpu().numpy() for k, v in r.losses.items()}
                 )
             )
-        # Write the manifest after every batch: it is what a resumed run trusts.
-        manifest = pd.DataFrame([done[n] for n in df["name"] if n in done])
-        write_csv(out_dir / "manifest.csv", manifest.merge(df[["name", "content"]], on="name"))
-        write_csv(out_dir / "losses.csv", pd.concat(curves, ignore_index=True))
-    manifest = pd.DataFrame([done[n] for n in df["name"]]).merge(df[["name", "content"]], on="name")
-    write_csv(out_dir / "manifest.csv", manifest)
-    if curves:
-        write_csv(out_dir / "losses.csv", pd.concat(curves, ignore_index=True))
-    return manifest
+        # Recorded after the PNGs are written: the ledger is what a resumed run trusts.
+        ledger.record(manifest=pd.DataFrame(rows), losses=pd.concat(curves, ignore_index=True))
+    new = ledger.collect()
+    if ranks.main:
+        done |= {row["name"]: row for row in new["manifest"].to_dict("records")}
+        manifest = pd.DataFrame([done[n] for n in df["name"]]).merge(
+            df[["name", "content"]], on="name"
+        )
+        write_csv(out_dir / "manifest.csv", manifest)
+        old_curves = previous["losses"]
+        kept = [old_curves[old_curves["name"].isin(resumed)]] if len(old_curves) else []
+        kept += [new["losses"]] if len(new["losses"]) else []
+        if kept:
+            write_csv(out_dir / "losses.csv", latest_curves(pd.concat(kept, ignore_index=True)))
+    ledger.close()
+    return manifest if ranks.main else read_folder(out_dir)
 
 
 # ------------------------------------------------------------------------------- 4. edit
 
 
-def scenario_masks(mask: torch.Tensor, kernel: int, elsewhere_size: float = 0.2) -> dict:
+def scenario_masks(
+    mask: torch.Tensor,
+    kernel: int,
+    elsewhere_size: float = 0.2,
+    *,
+    fair: bool = False,
+    shift_px: int = 4,
+    seed: int = 0,
+) -> dict:
     """The editing scenarios for protected regions ``mask`` (B, 1, H, W).
 
     Malicious (they edit the protected content): ``mask`` = m, ``expanded`` = E(m),
     ``incomplete`` = half(m) ∪ half(E(m)). Benign: ``ring`` = E(m) - m, ``half_ring``
     = half(ring) (the official "wot"), ``elsewhere`` = a square that does not touch E(m).
+    ``fair=True`` adds the fair scenarios of :func:`runtime_backdoor.robustness.fair_masks`
+    (``shift_px``, ``seed``).
     """
     band = M.ring(mask, kernel)
-    return {
+    scenarios = {
         "mask": mask,
         "expanded": M.expand(mask, kernel),
         "incomplete": M.incomplete(mask, kernel),
@@ -291,6 +442,9 @@ def scenario_masks(mask: torch.Tensor, kernel: int, elsewhere_size: float = 0.2)
         "half_ring": M.half(band),
         "elsewhere": M.box_elsewhere(mask, kernel, size=elsewhere_size),
     }
+    if fair:
+        scenarios |= fair_masks(mask, shift_px=shift_px, seed=seed)
+    return scenarios
 
 
 def edit_folder(
@@ -304,17 +458,22 @@ def edit_folder(
     batch_size: int = 6,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> pd.DataFrame:
     """Run every scenario on the clean and the protected image of every prepared image.
 
     Writes ``{clean,protected}/NAME__SCENARIO.png`` and ``masks/NAME__SCENARIO.png``.
+    With ``ranks`` each process takes every N-th batch (see :func:`implant_folder`).
     """
     prepared_dir, protected_dir, out_dir = Path(prepared_dir), Path(protected_dir), Path(out_dir)
     df = read_folder(prepared_dir)
     names = list(df["name"])
-    rows = []
+    ranks = ranks or Ranks()
+    ledger = Ledger(out_dir, ranks)
+    ledger.start()
     batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
-    for batch in tqdm(batches, desc="edit", disable=not progress):
+    for batch in tqdm(ranks.share(batches), desc="edit", disable=not progress):
+        rows = []
         _, x, m = load_prepared(prepared_dir, batch)
         xp = torch.cat([to_tensor(read_image(protected_dir / f"{n}.png")) for n in batch])
         x, xp, m = x.to(device), xp.to(device), m.to(device)
@@ -336,9 +495,64 @@ def edit_folder(
                         "edited_fraction": float(sm[i].mean()),
                     }
                 )
-    out = pd.DataFrame(rows).merge(df[["name", "content"]], on="name")
-    write_csv(out_dir / "manifest.csv", out)
-    return out
+        ledger.record(manifest=pd.DataFrame(rows))
+    rows = ledger.collect().get("manifest")
+    if ranks.main:
+        # The single-process order: batch by batch, scenario by scenario, name by name.
+        index = {n: i for i, n in enumerate(names)}
+        scenario = {s: j for j, s in enumerate(SCENARIOS)}
+        key = [
+            (index[n] // batch_size, scenario[s], index[n])
+            for n, s in zip(rows["name"], rows["scenario"], strict=True)
+        ]
+        rows = rows.iloc[sorted(range(len(rows)), key=key.__getitem__)]
+        out = rows.merge(df[["name", "content"]], on="name")
+        write_csv(out_dir / "manifest.csv", out)
+    ledger.close()
+    return out if ranks.main else read_folder(out_dir)
+
+
+LAUNCHED_STAGES = {"implant": implant_folder, "edit": edit_folder}
+
+
+def run_stage(
+    stage: str, launcher: str = "none", *, editor_record, device: str = "auto", **params
+) -> pd.DataFrame:
+    """Run the ``implant`` or ``edit`` stage here (``launcher="none"``) or under ``accelerate``.
+
+    ``launcher`` is an ``accelerate launch ...`` command line without the script, e.g.
+    ``accelerate launch --multi_gpu --num_processes 4``: each process builds the editor
+    on its own device and takes its share of the batches (:class:`Ranks`); the outputs
+    and the manifest are those of one process. ``params`` are the stage function's.
+    """
+    if stage not in LAUNCHED_STAGES:
+        raise ValueError(f"stage must be one of {sorted(LAUNCHED_STAGES)}, got {stage!r}")
+    words = shlex.split(launcher or "none")
+    if words == ["none"]:
+        dev = resolve_device(device)
+        editor = load_editor(editor_record, device=dev)
+        return LAUNCHED_STAGES[stage](editor, device=dev, **params)
+    if words[:2] != ["accelerate", "launch"]:
+        raise ValueError(
+            f"launcher must be 'none' or 'accelerate launch [options]', got {launcher!r}"
+        )
+    job = {"stage": stage, "editor_record": str(editor_record), "device": device, "params": params}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "job.json"
+        spec.write_text(json.dumps(job, default=str))
+        # The venv's interpreter, whether or not its bin/ is on PATH.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *words[2:]]
+        subprocess.run([*cmd, "-m", "runtime_backdoor.study", str(spec)], check=True)
+    return read_folder(params["out_dir"])
+
+
+def _launched_worker(spec_path: str) -> None:
+    """One process of :func:`run_stage` under ``accelerate launch``."""
+    job = json.loads(Path(spec_path).read_text())
+    ranks = launched_ranks(job["device"])
+    editor = load_editor(job["editor_record"], device=ranks.device)
+    params = job["params"] | {"progress": ranks.main and job["params"].get("progress", True)}
+    LAUNCHED_STAGES[job["stage"]](editor, device=ranks.device, ranks=ranks, **params)
 
 
 # ------------------------------------------------------------------------------- 5. evaluate
@@ -528,3 +742,7 @@ def eps_sweep(
                 }
             )
     return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":
+    _launched_worker(sys.argv[1])
