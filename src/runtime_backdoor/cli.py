@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import weights
+
 DESCRIPTION = """\
 Protect a region of an image (a watermark, a face, a logo) against inpainting.
 
@@ -56,46 +58,48 @@ def _eps(text: str) -> float:
     return value
 
 
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error (no usage dump)."""
+
+    def error(self, message: str):
+        raise CliError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="runtime-backdoor",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("image", type=Path, help="image to protect (PNG/JPEG; RGB, grey or RGBA)")
+    def inputs(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument(
-            "--mask", type=Path, required=True, help="protected-region mask (white = protect)"
+            "image",
+            type=Path,
+            help=f"image to {what} (PNG/JPEG; RGB, grey or RGBA), or a folder of "
+            "NAME_example.png + NAME_example_mask.png pairs (the official layout)",
+        )
+        p.add_argument(
+            "--mask",
+            type=Path,
+            default=None,
+            help="protected-region mask (white = protect); a folder's masks are found by name",
         )
         p.add_argument(
             "--editor",
             required=True,
-            help="editing model to protect against (see `runtime-backdoor editors`)",
+            help="editing model (see `runtime-backdoor editors`)",
         )
         p.add_argument(
             "--weights",
             type=Path,
             default=None,
             help="model checkpoint file or folder for the editor",
-        )
-        p.add_argument(
-            "--eps",
-            type=_eps,
-            default=0.025,
-            help="perturbation budget per pixel value, fraction of the range (default 0.025 = 6.4/255, the paper's)",
-        )
-        p.add_argument(
-            "--target",
-            default="solid",
-            help="what the protected region turns into: 'solid' colour (default), 'anti' (inverted image) or a PNG path",
-        )
-        p.add_argument(
-            "--expand",
-            type=_positive_int("--expand", 1, 255),
-            default=17,
-            help="expansion kernel in pixels (odd; default 17, the paper's at 512 px)",
         )
         p.add_argument(
             "--threshold",
@@ -106,16 +110,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--device", default="auto", help="'auto' (GPU if available), 'cpu' or 'cuda'"
         )
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+    def target(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--target",
+            default="solid",
+            help="what the protected region turns into: 'solid' colour (default), 'anti' (inverted image) or a PNG path",
+        )
+
+    def budget(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--eps",
+            type=_eps,
+            default=0.025,
+            help="perturbation budget per pixel value, fraction of the range (default 0.025 = 6.4/255, the paper's)",
+        )
+        target(p)
+        p.add_argument(
+            "--expand",
+            type=_positive_int("--expand", 1, 255),
+            default=17,
+            help="expansion kernel in pixels (odd; default 17, the paper's at 512 px)",
+        )
 
     protect = sub.add_parser(
         "protect",
-        help="write a protected copy of an image",
+        help="write a protected copy of an image (or of every image of a folder)",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    common(protect)
+    inputs(protect, "protect")
+    budget(protect)
     protect.add_argument(
-        "--out", type=Path, required=True, help="where to write the protected PNG (never the input)"
+        "--out",
+        type=Path,
+        required=True,
+        help="where to write the protected PNG (never the input); for a folder, the output folder",
     )
     protect.add_argument(
         "--steps",
@@ -127,19 +159,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="random seed of the initial perturbation"
     )
     protect.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    protect.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    edit = sub.add_parser(
+        "edit",
+        help="fill the masked region with the editor, as an attacker would",
+        description="Fill the masked region of IMAGE with the editor and write the result. "
+        "With --compare ORIGINAL (the unprotected image) also edit the original, write "
+        "OUT_compare.png (original's edit | protected image's edit | difference) and print how "
+        "much of the region is on the target colour and its PSNR and SSIM against the "
+        "original's edit.",
+    )
+    inputs(edit, "edit")
+    target(edit)
+    edit.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="where to write the edited PNG; for a folder, the output folder",
+    )
+    edit.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="the original (unprotected) image, or for a folder the folder of originals",
+    )
+    edit.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     check = sub.add_parser(
         "check", help="estimate whether an editor can be protected against at EPS (fast)"
     )
-    common(check)
+    inputs(check, "check")
+    budget(check)
+    check.add_argument(
+        "--out", type=Path, default=None, help="for a folder: where to write manifest.csv"
+    )
 
     sub.add_parser("editors", help="list the editors that can be named with --editor")
+    weights.add_parser(sub)
     return parser
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 def _device(name: str):
@@ -264,6 +321,8 @@ def _check(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "weights":
+        return weights.run(args)
     if args.command == "editors":
         from .editors import EDITORS
 

@@ -1,0 +1,366 @@
+"""Weight downloads against servers on 127.0.0.1 started here: the real fetch code, no internet.
+
+Plain URLs go through the mirror variable to a small http.server; the hub path goes to a
+fake hub endpoint (the routes huggingface_hub's ``model_info`` and
+``snapshot_download`` use: repo info, tree listing, HEAD and GET of ``resolve``).
+"""
+
+import hashlib
+import io
+import json
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from runtime_backdoor import cli, weights
+from runtime_backdoor.weights import REGISTRY, WeightFile, WeightsError
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks, so a cut lands mid-transfer
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Server:
+    """Routes: path -> (status, body, headers); ``cuts[path]`` = how many GETs to cut half-way."""
+
+    def __init__(self):
+        self.routes, self.cuts, self.hits = {}, {}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def answer(self, body):
+                path = self.path.split("?", 1)[0]
+                server.hits.append((self.command, path))
+                status, data, headers = server.routes.get(path, (404, b"not found", {}))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not body:
+                    return
+                if body and server.cuts.get(path, 0) > 0:
+                    server.cuts[path] -= 1
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True  # the peer sees a short body
+                    return
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def gets(self, path):
+        return sum(1 for method, p in self.hits if method == "GET" and p == path)
+
+
+@pytest.fixture
+def server(monkeypatch, tmp_path):
+    s = Server()
+    s.thread.start()
+    monkeypatch.setenv(weights.MIRROR_ENV, s.url)
+    monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """A registry entry for PAYLOAD; its source host is never contacted (the mirror is)."""
+    spec = WeightFile(
+        "tiny", "test file", "file", "https://weights.invalid/releases/tiny.bin", "sub/tiny.bin",
+        "test licence", checksum=f"md5:{md5(PAYLOAD)}", size=len(PAYLOAD),
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "tiny", spec)
+    return spec
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_fetch_downloads_checks_and_records(server, tiny, tmp_path):
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    path, what = weights.fetch("tiny", progress=False)
+    assert path == tmp_path / "models" / "sub" / "tiny.bin"
+    assert path.read_bytes() == PAYLOAD
+    assert tiny.checksum in what
+    assert leftovers(path.parent) == ["tiny.bin"]  # no temporary file left behind
+    record = json.loads((tmp_path / "models" / "weights.json").read_text())["tiny"]
+    assert record["sha256"] == sha256(PAYLOAD) and record["size"] == len(PAYLOAD)
+    assert record["url"] == f"{server.url}/tiny.bin"
+
+    # a good copy is not fetched again
+    path, what = weights.fetch("tiny", progress=False)
+    assert what == "present, checksum ok" and server.gets("/tiny.bin") == 1
+    assert weights.verify("tiny") == (True, f"ok: {path} ({tiny.checksum})")
+
+
+def test_wrong_checksum_deletes_and_names_both_hashes(server, tiny):
+    served = PAYLOAD[::-1]
+    server.routes["/tiny.bin"] = (200, served, {})
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=0, progress=False)
+    message = str(err.value)
+    assert f"expected {tiny.checksum}, found md5:{md5(served)}" in message
+    assert "deleted" in message and "\n" not in message
+    assert leftovers(weights.destination(tiny).parent) == []
+
+
+def test_http_404_says_what_to_do_by_hand(server, tiny):
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=0, progress=False)
+    target = weights.destination(tiny)
+    assert str(err.value) == (
+        f"tiny: {server.url}/tiny.bin answered HTTP 404; download it elsewhere, copy it to "
+        f"{target} by hand, then run `runtime-backdoor weights verify tiny`"
+    )
+    assert leftovers(target.parent) == []
+
+
+def test_no_server_is_one_line_with_the_url(monkeypatch, tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=0, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"tiny: cannot download http://127.0.0.1:{port}/tiny.bin (")
+    assert "copy it to" in message and "weights verify tiny" in message and "\n" not in message
+
+
+def test_transfer_cut_half_way(server, tiny):
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    target = weights.destination(tiny)
+    # without a retry: an error, and the half file never gets the final name
+    server.cuts["/tiny.bin"] = 1
+    with pytest.raises(WeightsError, match="cannot download"):
+        weights.fetch("tiny", retries=0, progress=False)
+    assert leftovers(target.parent) == []
+    # with one retry the download restarts from zero and succeeds
+    server.cuts["/tiny.bin"] = 1
+    path, _ = weights.fetch("tiny", retries=1, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.gets("/tiny.bin") == 3
+    assert leftovers(target.parent) == ["tiny.bin"]
+
+
+def test_redirect_is_followed(server, monkeypatch):
+    spec = WeightFile(
+        "moved", "test", "file", "https://weights.invalid/moved.bin", "moved.bin", "test",
+        checksum=f"md5:{md5(PAYLOAD)}",
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "moved", spec)
+    server.routes["/moved.bin"] = (302, b"", {"Location": "/storage/blob-7"})
+    server.routes["/storage/blob-7"] = (200, PAYLOAD, {})
+    path, _ = weights.fetch("moved", retries=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.gets("/storage/blob-7") == 1
+
+
+def test_corrupt_local_copy_is_reported_then_replaced(server, tiny):
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    target = weights.destination(tiny)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated")
+    ok, line = weights.verify("tiny")
+    assert not ok
+    assert f"expected {tiny.checksum}, found md5:{md5(b'truncated')}" in line
+    weights.fetch("tiny", retries=0, progress=False)
+    assert target.read_bytes() == PAYLOAD and server.gets("/tiny.bin") == 1
+
+
+def test_real_entry_goes_to_the_mirror(server):
+    # the registry's own big-lama entry, against the local server (which has no such file)
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("big-lama", retries=0, progress=False)
+    assert f"{server.url}/big-lama.pt answered HTTP 404" in str(err.value)
+    assert server.hits == [("GET", "/big-lama.pt")]
+
+
+def make_zip(files: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_without_published_checksum_is_recorded_on_first_fetch(server, tmp_path, monkeypatch):
+    ckpt, config = PAYLOAD[:1000], b"generator: ffc_resnet\n"
+    archive = make_zip({"big-lama/models/best.ckpt": ckpt, "big-lama/config.yaml": config})
+    server.routes["/big-lama.zip"] = (200, archive, {})
+    folder, what = weights.fetch("big-lama-ckpt", retries=0, progress=False)
+    models = tmp_path / "models"
+    assert folder == models / "big-lama"
+    assert (folder / "models" / "best.ckpt").read_bytes() == ckpt
+    assert (folder / "config.yaml").read_bytes() == config
+    assert sha256(archive) in what and "recorded" in what
+    assert leftovers(models) == ["big-lama", "weights.json"]  # the zip and temporaries are gone
+    record = json.loads((models / "weights.json").read_text())["big-lama-ckpt"]
+    assert record["zip_sha256"] == sha256(archive) and record["check_sha256"] == sha256(ckpt)
+
+    _, what = weights.fetch("big-lama-ckpt", retries=0, progress=False)
+    assert what.startswith("present") and server.gets("/big-lama.zip") == 1
+    assert weights.verify("big-lama-ckpt")[0]
+    (folder / "models" / "best.ckpt").write_bytes(b"x")
+    ok, line = weights.verify("big-lama-ckpt")
+    assert not ok and f"expected sha256:{sha256(ckpt)}" in line and sha256(b"x") in line
+
+
+def test_zip_with_unsafe_paths_is_refused(server):
+    server.routes["/big-lama.zip"] = (
+        200,
+        make_zip({"big-lama/models/best.ckpt": b"x", "big-lama/../../evil": b"y"}),
+        {},
+    )
+    with pytest.raises(WeightsError, match="unsafe member path"):
+        weights.fetch("big-lama-ckpt", retries=0, progress=False)
+    assert leftovers(weights.models_dir()) == []  # nothing extracted, nothing left
+
+
+# ---------------------------------------------------------------- hub
+
+
+@pytest.fixture
+def hub(server, monkeypatch):
+    """The fake hub serves a two-file repo; returns the files."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    files = {"open_clip_model.safetensors": PAYLOAD[:5000], "README.md": b"# readme\n"}
+    siblings = [
+        {
+            "rfilename": n,
+            "size": len(d),
+            "lfs": {"sha256": sha256(d), "size": len(d), "pointerSize": 130},
+        }
+        for n, d in files.items()
+    ]
+    info = json.dumps({"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings})
+    for route in (f"/api/models/{repo}", f"/api/models/{repo}/revision/{COMMIT}"):
+        server.routes[route] = (
+            200, info.encode(), {"Content-Type": "application/json"},
+        )  # fmt: skip
+    tree = [
+        {"type": "file", "path": n, "size": len(d), "oid": sha256(d)[:40],
+         "lfs": {"oid": sha256(d), "size": len(d), "pointerSize": 130}}
+        for n, d in files.items()
+    ]  # fmt: skip
+    server.routes[f"/api/models/{repo}/tree/{COMMIT}"] = (
+        200, json.dumps(tree).encode(), {"Content-Type": "application/json"},
+    )  # fmt: skip
+    for name, data in files.items():
+        server.routes[f"/{repo}/resolve/{COMMIT}/{name}"] = (
+            200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{sha256(data)}"'},
+        )  # fmt: skip
+    return files
+
+
+def test_hub_fetch_takes_only_the_needed_files_and_records_the_commit(server, hub, tmp_path):
+    path, what = weights.fetch("clip-vit-b-32")
+    folder = tmp_path / "models" / "clip" / "ViT-B-32"
+    assert path == folder and COMMIT in what
+    assert (folder / "open_clip_model.safetensors").read_bytes() == hub[
+        "open_clip_model.safetensors"
+    ]
+    assert not (folder / "README.md").exists()  # not a file the study needs
+    record = json.loads((tmp_path / "models" / "weights.json").read_text())["clip-vit-b-32"]
+    assert record["commit"] == COMMIT
+    assert record["files"] == {
+        "open_clip_model.safetensors": {
+            "size": 5000, "sha256": sha256(hub["open_clip_model.safetensors"])
+        }
+    }  # fmt: skip
+    assert weights.primary_path(REGISTRY["clip-vit-b-32"]) == folder / "open_clip_model.safetensors"
+    # present and matching: no second download
+    downloads = server.gets(
+        f"/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/{COMMIT}/open_clip_model.safetensors"
+    )
+    _, what = weights.fetch("clip-vit-b-32")
+    assert what.startswith("present") and downloads == 1
+    assert weights.verify("clip-vit-b-32") == (True, f"ok: {folder} (commit {COMMIT}, 1 files)")
+
+
+def test_hub_checksum_mismatch_deletes_the_file(server, hub, tmp_path):
+    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    bad = b"tampered"
+    server.routes[f"/{repo}/resolve/{COMMIT}/open_clip_model.safetensors"] = (
+        200, bad, {"X-Repo-Commit": COMMIT, "ETag": '"x"'},
+    )  # fmt: skip
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("clip-vit-b-32")
+    expected = sha256(hub["open_clip_model.safetensors"])
+    assert f"expected sha256:{expected}, found sha256:{sha256(bad)}" in str(err.value)
+    assert not (tmp_path / "models/clip/ViT-B-32/open_clip_model.safetensors").exists()
+
+
+def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("sd15-inpainting")
+    message = str(err.value)
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-inpainting" in message
+    assert f"--local-dir {tmp_path / 'models' / 'sd15-inpainting'}" in message
+    assert "weights verify sd15-inpainting" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_list_shows_every_file(capsys):
+    assert cli.main(["weights", "list"]) == 0
+    out = capsys.readouterr().out
+    for spec in REGISTRY.values():
+        assert f"{spec.name}" in out and spec.source in out and spec.licence in out
+    assert "205,669,692 bytes" in out and "md5:e3aa4aaa15225a33ec84f9f4bc47e500" in out
+    assert "md5:8ca927835fa3f5e21d65ffcb165377ed" in out
+    assert "goes to  models/clip/ViT-B-32/open_clip_model.safetensors" in out
+    assert out.count("[make weights]") == len(weights.DEFAULT_SET)
+
+
+def test_cli_verify_and_fetch_exit_codes(server, tiny, capsys):
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    assert cli.main(["weights", "verify", "tiny"]) == 1
+    assert "missing:" in capsys.readouterr().out
+    assert cli.main(["weights", "verify"]) == 0  # nothing fetched yet: listed, not failed
+    assert "tiny: not fetched" in capsys.readouterr().out
+    assert cli.main(["weights", "fetch", "tiny"]) == 0
+    assert "tiny: downloaded" in capsys.readouterr().out
+    assert cli.main(["weights", "verify"]) == 0
+    assert "tiny: ok:" in capsys.readouterr().out
+    assert cli.main(["weights", "fetch", "nonesuch"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "runtime-backdoor weights: error: unknown weights 'nonesuch'; known: big-lama"
+    )
