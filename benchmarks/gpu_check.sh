@@ -7,8 +7,9 @@
 #     bash benchmarks/gpu_check.sh
 # Results land in $OUT (the device tool brings them back) or reports/benchmarks/ without it:
 # device_checks.json holds correctness checks on the GPU, gpu-key.json the issue's target
-# rows, gpu-rest.json the remaining switches; the benchmark files are
-# rewritten after every row, and DEADLINE (seconds, default 420) stops new rows in time.
+# rows, gpu-rest.json the remaining switches, rehearsal.json (+ rehearsal/ with each editor's
+# reports and figures) the pipeline rehearsal's per-stage seconds and peak GPU memory. Every JSON
+# is rewritten after each row or stage; DEADLINE (seconds, default 420) stops new rows in time.
 # A dry run of the plumbing here: DEVICE=cpu DEADLINE=20 PYTHON=.venv/bin/python OUT=/tmp/gc bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,20 +38,30 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 
-# 0. correctness on the device: the test suite's key comparisons (seconds)
-"$py" benchmarks/device_checks.py --device "$device" --out "$out/device_checks.json" 2>&1 |
-    tee "$out/device_checks.log"
+# 0. correctness on the device: the test suite's key comparisons (seconds; at most 2 minutes)
+timeout -k 10 120 "$py" benchmarks/device_checks.py --device "$device" \
+    --out "$out/device_checks.json" 2>&1 | tee "$out/device_checks.log"
 
-# 1. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness
-"$py" benchmarks/benchmark_protection.py --device "$device" --repeats 2 --max-seconds-per-case 20 \
-    --deadline-seconds "$deadline" --out "$out/gpu-key.json" --cases \
+# 1. the paper's path, stage by stage, on Big-LaMa and SD-1.5 with random weights (1-3 minutes;
+#    no new stage after REHEARSAL seconds, killed 60 s later); the CPU dry run is tiny
+rehearsal=${REHEARSAL:-210}
+[[ "$device" == cpu ]] && dry=(--dry-run) || dry=()
+timeout -k 10 $((rehearsal + 60)) "$py" benchmarks/rehearse_pipeline.py --device "$device" \
+    "${dry[@]}" --deadline "$rehearsal" --out "$out/rehearsal.json" --keep "$out/rehearsal" 2>&1 |
+    tee "$out/rehearsal.log"
+
+# 2. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness
+left=$((deadline - (SECONDS - start)))
+left=$((left > 0 ? left : 0))
+timeout -k 10 $((left + 90)) "$py" benchmarks/benchmark_protection.py --device "$device" \
+    --repeats 2 --max-seconds-per-case 20 --deadline-seconds "$left" --out "$out/gpu-key.json" --cases \
     big-lama-512 big-lama-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
     photoguard-sd15-512-s4-bf16 sd15-512-s4 sd15-512-s4-ckpt 2>&1 | tee "$out/gpu-key.log"
 
-# 2. every other row of the gpu group, in the time left
+# 3. every other row of the gpu group, in the time left
 left=$((deadline - (SECONDS - start)))
 if ((left > 30)); then
-    "$py" benchmarks/benchmark_protection.py --device "$device" --repeats 2 \
+    timeout -k 10 $((left + 60)) "$py" benchmarks/benchmark_protection.py --device "$device" --repeats 2 \
         --max-seconds-per-case 15 --deadline-seconds "$left" --out "$out/gpu-rest.json" \
         --cases mini-128 mini-256 big-lama-256 big-lama-512-unfolded big-lama-512-separate \
         'big-lama-512*channels-last' big-lama-512-bf16-compile 'sd15-512-s[12]-bf16*' \

@@ -167,3 +167,103 @@ def test_device_checks_pass_on_the_cpu(tmp_path):
     assert 0 < by_name["sd-vs-diffusers-pipeline"].value < 1e-4  # two implementations
     report = json.loads((tmp_path / "checks.json").read_text())
     assert report["passed"] and report["device"] == "cpu" and len(report["checks"]) == len(rows)
+
+
+# --------------------------------------------------------------------------- the GPU rehearsal
+
+REHEARSAL = SCRIPT.parent / "rehearse_pipeline.py"
+#: what the GPU image lacks; the rehearsal's code path must not need it
+ABSENT_ON_GPU = ("dvc", "papermill", "open_clip")
+
+
+def test_rehearsal_dry_run_runs_every_stage_without_papermill_dvc_or_open_clip(tmp_path):
+    import os
+    import subprocess
+
+    # A fresh interpreter in which importing any of ABSENT_ON_GPU fails, as on the GPU image.
+    hide = f"import sys; sys.modules.update(dict.fromkeys({ABSENT_ON_GPU!r}))"
+    run = f"import runpy; runpy.run_path({str(REHEARSAL)!r}, run_name='__main__')"
+    out, keep = tmp_path / "rehearsal.json", tmp_path / "keep"
+    args = ["--dry-run", "--out", str(out), "--keep", str(keep)]
+    src = str(SCRIPT.parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", f"{hide}; sys.argv[1:] = {args!r}; {run}"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["device"] == "cpu"
+    assert report["settings"]["size"] == 64 and report["settings"]["lama_preset"] == "mini"
+    pipeline = ["editor", "implant", "edit", "evaluate", "figures"]
+    order = [(r["editor"], r["stage"]) for r in report["stages"]]
+    expected = [("data", "prepare"), *(("big-lama", s) for s in pipeline)]
+    assert order == [*expected, ("sd15", "prepare"), *(("sd15", s) for s in pipeline)]
+    rows = {(r["editor"], r["stage"]): r for r in report["stages"]}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["seconds"] > 0
+        assert row["peak_gpu_gib"] is None  # no GPU memory to report on the CPU
+    assert rows["data", "prepare"]["images"] == 2 and rows["sd15", "prepare"]["images"] == 1
+    for editor, images in (("big-lama", 2), ("sd15", 1)):
+        implant = rows[editor, "implant"]
+        assert implant["images"] == images and implant["seconds_per_image"] > 0
+        assert implant["linf_8bit_max"] <= 6.375 + 1e-6  # the paper's ε, 8-bit grid
+        assert rows[editor, "edit"]["edits"] == 6 * images
+        assert rows[editor, "evaluate"]["clip_fid"] == "open_clip is not installed"
+        assert 20 < rows[editor, "evaluate"]["protection_psnr"] < 60
+        metrics = json.loads((keep / editor / "metrics.json").read_text())
+        assert metrics["n_images"] == images and metrics["clip_fid_available"] is False
+        for name in ("grid.png", "scenarios.png", "loss_curves.png"):
+            assert (keep / editor / "figures" / name).stat().st_size > 5_000
+        assert "| malicious | mask |" in (keep / editor / "results.md").read_text()
+    assert rows["big-lama", "editor"]["parameters"] > 100_000  # the miniature preset
+
+
+def test_rehearsal_past_its_deadline_records_every_stage_as_skipped(tmp_path):
+    spec = importlib.util.spec_from_file_location("rehearse_pipeline", REHEARSAL)
+    rehearse = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = rehearse
+    try:
+        spec.loader.exec_module(rehearse)
+        out = tmp_path / "late.json"
+        rehearse.run(
+            out, device="cpu", settings=rehearse.DRY_RUN, deadline=0.0, echo=lambda _: None
+        )
+        with pytest.raises(ValueError, match="--editors"):
+            rehearse.run(None, device="cpu", editors=["mat"], echo=lambda _: None)
+    finally:
+        sys.modules.pop(spec.name, None)
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["settings"]["deadline"] == 0.0
+    assert [(r["editor"], r["stage"], r["status"]) for r in report["stages"]] == [
+        ("data", "prepare", "skipped: out of time")
+    ]
+
+
+def test_gpu_check_runs_device_checks_then_the_rehearsal_then_the_benchmarks(tmp_path):
+    """The order of gpu_check.sh's calls, with a stand-in interpreter that only logs them."""
+    import subprocess
+
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(tmp_path / "out"),
+           "DEVICE": "cpu", "DEADLINE": "400"}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_check.sh")], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    scripts = [
+        word.removeprefix("benchmarks/")
+        for line in log.read_text().splitlines()
+        for word in line.split()[:1]
+        if word.startswith("benchmarks/")
+    ]
+    assert scripts == [
+        "device_checks.py", "rehearse_pipeline.py", "benchmark_protection.py",
+        "benchmark_protection.py",
+    ]  # fmt: skip
+    rehearsal = next(line for line in log.read_text().splitlines() if "rehearse" in line)
+    assert "--dry-run" in rehearsal.split() and "--deadline 210" in rehearsal
