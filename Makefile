@@ -1,6 +1,10 @@
 # Two commands do everything on a fresh machine:
 #   make reproduce   set up .venv, restore the data, run the whole DVC pipeline (offline, CPU)
 #   make test        set up .venv, run the test suite
+# With internet (weights) and, for the paper's settings, a GPU:
+#   make weights            fetch the default weights into models/ (big-lama, clip-vit-b-32)
+#   make reproduce-real     Big-LaMa at 256 px on N=6 embedded images (GPU if any, else CPU)
+#   make reproduce-paper    512 px, expansion kernel 17, all images, GPU (EDITOR=mat|sd15)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install reproduce test lint clean-venv
+.PHONY: install reproduce test lint clean-venv weights reproduce-real reproduce-paper
 
 install: $(STAMP)
 
@@ -29,6 +33,25 @@ reproduce: install
 	$(BIN)/dvc pull --quiet data.dvc
 	$(BIN)/dvc pull --quiet editor || echo "note: no cached editor for these parameters; the editor stage will train it"
 	$(BIN)/dvc repro
+
+# Real-model runs: the same pipeline in runs/<preset>/ (git-ignored) with params/<preset>.yaml
+# laid over params.yaml; the embedded default's reports/ is never written. WEIGHTS=PATH and
+# CLIP=PATH|none override the files from `make weights`; they are checked before anything runs.
+N ?= 6
+EDITOR ?= lama
+RUN_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(CLIP),--clip $(CLIP))
+
+weights: install
+	# The default set: big-lama (TorchScript, 206 MB, Apache-2.0) and clip-vit-b-32 (CLIP-FID,
+	# about 600 MB, MIT); `runtime-backdoor weights list` shows the others (big-lama-ckpt,
+	# mat-places512, sd15-inpainting, sd2-inpainting), `weights fetch NAME` gets them.
+	HF_HUB_OFFLINE=0 $(BIN)/runtime-backdoor weights fetch big-lama clip-vit-b-32
+
+reproduce-real: install
+	$(BIN)/python -m runtime_backdoor.runs real --n $(N) $(RUN_ARGS)
+
+reproduce-paper: install
+	$(BIN)/python -m runtime_backdoor.runs paper --editor $(EDITOR) $(RUN_ARGS) $(if $(filter 1,$(FORCE)),--force)
 
 test: install
 	$(BIN)/python -m pytest -q

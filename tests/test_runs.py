@@ -1,0 +1,133 @@
+"""Plumbing of `make reproduce-real` / `make reproduce-paper`, without running the pipeline."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime_backdoor import runs
+from runtime_backdoor.runs import RunError
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder with the real params, presets and stage files, and stand-in weights."""
+    root = tmp_path / "project"
+    (root / "params").mkdir(parents=True)
+    for name in ("params.yaml", "params/real.yaml", "params/paper.yaml"):
+        (root / name).write_text((PROJECT / name).read_text())
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    for folder in ("notebooks", "src/runtime_backdoor", "data/raw", "reports"):
+        (root / folder).mkdir(parents=True)
+    (root / "notebooks" / "01_prepare.ipynb").write_text("{}")
+    (root / "src" / "runtime_backdoor" / "study.py").write_text("")
+    (root / "data" / "raw" / "a_example.png").write_bytes(b"png")
+    (root / "reports" / "metrics.json").write_text('{"n_images": 18}')
+    (root / "models" / "clip" / "ViT-B-32").mkdir(parents=True)
+    (root / "models" / "big-lama.pt").write_bytes(b"weights")
+    (root / "models" / "clip" / "ViT-B-32" / "open_clip_model.safetensors").write_bytes(b"clip")
+    return root
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_real_params_are_the_project_params_with_the_preset(project):
+    params = runs.run_params("real", root=project, n=3)
+    base = flatten(yaml.safe_load((project / "params.yaml").read_text()))
+    got = flatten(params)
+    assert set(got) == set(base)  # same keys: every stage finds its parameters
+    changed = {k: v for k, v in got.items() if base[k] != v}
+    assert changed == {
+        "prepare.size": 256,
+        "prepare.limit": 3,
+        "editor.name": "lama",
+        "editor.weights": str(project / "models" / "big-lama.pt"),
+        "implant.expand_kernel": 9,
+        "implant.batch_size": 2,
+        "edit.batch_size": 2,
+        "evaluate.clip_weights": str(
+            project / "models" / "clip" / "ViT-B-32" / "open_clip_model.safetensors"
+        ),
+    }
+    assert got["device"] == "auto"
+
+
+def test_paper_params_follow_the_paper(project):
+    (project / "models" / "sd15-inpainting").mkdir()
+    params = runs.run_params("paper", root=project, editor="sd15", clip="none")
+    assert params["prepare"]["size"] == 512 and params["prepare"]["limit"] == 0
+    assert params["implant"]["expand_kernel"] == 17
+    assert params["implant"]["eps"] == 0.025 and params["implant"]["steps"] == 20
+    assert params["device"] == "cuda"
+    assert params["editor"]["name"] == "sd-inpainting"
+    assert params["editor"]["weights"] == str(project / "models" / "sd15-inpainting")
+    assert params["evaluate"]["clip_weights"] == ""
+
+
+def test_missing_weights_name_make_weights(project):
+    (project / "models" / "big-lama.pt").unlink()
+    with pytest.raises(RunError) as err:
+        runs.run_params("real", root=project)
+    assert str(err.value) == (
+        f"Big-LaMa weights missing at {project / 'models' / 'big-lama.pt'}: run `make weights` "
+        "(or `runtime-backdoor weights fetch big-lama`; WEIGHTS=PATH for another file)"
+    )
+    runs.run_params("real", root=project, weights=str(project / "models" / "clip"))  # any path
+    with pytest.raises(RunError, match=r"CLIP=none to skip"):
+        runs.run_params(
+            "paper", root=project, weights=str(project / "models"), clip="elsewhere.safetensors"
+        )
+    with pytest.raises(RunError, match=r"mat-places512"):
+        runs.run_params("paper", root=project, editor="mat")
+
+
+def test_bad_choices_are_one_line(project):
+    with pytest.raises(
+        RunError, match=r"^EDITOR=sdxl: unknown editor; choose one of lama, mat, sd15$"
+    ):
+        runs.run_params("paper", root=project, editor="sdxl")
+    with pytest.raises(RunError, match=r"^N=0: "):
+        runs.run_params("real", root=project, n=0)
+    (project / "params" / "real.yaml").write_text("implant:\n  expand_kernal: 9\n")
+    with pytest.raises(RunError, match=r"unknown parameter 'expand_kernal'"):
+        runs.run_params("real", root=project)
+
+
+def test_paper_without_gpu_stops_at_once(project, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(project)
+    assert runs.main(["paper"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reproduce-paper: error: needs a CUDA GPU") and "FORCE=1" in err
+    assert err.count("\n") == 1
+    assert not (project / "runs").exists()
+    runs.require_gpu(force=True)  # forced: no error
+
+
+def test_setup_builds_a_separate_dvc_project(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    before = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    assert runs.main(["real", "--n", "2", "--clip", "none", "--setup-only"]) == 0
+    run_dir = project / "runs" / "real"
+    assert capsys.readouterr().out.strip() == str(run_dir)
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    assert params == runs.run_params("real", root=project, n=2, clip="none")
+    for name in ("dvc.yaml", "notebooks/01_prepare.ipynb", "src/runtime_backdoor/study.py"):
+        assert (run_dir / name).read_bytes() == (project / name).read_bytes()
+    assert (run_dir / "data" / "raw" / "a_example.png").read_bytes() == b"png"
+    assert (run_dir / ".dvc").is_dir() and not (run_dir / "reports").exists()
+    # nothing of the project changed, and nothing was written outside runs/
+    after = {p: p.read_bytes() for p in project.rglob("*") if p.is_file()}
+    assert {p: b for p, b in after.items() if "runs" not in p.relative_to(project).parts} == before
