@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from runtime_backdoor.editors.diffusion import SD_NOISE_SCHEDULE, TINY_UNET_CONFIG, TINY_VAE_CONFIG
+from runtime_backdoor.editors.diffusion import SD_DDIM_SCHEDULE, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = 1
@@ -93,8 +93,6 @@ SD15_VAE = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
-#: SD-1.5's noise schedule on a DDIM sampler
-SD_SCHEDULE = dict(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE)
 SD_STACKS = {
     "sd-tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
     "sd15": (SD15_UNET, SD15_VAE),
@@ -246,14 +244,14 @@ def _sd_scheduler(host_timesteps: bool = False):
     from diffusers import DDIMScheduler
 
     if not host_timesteps:
-        return DDIMScheduler(**SD_SCHEDULE)
+        return DDIMScheduler(**SD_DDIM_SCHEDULE)
 
     class HostTimesteps(DDIMScheduler):
         # meta tensors cannot index the schedule's tables: keep the timesteps real
         def set_timesteps(self, num_inference_steps, device=None):
             return super().set_timesteps(num_inference_steps, device="cpu")
 
-    return HostTimesteps(**SD_SCHEDULE)
+    return HostTimesteps(**SD_DDIM_SCHEDULE)
 
 
 _SD_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}

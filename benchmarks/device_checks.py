@@ -113,28 +113,10 @@ def check_implant_bf16(device: torch.device) -> tuple[float, str]:
 
 
 def _tiny_sd(device: torch.device, **options):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from runtime_backdoor.editors.diffusion import tiny_sd_inpainting
 
-    from runtime_backdoor.editors.diffusion import (
-        SD_NOISE_SCHEDULE,
-        TINY_UNET_CONFIG,
-        TINY_VAE_CONFIG,
-        DiffusionInpaintEditor,
-    )
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    with torch.no_grad():  # a near-point posterior: the pipeline samples where we take the mean
-        vae.quant_conv.weight[4:] = 0
-        vae.quant_conv.bias[4:] = -60.0
-    scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE)
-    g = torch.Generator().manual_seed(1)
-    embeds, negative = torch.randn(2, 1, 8, 32, generator=g)
-    editor = DiffusionInpaintEditor.from_components(
-        unet.to(device), vae.to(device), scheduler, embeds, negative, **options
-    )
-    return editor.to(device)
+    # a near-point posterior: the pipeline samples where we take the mean
+    return tiny_sd_inpainting(seed=0, size=64, point_posterior=True, **options).to(device)
 
 
 def check_sd_pipeline(device: torch.device) -> tuple[float, str]:

@@ -138,9 +138,9 @@ def test_random_boxes_are_seeded_and_inside_the_image():
 
 def test_encoder_attack_pulls_the_latent_towards_the_target_on_a_tiny_sd():
     pytest.importorskip("diffusers")
-    from runtime_backdoor.beyond import tiny_sd_editor
+    from runtime_backdoor.editors.diffusion import tiny_sd_inpainting
 
-    editor = tiny_sd_editor(seed=0, steps=1, size=32)
+    editor = tiny_sd_inpainting(seed=0, steps=1, size=32)
     g = torch.Generator().manual_seed(1)
     x = torch.round(torch.rand(1, 3, 32, 32, generator=g) * 255) / 255
     m = torch.zeros(1, 1, 32, 32)

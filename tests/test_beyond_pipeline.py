@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from runtime_backdoor import beyond, study
-from runtime_backdoor.metrics import ssim
+from runtime_backdoor import beyond, reporting, study
+from runtime_backdoor.editors.specs import parse_editor_spec
 from runtime_backdoor.robustness import FAIR_SCENARIOS
 from runtime_backdoor.samples import make_sample
 
@@ -39,38 +38,12 @@ def folders(tmp_path_factory):
     return d
 
 
-def test_editor_specs_parse_and_build():
-    s = beyond.parse_editor_spec("control:global-mix(gain:800,reach:3)")
-    assert (s.label, s.name, s.kwargs) == ("control", "global-mix", {"gain": 800, "reach": 3})
-    plain = beyond.parse_editor_spec("lama(preset:mini,seed:1,ngf:8)")
-    assert plain.label == "lama(preset:mini,seed:1,ngf:8)"
-    editor = beyond.build_from_spec(plain)
-    assert editor.generator.config.ngf == 8
-    assert beyond.parse_editor_spec("pipeline").name == "pipeline"
-    for bad in ("nope", "global-mix(gain800)", "global-mix(gain:1"):
-        with pytest.raises(ValueError):
-            beyond.parse_editor_spec(bad)
-    with pytest.raises(ValueError, match="unique"):
-        beyond.parse_editor_specs("a:global-mix a:blur-fill")
-
-
 def test_subset_is_round_robin_over_content():
     manifest = pd.DataFrame(
         {"name": list("abcdef"), "content": ["face"] * 3 + ["logo"] * 2 + ["watermark"]}
     )
     assert beyond.subset_names(manifest, 4) == ["a", "d", "f", "b"]
     assert beyond.subset_names(manifest, 0) == list("abcdef")
-
-
-def test_batched_ssim_is_the_metrics_ssim():
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 3, 30, 27, generator=g)
-    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
-    m = torch.zeros(2, 1, 30, 27)
-    m[..., 3:20, 0:9] = 1
-    for i in range(2):
-        assert abs(float(beyond.ssim_batch(a, b)[i]) - ssim(a[i], b[i])) < 1e-9
-        assert abs(float(beyond.ssim_batch(a, b, m)[i]) - ssim(a[i], b[i], m[i, 0] > 0)) < 1e-9
 
 
 def test_stage_function_covers_every_part(folders):
@@ -113,11 +86,11 @@ def test_stage_function_covers_every_part(folders):
     assert crop.notna().all()
 
     tables = {
-        "fair": beyond.fair_mask_table(per_edit),
-        "robust": beyond.robustness_table(per_edit),
-        "eot": beyond.eot_table(per_edit, protection),
-        "base": beyond.baseline_table(per_edit, protection),
-        "transfer": beyond.transfer_table(per_edit),
+        "fair": reporting.fair_mask_table(per_edit),
+        "robust": reporting.robustness_table(per_edit),
+        "eot": reporting.eot_table(per_edit, protection),
+        "base": reporting.baseline_table(per_edit, protection),
+        "transfer": reporting.transfer_table(per_edit),
     }
     assert set(tables["fair"]["scenario"]) == set(beyond.ALL_SCENARIOS)
     assert set(tables["robust"]["transform"]) == {"none", "jpeg:75", "crop:3"}
@@ -126,9 +99,9 @@ def test_stage_function_covers_every_part(folders):
     base = tables["base"]
     assert (base[base["method"] == "encoder"]["status"].str.startswith("n/a")).all()
     assert (base[base["status"] == "ok"]["n_images"] == 2).all()
-    md = beyond.markdown(per_edit, protection)
+    md = reporting.markdown(per_edit, protection)
     assert "not applicable" in md and "## Transfer" in md and "## EOT" in md
-    summary = beyond.summarize(per_edit, protection)
+    summary = reporting.summarize(per_edit, protection)
     assert summary["n_edits"] == len(per_edit)
     assert 0 <= summary["pipeline_backdoor_mask_hit_rate"] <= 1
     assert "control_markpainting_seconds_per_image" in summary
@@ -196,4 +169,4 @@ def test_dvc_stage_passes_every_notebook_parameter_from_params_yaml():
     for key in ("editors", "transfer_editors", "methods", "transforms", "robust_scenarios"):
         assert f'"${{beyond.{key}}}"' in stage["cmd"]
     for spec in (params["beyond"]["editors"] + " " + params["beyond"]["transfer_editors"]).split():
-        beyond.parse_editor_spec(spec)
+        parse_editor_spec(spec)

@@ -26,16 +26,18 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from runtime_backdoor.editors.diffusion import (  # noqa: E402
+    SD_DDIM_SCHEDULE,
     SD_NOISE_SCHEDULE,
     TINY_UNET_CONFIG,
     TINY_VAE_CONFIG,
     DiffusionInpaintEditor,
     encode_prompt,
     load_sd_inpainting,
+    point_posterior_,
 )
 
 SCHEDULERS = {
-    "ddim": DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE),
+    "ddim": DDIMScheduler(**SD_DDIM_SCHEDULE),
     "dpm": DPMSolverMultistepScheduler(**SD_NOISE_SCHEDULE),
     "euler": EulerDiscreteScheduler(**SD_NOISE_SCHEDULE),
 }
@@ -47,17 +49,9 @@ def tiny_unet(in_channels: int = 9) -> UNet2DConditionModel:
 
 
 def tiny_vae() -> AutoencoderKL:
-    """An 8x-downsampling VAE whose posterior is nearly a point.
-
-    The pipeline samples the posterior where the editor takes its mean; a
-    near-zero spread (std = exp(-15)) makes the two agree.
-    """
+    """An 8x-downsampling VAE whose posterior is nearly a point (see ``point_posterior_``)."""
     torch.manual_seed(1)
-    vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    with torch.no_grad():
-        vae.quant_conv.weight[4:] = 0
-        vae.quant_conv.bias[4:] = -60.0  # log-variance, clamped to -30 by diffusers
-    return vae
+    return point_posterior_(AutoencoderKL(**TINY_VAE_CONFIG))
 
 
 def tiny_text() -> tuple[CLIPTokenizer, CLIPTextModel]:

@@ -279,3 +279,17 @@ def test_clip_fid_on_features(random_clip):
     assert float(diff) > 0 and "ViT-B-32" in diff.features
     with pytest.raises(ValueError, match="at least 2"):
         metrics.clip_fid(a[:1], b, model)
+
+
+def test_batched_ssim_is_the_metrics_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 30, 27, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    m = torch.zeros(2, 1, 30, 27)
+    m[..., 3:20, 0:9] = 1
+    for i in range(2):
+        assert abs(float(metrics.ssim_batch(a, b)[i]) - metrics.ssim(a[i], b[i])) < 1e-9
+        assert (
+            abs(float(metrics.ssim_batch(a, b, m)[i]) - metrics.ssim(a[i], b[i], m[i, 0] > 0))
+            < 1e-9
+        )

@@ -14,7 +14,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .data import read_image, read_mask, temp_file_for  # noqa: E402
-from .study import BENIGN, MALICIOUS, SCENARIOS  # noqa: E402
+from .reporting import baseline_table, robustness_table, transfer_table  # noqa: E402
+from .robustness import fair_masks  # noqa: E402
+from .study import BENIGN, MALICIOUS, SCENARIOS, load_prepared  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -205,5 +207,124 @@ def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
         ax.set_xlabel("ε (8-bit units)")
         ax.axvline(paper_eps_8bit, color="tab:red", lw=0.8, ls="--")
     axes[0].text(paper_eps_8bit, 1.0, " paper", color="tab:red", fontsize=8, va="top")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------- beyond stage
+
+
+def _compared(per_edit: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the images every method was run on (the subset), so that bars compare alike."""
+    names = set(per_edit.loc[per_edit["method"] != "backdoor", "name"]) or set(per_edit["name"])
+    return per_edit[per_edit["name"].isin(names)]
+
+
+def _bars(t: pd.DataFrame, x: str, panels, title: str):
+    """Two rows of bar panels (one column per source editor) with one legend for the figure."""
+    sources = list(dict.fromkeys(t["source"]))
+    hue_order = list(dict.fromkeys(t["method"]))
+    fig, axes = plt.subplots(2, len(sources), figsize=(5.5 * len(sources), 6.6), squeeze=False)
+    for c, source in enumerate(sources):
+        for r, (select, col, label) in enumerate(panels):
+            ax = axes[r, c]
+            d = t[(t["source"] == source) & select(t)]
+            sns.barplot(data=d, x=x, y=col, hue="method", hue_order=hue_order, ax=ax)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{source} — {label}", fontsize=9)
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+            ax.tick_params(axis="x", rotation=30 if x == "transform" else 0, labelsize=8)
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(
+        handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(labels),
+        fontsize=8, frameon=False, title=title, title_fontsize=10,
+    )  # fmt: skip
+    return fig
+
+
+def robustness_plot(per_edit: pd.DataFrame):
+    """Malicious hit rate and benign SSIM (region) per transformation, per source and method,
+    on the images every method was run on."""
+    d = _compared(per_edit)
+    t = robustness_table(d, methods=list(d["method"].unique()))
+    panels = (
+        (lambda t: t["kind"] == "malicious", "hit_rate_protected", "malicious: target-hit rate"),
+        (
+            lambda t: t["kind"] == "benign",
+            "ssim_region_vs_clean_edit",
+            "benign: SSIM (region) vs clean edit",
+        ),
+    )
+    return _bars(t, "transform", panels, "Robustness: transformation before editing")
+
+
+def baseline_plot(per_edit: pd.DataFrame, protection: pd.DataFrame):
+    """Hit rate and SSIM (region) by method and scenario group, per source editor."""
+    t = baseline_table(per_edit, protection)
+    t = t[t["status"] == "ok"].copy()
+    t["group"] = t["kind"] + "\n" + t["family"]
+    panels = (
+        (lambda t: t["kind"].notna(), "hit_rate_protected", "target-hit rate"),
+        (lambda t: t["kind"].notna(), "ssim_region_vs_clean_edit", "SSIM (region) vs clean edit"),
+    )
+    return _bars(t, "group", panels, "Methods side by side (no transformation)")
+
+
+def transfer_plot(per_edit: pd.DataFrame):
+    """Heat maps: method and editor protected against (rows) x editor edited with (columns)."""
+    t = transfer_table(per_edit)
+    t["protected against"] = t["method"] + " / " + t["source"]
+    rows = list(dict.fromkeys(t["protected against"]))
+    cols = list(dict.fromkeys(t["editor"]))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.4 * len(cols), 1.2 + 0.35 * len(rows)))
+    for ax, (kind, col, title) in zip(
+        axes,
+        (
+            ("malicious", "hit_rate_protected", "malicious: target-hit rate"),
+            ("benign", "ssim_region_vs_clean_edit", "benign: SSIM (region) vs clean edit"),
+        ),
+        strict=True,
+    ):
+        piv = t[t["kind"] == kind].pivot(index="protected against", columns="editor", values=col)
+        piv = piv.reindex(index=rows, columns=cols)
+        sns.heatmap(piv, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=False)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("method / protected against")
+        ax.set_xlabel("edited with")
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fair_mask_figure(
+    prepared_dir, names: list[str], kernel: int, *, shift_px: int = 4, seed: int = 0
+):
+    """One row per image: the protected region and every fair scenario's mask."""
+    _, x, m = load_prepared(prepared_dir, names)
+    fair = fair_masks(m, shift_px=shift_px, seed=seed)
+    cols = ["image + m", *fair]
+    fig, axes = plt.subplots(
+        len(names), len(cols), figsize=(1.5 * len(cols), 1.6 * len(names)), squeeze=False
+    )
+    for i, name in enumerate(names):
+        img = x[i].permute(1, 2, 0).numpy()
+        for c, label in enumerate(cols):
+            ax = axes[i, c]
+            ax.imshow(img)
+            region = m[i, 0] if c == 0 else fair[label][i, 0]
+            ax.imshow(
+                np.ma.masked_where(region.numpy() < 0.5, region.numpy()), cmap="autumn", alpha=0.55
+            )
+            ax.contour(m[i, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
     fig.tight_layout()
     return fig

@@ -36,7 +36,10 @@ __all__ = [
     "load_clip",
     "masked_mse",
     "psnr",
+    "reduce_ssim",
     "ssim",
+    "ssim_batch",
+    "ssim_map",
     "target_hit",
     "target_hit_fraction",
     "try_load_clip",
@@ -132,7 +135,7 @@ def ssim(a, b, mask=None) -> float:
     scikit-image defaults: 7 x 7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance; each
     channel separately, then averaged. Without ``mask`` the mean excludes a 3-px border (as
     scikit-image does); with ``mask`` it is the mean of the SSIM map over the mask pixels.
-    Images must be at least 7 x 7.
+    Images must be at least 7 x 7. :func:`ssim_batch` is the same for batches of tensors.
     """
     from skimage.metrics import structural_similarity
 
@@ -146,6 +149,54 @@ def ssim(a, b, mask=None) -> float:
         raise ValueError("mask is empty: the masked SSIM is undefined")
     _, smap = structural_similarity(a, b, channel_axis=2, data_range=1.0, full=True)
     return float(smap.mean(axis=2)[m].mean())
+
+
+def _symmetric_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    # scipy.ndimage's "reflect" (edge repeated), which scikit-image's SSIM filter uses
+    x = torch.cat([x[..., :p].flip(-1), x, x[..., -p:].flip(-1)], dim=-1)
+    return torch.cat([x[..., :p, :].flip(-2), x, x[..., -p:, :].flip(-2)], dim=-2)
+
+
+def _box_mean(x: torch.Tensor, win: int) -> torch.Tensor:
+    """Mean over ``win`` x ``win`` windows of an already padded map, by cumulative sums."""
+    for dim in (-1, -2):
+        c = torch.cumsum(x, dim=dim)
+        zero = torch.zeros_like(c.narrow(dim, 0, 1))
+        c = torch.cat([zero, c], dim=dim)
+        x = c.narrow(dim, win, c.shape[dim] - win) - c.narrow(dim, 0, c.shape[dim] - win)
+    return x / (win * win)
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) SSIM map of (B, 3, H, W) images, averaged over channels (float64).
+
+    scikit-image's definition, as :func:`ssim` uses it: 7x7 uniform window, sample
+    covariance, K1 0.01, K2 0.03, data range 1, symmetric padding. The same numbers as
+    :func:`ssim` to rounding (1e-9, tested), computed in torch for whole batches.
+    """
+    a, b = a.double(), b.double()
+    win, pad = 7, 3
+    norm = win * win / (win * win - 1)
+    stats = _box_mean(_symmetric_pad(torch.cat([a, b, a * a, b * b, a * b], 1), pad), win)
+    ua, ub, aa, bb, ab = stats.chunk(5, dim=1)
+    va, vb, cov = norm * (aa - ua * ua), norm * (bb - ub * ub), norm * (ab - ua * ub)
+    c1, c2 = 0.01**2, 0.03**2
+    smap = ((2 * ua * ub + c1) * (2 * cov + c2)) / ((ua**2 + ub**2 + c1) * (va + vb + c2))
+    return smap.mean(1, keepdim=True)
+
+
+def reduce_ssim(smap: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean of an SSIM map: without ``mask`` skipping a 3-px border (as scikit-image
+    does), with a (B, 1, H, W) ``mask`` over the mask's pixels."""
+    if mask is None:
+        return smap[..., 3:-3, 3:-3].mean(dim=(1, 2, 3))
+    m = mask.double()
+    return (smap * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+
+
+def ssim_batch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) SSIM of (B, 3, H, W) images: :func:`ssim`, batched (see :func:`ssim_map`)."""
+    return reduce_ssim(ssim_map(a, b), mask)
 
 
 def _target_array(target, shape) -> np.ndarray:

@@ -63,6 +63,8 @@ SCHEDULERS = {
 SD_NOISE_SCHEDULE = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
 )
+#: SD 1.x's DDIM sampler settings (``DDIMScheduler(**SD_DDIM_SCHEDULE)``)
+SD_DDIM_SCHEDULE = dict(clip_sample=False, set_alpha_to_one=False, **SD_NOISE_SCHEDULE)
 #: a randomly initialised SD-inpainting stack small enough for CPU tests and benchmarks: the
 #: same family as SD 1.x inpainting (9-channel UNet with cross-attention, 8x VAE); set
 #: ``sample_size`` to the latent side (UNet) and the image side (VAE)
@@ -420,4 +422,45 @@ def _missing_message(source: str, subfolder: str, is_folder: bool, local_files_o
         f"internet, run `hf download {source} --local-dir <folder>` (older clients: "
         f"`huggingface-cli download {source} --local-dir <folder>`), copy the folder here "
         "and pass its path instead of the hub id."
+    )
+
+
+def point_posterior_(vae: torch.nn.Module) -> torch.nn.Module:
+    """Shrink ``vae``'s posterior to nearly a point (std = exp(-15)), in place.
+
+    The pipeline samples the posterior where the editor takes its mean; with a near-zero
+    spread the two agree, so a random VAE can be compared with the pipeline.
+    """
+    with torch.no_grad():
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -60.0  # log-variance, clamped to -30 by diffusers
+    return vae
+
+
+def tiny_sd_inpainting(
+    seed: int = 0, steps: int = 2, size: int = 64, *, point_posterior: bool = False, **options: Any
+) -> DiffusionInpaintEditor:
+    """A randomly initialised miniature SD-inpainting stack (:data:`TINY_UNET_CONFIG`,
+    :data:`TINY_VAE_CONFIG`, DDIM), for CPU runs.
+
+    Same architecture family as SD 1.x inpainting (9-channel UNet, 8x VAE, DDIM) but
+    tiny and untrained: it exercises the diffusion code paths (the encoder attack,
+    LaMa ↔ SD transfer) without any download; its numbers say nothing about real SD.
+    ``size``: the image side it is configured for. Random prompt embeddings (and negative
+    ones when ``guidance_scale > 1``); ``options`` as in :class:`DiffusionInpaintEditor`
+    (default ``guidance_scale`` 1).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "sample_size": size // 8})
+    vae = AutoencoderKL(**{**TINY_VAE_CONFIG, "sample_size": size})
+    if point_posterior:
+        point_posterior_(vae)
+    options = {"guidance_scale": 1.0, "seed": seed, **options}
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(1, 8, TINY_UNET_CONFIG["cross_attention_dim"], generator=g)
+    negative = torch.randn(embeds.shape, generator=g) if options["guidance_scale"] > 1 else None
+    return DiffusionInpaintEditor.from_components(
+        unet, vae, DDIMScheduler(**SD_DDIM_SCHEDULE), embeds, negative, steps=steps, **options
     )
