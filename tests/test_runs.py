@@ -1,5 +1,6 @@
 """Plumbing of `make reproduce-real` / `make reproduce-paper`, without running the pipeline."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,11 @@ def test_real_params_are_the_project_params_with_the_preset(project):
     params = runs.run_params("real", root=project, n=3)
     base = flatten(yaml.safe_load((project / "params.yaml").read_text()))
     got = flatten(params)
-    assert set(got) == set(base)  # same keys: every stage finds its parameters
+    # the project's keys, plus the weights' fingerprints that make DVC rerun when a file changes
+    assert set(got) - set(base) == {"editor.weights_id", "evaluate.clip_weights_id"}
+    assert set(base) <= set(got)
+    assert got.pop("editor.weights_id") == f"sha256:{hashlib.sha256(b'weights').hexdigest()}"
+    assert got.pop("evaluate.clip_weights_id") == f"sha256:{hashlib.sha256(b'clip').hexdigest()}"
     changed = {k: v for k, v in got.items() if base[k] != v}
     assert changed == {
         "prepare.size": 256,
@@ -71,7 +76,12 @@ def test_paper_params_follow_the_paper(project):
     assert params["device"] == "cuda"
     assert params["editor"]["name"] == "sd-inpainting"
     assert params["editor"]["weights"] == str(project / "models" / "sd15-inpainting")
-    assert params["evaluate"]["clip_weights"] == ""
+    assert params["evaluate"]["clip_weights"] == "" and "clip_weights_id" not in params["evaluate"]
+    first = params["editor"]["weights_id"]
+    assert first.startswith("listing:")
+    (project / "models" / "sd15-inpainting" / "model_index.json").write_text("{}")
+    again = runs.run_params("paper", root=project, editor="sd15", clip="none")
+    assert again["editor"]["weights_id"] != first  # a changed folder reruns the stages
 
 
 def test_missing_weights_name_make_weights(project):

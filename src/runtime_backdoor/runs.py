@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import os
 import shutil
 import subprocess
@@ -92,13 +93,31 @@ def run_params(
     _require(weights_path, f"{label} weights", entry, "WEIGHTS")
     params["editor"]["name"] = name
     params["editor"]["weights"] = str(weights_path)
+    # DVC sees parameters, not files outside the run: the fingerprints make a stage rerun
+    # when the file behind the same path changes (random rehearsal weights -> real ones)
+    params["editor"]["weights_id"] = fingerprint(weights_path)
     if clip == "none":
         params["evaluate"]["clip_weights"] = ""
     else:
         clip_path = _absolute(clip or params["evaluate"]["clip_weights"], root)
         _require(clip_path, "CLIP ViT-B/32 weights (CLIP-FID)", "clip-vit-b-32", "CLIP", "none")
         params["evaluate"]["clip_weights"] = str(clip_path)
+        params["evaluate"]["clip_weights_id"] = fingerprint(clip_path)
     return params
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of a file; of a folder (a diffusers model), of its files' names, sizes, times."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"sha256:{digest.hexdigest()}"
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"listing:{digest.hexdigest()}"
 
 
 def _absolute(path, root: Path) -> Path:
