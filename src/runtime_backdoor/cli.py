@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
-
-from . import weights
 
 DESCRIPTION = """\
 Protect a region of an image (a watermark, a face, a logo) against inpainting.
@@ -195,7 +195,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("editors", help="list the editors that can be named with --editor")
-    weights.add_parser(sub)
     return parser
 
 
@@ -213,96 +212,240 @@ def _device(name: str):
     return device
 
 
-def _load_inputs(args):
-    import torch
+# Torch's message for a file that restricted unpickling cannot read ends in advice to
+# unpickle it without restriction; for a file from the internet that advice is wrong.
+_UNSAFE_ADVICE = ("weights_only", "Weights only load failed", "trust the source")
 
-    from .data import read_image, read_mask
+
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _weights_reason(err: BaseException, path=None) -> str:
+    text = _one_line(err, limit=10_000)
+    if any(marker in text for marker in _UNSAFE_ADVICE):
+        return "it is corrupt, truncated or not a PyTorch checkpoint; download it again"
+    if "refusing to unpickle" in text:  # code in the file: it stays unread, whatever the source
+        return text.split(". ")[0] + "; use weights from the model's official source"
+    if path is not None and str(path) not in text:  # a reader's own words: say what they mean
+        detail = text.split(". ")[0][:200]
+        return f"it is corrupt, truncated or in another format ({detail}); download it again"
+    return _one_line(err).removeprefix(f"{path}: ")
+
+
+def _build_editor(args, device):
     from .editors import EDITORS, build_editor
 
     if args.editor not in EDITORS:
         raise CliError(
             f"--editor: unknown editor {args.editor!r}; known editors: {', '.join(EDITORS)}"
         )
-    if args.expand % 2 == 0:
+    spec = EDITORS[args.editor]
+    if spec.needs_weights and args.weights is None:
+        hint = spec.description
+        if args.editor == "lama":
+            from .editors.lama import BIG_LAMA_HELP
+
+            hint = BIG_LAMA_HELP
+        raise CliError(f"--editor {args.editor} needs --weights: {hint}")
+    try:
+        return build_editor(args.editor, weights=args.weights, device=device)
+    except (FileNotFoundError, NotImplementedError) as err:
+        raise CliError(_one_line(err)) from err
+    except Exception as err:  # a weight file of any format that does not load
+        raise CliError(
+            f"--weights {args.weights}: cannot load {args.editor} weights: "
+            f"{_weights_reason(err, args.weights)}"
+        ) from err
+
+
+def _check_options(args) -> None:
+    if getattr(args, "expand", 1) % 2 == 0:
         raise CliError(f"--expand must be odd, got {args.expand}")
     if not 0 < args.threshold <= 1:
         raise CliError(f"--threshold must be in (0, 1], got {args.threshold}")
-    image = read_image(args.image)
-    mask = read_mask(args.mask, threshold=args.threshold)
+    target = getattr(args, "target", "solid")
+    if target not in ("solid", "anti") and not Path(target).is_file():
+        raise CliError(
+            f"--target: {target!r} is neither 'solid', 'anti' nor an existing image file"
+        )
+
+
+def _read(path: Path, what: str, read, **kwargs):
+    """Read an image or mask; every failure names the file."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise CliError(f"{what} {path} is a folder; expected a PNG or JPEG file")
+    try:
+        return read(path, **kwargs)
+    except Image.DecompressionBombError as err:
+        raise CliError(
+            f"{what} {path} is too large to read safely ({_one_line(err)}); resize it first"
+        ) from err
+    except MemoryError as err:
+        raise CliError(f"{what} {path} is too large for this machine's memory") from err
+
+
+def _read_inputs(args, image_path: Path, mask_path: Path):
+    """Image (1, 3, H, W), mask (1, 1, H, W) on the CPU and the target, validated."""
+    import torch
+
+    from .data import read_image, read_mask
+
+    image = _read(image_path, "image", read_image)
+    mask = _read(mask_path, "mask", read_mask, threshold=args.threshold)
     if mask.shape != image.shape[:2]:
         raise CliError(
-            f"mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} but image {args.image} is "
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
             f"{image.shape[1]}x{image.shape[0]} (width x height): they must match"
         )
-    target = args.target
+    target = getattr(args, "target", "solid")
     if target not in ("solid", "anti"):
-        target_path = Path(target)
-        if not target_path.exists():
-            raise CliError(
-                f"--target: {target!r} is neither 'solid', 'anti' nor an existing image file"
-            )
-        t = read_image(target_path)
+        t = _read(Path(target), "--target image", read_image)
         if t.shape != image.shape:
             raise CliError(
-                f"--target image {target_path} is {t.shape[1]}x{t.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
+                f"--target image {target} is {t.shape[1]}x{t.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
             )
         target = torch.from_numpy(t).permute(2, 0, 1)
-    device = _device(args.device)
-    try:
-        editor = build_editor(args.editor, weights=args.weights, device=device)
-    except (FileNotFoundError, NotImplementedError) as err:
-        raise CliError(str(err)) from None
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].to(device)
-    m = torch.from_numpy(mask.astype("float32"))[None, None].to(device)
-    return editor, x, m, target
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]
+    m = torch.from_numpy(mask.astype("float32"))[None, None]
+    return x, m, target
 
 
-def _protect(args) -> dict:
+def _write(path: Path, array, overwrite: bool) -> None:
     from .data import write_png
-    from .implant import implant
 
+    try:
+        write_png(path, array, overwrite=overwrite)
+    except FileExistsError:
+        raise CliError(f"--out {path} exists; pass --overwrite to replace it") from None
+    except OSError as err:
+        reason = err.strerror or _one_line(err)
+        raise CliError(f"--out {path}: cannot write it ({reason})") from err
+
+
+def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
     out = args.out
     if out.suffix.lower() != ".png":
-        raise CliError(f"--out {out}: the protected image must be saved as PNG (lossless)")
-    for given in (args.image, args.mask):
-        if out.resolve() == given.resolve():
+        raise CliError(f"--out {out}: the {args.command}ed image must be saved as PNG (lossless)")
+    for given in inputs:
+        if given is not None and out.resolve() == given.resolve():
             raise CliError(
                 f"--out {out} is an input file; choose another path (inputs are never overwritten)"
             )
+    if out.is_dir():
+        raise CliError(f"--out {out} is a folder; give a file name ending in .png")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CliError(f"--out {out}: {parent} is a file, not a folder")
     if out.exists() and not args.overwrite:
         raise CliError(f"--out {out} exists; pass --overwrite to replace it")
-    editor, x, m, target = _load_inputs(args)
+
+
+def _eight_bit(t):
+    """(1, 3, H, W) or (3, H, W) tensor -> H x W x 3 array on the 8-bit grid, as written."""
+    import numpy as np
+
+    a = t.detach().float().cpu().reshape(3, *t.shape[-2:]).permute(1, 2, 0).numpy()
+    return np.round(np.clip(a, 0, 1) * 255) / 255
+
+
+def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
+    from .implant import implant
+
     result = implant(
         editor,
-        x,
-        m,
+        x.to(device),
+        m.to(device),
         eps=args.eps,
         steps=args.steps,
         expand_kernel=args.expand,
         target=target,
         seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet and not _is_folder(args),
     )
-    protected = result.protected[0].permute(1, 2, 0).cpu().numpy()
-    write_png(out, protected, overwrite=args.overwrite)
-    losses = {k: float(v[-1, 0]) for k, v in result.losses.items()}
-    diff = (result.delta.abs().max() * 255).item()
-    return {
-        "out": str(out),
+    losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
+    report = {
         "editor": args.editor,
         "eps": args.eps,
         "steps": args.steps,
-        "max_change_8bit": round(diff, 3),
+        "max_change_8bit": round((result.delta.abs().max() * 255).item(), 3),
         "seconds": round(result.seconds, 3),
         "final_losses": losses,
     }
+    return report, _eight_bit(result.protected[0])
 
 
-def _check(args) -> dict:
+def _edit_one(args, editor, x, m, target, device, original=None):
+    """The edit of ``x``; with ``original``: metrics against the original's edit and a panel."""
+    import numpy as np
+    import torch
+
+    from . import metrics as Q
+    from .targets import make_target
+
+    with torch.no_grad():
+        edited = _eight_bit(editor(x.to(device), m.to(device)))
+    report = {"editor": args.editor}
+    if original is None:
+        return report, edited, None
+    with torch.no_grad():
+        clean = _eight_bit(editor(original.to(device), m.to(device)))
+    region = m[0, 0].numpy() > 0.5
+    # The target the protection was made for: computed from the original, as protect does.
+    phi = _eight_bit(make_target(original, target))
+    report |= {
+        "hit_fraction": round(Q.target_hit_fraction(edited, phi, region), 4),
+        "hit_fraction_original": round(Q.target_hit_fraction(clean, phi, region), 4),
+        "psnr_region_vs_original_edit": round(Q.psnr(edited, clean, region), 3),
+        "ssim_region_vs_original_edit": round(Q.ssim(edited, clean, region), 4),
+    }
+    gap = np.ones((edited.shape[0], COMPARE_GAP, 3))
+    panel = np.concatenate([clean, gap, edited, gap, np.abs(edited - clean)], axis=1)
+    return report, edited, panel
+
+
+COMPARE_GAP = 4  # px of white between the panels of OUT_compare.png
+
+
+def compare_path(out: Path) -> Path:
+    """Where ``edit --compare`` writes the side-by-side panel next to ``out``."""
+    return out.with_name(out.stem + "_compare.png")
+
+
+def _single(args) -> dict:
+    if args.mask is None:
+        raise CliError(f"--mask is required for the image {args.image} (or give a folder)")
+    _check_options(args)
+    if args.command in ("protect", "edit"):
+        _check_out_file(args, (args.image, args.mask, getattr(args, "compare", None)))
+    device = _device(args.device)
+    x, m, target = _read_inputs(args, args.image, args.mask)
+    editor = _build_editor(args, device)
+    if args.command == "check":
+        return _check_one(args, editor, x, m, target, device)
+    if args.command == "protect":
+        report, protected = _protect_one(args, editor, x, m, target, device)
+        _write(args.out, protected, args.overwrite)
+        return {"out": str(args.out), **report}
+    original = None
+    if args.compare is not None:
+        original, _, _ = _read_inputs(args, args.compare, args.mask)
+    report, edited, panel = _edit_one(args, editor, x, m, target, device, original)
+    _write(args.out, edited, args.overwrite)
+    report = {"out": str(args.out), **report}
+    if panel is not None:
+        _write(compare_path(args.out), panel, True)
+        report["compare"] = str(compare_path(args.out))
+    return report
+
+
+def _check_one(args, editor, x, m, target, device) -> dict:
     from .implant import sensitivity
 
-    editor, x, m, target = _load_inputs(args)
-    s = sensitivity(editor, x, m, eps=args.eps, target=target)
+    s = sensitivity(editor, x.to(device), m.to(device), eps=args.eps, target=target)
     gain, needed = float(s.gain[0]), float(s.needed[0])
     verdict = (
         "likely protectable at this eps (first-order estimate)"
@@ -318,27 +461,240 @@ def _check(args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------- folders
+
+IMAGE_SUFFIX, MASK_SUFFIX = "_example.png", "_example_mask.png"
+
+
+def _is_folder(args) -> bool:
+    return args.image.is_dir()
+
+
+def _folder_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
+    """``(name, image, mask)`` of every complete pair, and ``(name, problem)`` of the others."""
+    pairs, problems = [], []
+    for image in sorted(folder.glob("*" + IMAGE_SUFFIX)):
+        name = image.name[: -len(IMAGE_SUFFIX)]
+        if name.endswith("_example") or image.name.endswith(MASK_SUFFIX):
+            continue
+        mask = image.with_name(name + MASK_SUFFIX)
+        if not mask.is_file():
+            problems.append((name, f"{image}: no mask next to it (expected {mask.name})"))
+        else:
+            pairs.append((name, image, mask))
+    for mask in sorted(folder.glob("*" + MASK_SUFFIX)):
+        name = mask.name[: -len(MASK_SUFFIX)]
+        if not mask.with_name(name + IMAGE_SUFFIX).exists():
+            problems.append((name, f"{mask}: a mask without its image {name}{IMAGE_SUFFIX}"))
+    return pairs, problems
+
+
+def _settings(args, editor) -> str:
+    from .study import _code_hash, editor_fingerprint, settings_hash
+
+    options = {
+        k: str(v)
+        for k, v in vars(args).items()
+        if k in ("command", "eps", "steps", "seed", "target", "expand", "threshold", "compare")
+    }
+    return settings_hash(
+        {"editor": editor_fingerprint(editor), "code": _code_hash(editor), **options}
+    )
+
+
+def _folder(args) -> int:
+    """Every pair of a folder: one output per image, a manifest, resume, bad pairs skipped."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import study
+
+    folder, out = args.image, args.out
+    if args.mask is not None:
+        raise CliError("--mask is for a single image; a folder's masks are NAME_example_mask.png")
+    if out is None:
+        raise CliError(f"--out is required for the folder {folder}: the folder for the results")
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a folder for a folder of images")
+    if out.resolve() == folder.resolve():
+        raise CliError(
+            f"--out {out} is the input folder; choose another (inputs are never overwritten)"
+        )
+    compare = getattr(args, "compare", None)
+    if compare is not None and not compare.is_dir():
+        raise CliError(f"--compare {compare}: for a folder of images, give the folder of originals")
+    _check_options(args)
+    pairs, problems = _folder_pairs(folder)
+    if not pairs and not problems:
+        raise CliError(
+            f"{folder}: no '*{IMAGE_SUFFIX}' images (official layout: NAME{IMAGE_SUFFIX} + NAME{MASK_SUFFIX})"
+        )
+    if args.device != "auto":
+        _device(args.device)
+    ranks = study.launched_ranks(args.device)
+    editor = _build_editor(args, ranks.device)
+    tag = _settings(args, editor)
+    outputs = args.command != "check"
+
+    def output_of(name: str):
+        return out / f"{name}{IMAGE_SUFFIX}" if outputs else None
+
+    try:
+        ledger = study.Ledger(out, ranks)
+        previous = ledger.start()["manifest"]
+    except OSError as err:
+        raise CliError(
+            f"--out {out}: cannot write there ({err.strerror or _one_line(err)})"
+        ) from err
+    done = study.finished_rows(previous, tag, output_of)
+    todo = [p for p in pairs if p[0] not in done]
+    skipped = 0
+    if ranks.main:
+        for name, problem in problems:
+            skipped += 1
+            print(f"runtime-backdoor: skipped {name}: {problem}", file=sys.stderr)
+            ledger.record(
+                manifest=pd.DataFrame([{"name": name, "status": "skipped", "error": problem}])
+            )
+    for name, image, mask in tqdm(
+        ranks.share(todo), desc=args.command, disable=args.quiet or not ranks.main
+    ):
+        row = {"name": name, "settings": tag, "status": "done", "image": str(image)}
+        try:
+            row |= _folder_item(args, editor, ranks.device, name, image, mask, compare)
+        except (CliError, ValueError, FileNotFoundError, RuntimeError) as err:
+            if isinstance(err, CliError) and str(err).startswith("--out"):
+                raise  # the output folder, not this pair: stop
+            skipped += 1
+            row = {"name": name, "status": "skipped", "error": _one_line(err)}
+            print(f"runtime-backdoor: skipped {name}: {row['error']}", file=sys.stderr)
+        ledger.record(manifest=pd.DataFrame([row]))
+        _emit(json.dumps(row))
+    new = ledger.collect()
+    if ranks.main:
+        rows = done | {r["name"]: r for r in new["manifest"].to_dict("records")}
+        order = sorted(rows, key=lambda n: n)
+        manifest = pd.DataFrame([rows[n] for n in order])
+        study.write_csv(out / "manifest.csv", manifest)
+        n_skipped = int((manifest.get("status") == "skipped").sum())
+        summary = {
+            "manifest": str(out / "manifest.csv"),
+            "computed": int((new["manifest"].get("status") == "done").sum())
+            if len(new["manifest"])
+            else 0,
+            "resumed": len(done),
+            "skipped": n_skipped,
+        }
+        _emit(json.dumps(summary))
+        skipped = max(skipped, n_skipped)
+    ledger.close()
+    return 1 if skipped else 0
+
+
+def _folder_item(args, editor, device, name, image, mask, compare) -> dict:
+    x, m, target = _read_inputs(args, image, mask)
+    out = args.out / f"{name}{IMAGE_SUFFIX}"
+    if args.command == "check":
+        return _check_one(args, editor, x, m, target, device)
+    if args.command == "protect":
+        report, result = _protect_one(args, editor, x, m, target, device)
+        report["final_losses"] = json.dumps(report["final_losses"])
+    else:
+        original = None
+        if compare is not None:
+            original, _, _ = _read_inputs(args, compare / f"{name}{IMAGE_SUFFIX}", mask)
+        report, result, panel = _edit_one(args, editor, x, m, target, device, original)
+        if panel is not None:
+            _write(args.out / f"{name}_compare.png", panel, True)
+    # The mask goes along, so that the output folder is in the official layout too.
+    _write(args.out / f"{name}{MASK_SUFFIX}", m[0, 0].numpy() > 0.5, True)
+    _write(out, result, True)
+    return {"out": str(out), **report}
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def _quiet_stdout() -> None:
+    # Python flushes stdout once more on exit; point it at /dev/null so that the closed
+    # pipe does not produce a second error there.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _emit(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) does not stop the work."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # The package's own warnings (thresholded masks, dropped alpha) concern the user;
+    # libraries' deprecation chatter does not (--debug shows everything).
+    if (
+        "runtime_backdoor" in str(filename)
+        or category is UserWarning
+        and "runtime_backdoor" in str(message)
+    ):
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "weights":
-        return weights.run(args)
     if args.command == "editors":
         from .editors import EDITORS
 
-        for name, spec in EDITORS.items():
-            print(f"{name:14s} {spec.description}")
+        _emit("\n".join(f"{name:14s} {spec.description}" for name, spec in EDITORS.items()))
         return 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            report = _protect(args) if args.command == "protect" else _check(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"runtime-backdoor: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, indent=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        if not args.debug:
+            warnings.showwarning = _show_warning
+        if args.image.is_dir():
+            return _folder(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CliError("several processes need a folder of images, not one image")
+        report = _single(args)
+    _emit(json.dumps(report, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; exit status 0 = done, 1 = some images skipped, 2 = error.
+
+    Every error is one line on stderr naming the file or option (``--debug`` adds the
+    traceback). A closed stdout (``| head``) is ignored: the work goes on, quietly.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except KeyboardInterrupt:
+        print("runtime-backdoor: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, CliError | ValueError | FileNotFoundError | FileExistsError):
+            message = _one_line(err)
+        elif isinstance(err, OSError):
+            where = f"{err.filename}: " if err.filename else ""
+            message = f"{where}{err.strerror or _one_line(err)}"
+        else:
+            message = (
+                f"unexpected {type(err).__name__}: {_weights_reason(err)} "
+                "(rerun with --debug for the traceback)"
+            )
+        print(f"runtime-backdoor: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
