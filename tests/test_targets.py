@@ -16,6 +16,11 @@ def flat(r, g, b, size=4):
         ((0.1, 0.9, 0.1), "red"),  # green image: red and blue tie, red first
         ((0.9, 0.9, 0.1), "blue"),  # yellow image: blue is farthest
         ((0.1, 0.9, 0.2), "red"),  # greenish image with a little blue: red beats blue
+        # Means 127.48 / 127.70 / 127.79 truncate to a three-way tie (official: astype(int)),
+        # where the untruncated means would pick red.
+        ((127.48 / 255, 127.70 / 255, 127.79 / 255), "green"),
+        # A whole 8-bit mean must not truncate to the value below (126 would make red win).
+        ((127 / 255, 127 / 255, 127 / 255), "green"),
     ],
 )
 def test_solid_colour_rule(mean, expected):

@@ -11,7 +11,8 @@ For an image ``x``, its protected region ``m`` and a frozen editor ``IM``, find
 Defaults are the official ones: ε = 0.025, δ₀ ~ U[0, 0.01), Adam (lr 0.1, betas
 (0.5, 0.5), eps 1e-10), 20 steps, weights 1 / 1 / 2, δ clipped to [-ε, ε] before
 every step, the [0, 1] clip passed straight through. Each image of a batch is
-optimised independently (Adam is element-wise and the losses are summed).
+optimised independently (Adam is element-wise and the losses are summed). Where
+:func:`implant` follows the official loop and where it deviates: its docstring.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def optimise(
     adam_eps: float = 1e-10,
     init_high: float = 0.01,
     seed: int = 0,
+    final_update: bool = False,
     progress: bool = True,
     desc: str = "implant",
 ) -> ImplantResult:
@@ -114,8 +116,10 @@ def optimise(
     ``loss_fn(x_adv, step)`` returns per-image terms (B,) including ``total``, which is
     minimised; a ``loss_fn`` that back-propagates by itself returns ``total`` detached.
     δ₀ ~ U[0, init_high) drawn on the CPU (same start on every device); δ is clipped to
-    [-ε, ε] before every Adam step; the [0, 1] clip is passed straight through; the
-    result is quantised to 8 bits within ε of ``image``.
+    [-ε, ε] before every Adam step; the [0, 1] clip is passed straight through. The
+    result is the ``x'`` of the last forward pass (the official loop's; with
+    ``final_update`` the last Adam update is applied too), quantised to 8 bits within ε
+    of ``image``.
     """
     x = image.detach()
     gen = torch.Generator().manual_seed(seed)
@@ -125,6 +129,7 @@ def optimise(
     history: dict[str, list[torch.Tensor]] = {}
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    last_forward = None
     for step in bar:
         with torch.no_grad():
             delta.clamp_(-eps, eps)
@@ -132,6 +137,7 @@ def optimise(
         x_adv = x + delta
         # Straight-through clip: forward sees [0, 1], backward sees the identity.
         x_adv = x_adv + (x_adv.clamp(0, 1) - x_adv).detach()
+        last_forward = x_adv.detach().clone()
         terms = loss_fn(x_adv, step)
         if terms["total"].requires_grad:
             terms["total"].sum().backward()
@@ -143,7 +149,8 @@ def optimise(
         torch.cuda.synchronize(x.device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        protected = quantize_within(x, x + delta.clamp(-eps, eps), eps)
+        final = x + delta.clamp(-eps, eps) if final_update or last_forward is None else last_forward
+        protected = quantize_within(x, final, eps)
     losses = {k: torch.stack(v) for k, v in history.items()}
     return ImplantResult(protected, protected - x, target, losses, seconds)
 
@@ -163,6 +170,7 @@ def implant(
     expand_kernel: int = PAPER_EXPAND_KERNEL,
     target: str | torch.Tensor = "solid",
     seed: int = 0,
+    final_update: bool = False,
     batch_passes: bool = True,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = True,
@@ -176,10 +184,21 @@ def implant(
     the editor under autocast while δ, the losses and Adam stay in float32. A
     compiled editor (``torch.compile(editor)``) can be passed as it is.
     Returns an :class:`ImplantResult`.
+
+    Where this follows the official loop (``LaMa/implant_LaMa.py``) and where it does not:
+
+    * follows: the protected image is ``x'`` as fed to the *last* forward pass, i.e. δ after
+      ``steps - 1`` Adam updates; the last update is computed and discarded, as there
+      (``final_update=True`` applies it instead);
+    * deviates: ``x'`` is *rounded* to 8 bits and kept within ε on the 8-bit grid, where the
+      official code truncates (``astype('uint8')``), which moves a pixel down by up to 1/255 and
+      can leave the ε-ball; and every result is evaluated on that 8-bit image, where the official code
+      computes its result images from the unquantised float ``x'``. Both make the reported
+      numbers those of the file an owner actually publishes.
     """
     settings = dict(
         eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps, init_high=init_high,
-        seed=seed, progress=progress,
+        seed=seed, final_update=final_update, progress=progress,
     )  # fmt: skip
     x, m = check_inputs(image, mask, settings)
     if len(weights) != 3 or any(w < 0 for w in weights):

@@ -13,10 +13,13 @@ TARGET_KINDS = ("solid", "anti")
 def solid_colour(image: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Per image, the candidate colour farthest (squared distance) from its mean colour.
 
-    Returns the colours (B, 3) and their names; ties go to the earlier
-    candidate (green, then red, then blue), as in the official scripts.
+    Returns the colours (B, 3) and their names. As in the official scripts, the mean
+    colour is truncated to whole 8-bit values first (``astype(int)``) and ties go to
+    the earlier candidate (green, then red, then blue): for near-grey images the
+    truncation decides the tie.
     """
-    mean = image.mean(dim=(2, 3))  # (B, 3)
+    # + 1e-3: a mean that is a whole 8-bit value must not truncate to the one below.
+    mean = torch.floor(image.mean(dim=(2, 3)) * 255 + 1e-3) / 255  # (B, 3)
     candidates = torch.tensor(list(SOLID_COLOURS.values()), dtype=image.dtype, device=image.device)
     dist = ((mean[:, None, :] - candidates[None]) ** 2).sum(-1)  # (B, 3)
     # argmax returns the first maximum: the official tie-break.

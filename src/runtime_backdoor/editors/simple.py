@@ -100,8 +100,11 @@ class GlobalMixEditor(Editor):
         if self.reach is not None:
             weight = weight * F.max_pool2d(mask, 2 * self.reach + 1, 1, self.reach)
         centred = (image - 0.5) * weight
-        mixed = torch.einsum("bihw,oihw->bo", centred, w) / (
-            3 * weight.flatten(1).sum(1, keepdim=True)
-        )
+        # The sum over every pixel runs in float64 and is rounded back: the BLAS kernels
+        # of different CPUs sum in different orders, and at this gain a last-bit
+        # difference can flip the optimisation's outcome (see tests/test_implant.py).
+        total = torch.einsum("bihw,oihw->bo", centred.double(), w.double())
+        area = 3 * weight.flatten(1).sum(1, keepdim=True).double()
+        mixed = (total / area).to(image.dtype)
         colour = torch.sigmoid(self.gain * mixed)
         return colour[:, :, None, None].expand_as(image)
