@@ -60,10 +60,11 @@ def _build_sd(weights=None, **options) -> Editor:
 
 
 def _build_mat(weights=None, **options) -> Editor:
-    raise NotImplementedError(
-        "editor 'mat' (MAT, CVPR 2022) is reserved but not implemented in this study yet; "
-        "use 'lama' or 'sd-inpainting'"
-    )
+    from .mat import MAT_HELP, load_mat
+
+    if weights is None and options.get("seed") is None:
+        raise ValueError(f"editor 'mat' needs its weights (--weights). {MAT_HELP}")
+    return load_mat(weights, **options)
 
 
 EDITORS: dict[str, EditorSpec] = {
@@ -79,7 +80,11 @@ EDITORS: dict[str, EditorSpec] = {
     "blur-fill": EditorSpec(
         "classical normalised-convolution fill (no weights; insensitive)", False, _build_blur
     ),
-    "mat": EditorSpec("MAT: reserved, not implemented", True, _build_mat),
+    "mat": EditorSpec(
+        "MAT, 512 px (Places_512_FullData_G.pth, official .pkl or safetensors; extra '.[mat]')",
+        True,
+        _build_mat,
+    ),
 }
 
 
