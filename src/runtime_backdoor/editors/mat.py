@@ -48,6 +48,8 @@ import copy
 import importlib
 import io
 import pickle
+import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -206,7 +208,9 @@ class MatEditor(Editor):
     def generate(self, image: torch.Tensor, known: torch.Tensor, dropout_seed: int) -> torch.Tensor:
         """The official call on 512 x 512 inputs: ``image`` in [-1, 1], ``known`` 1 = keep."""
         if image.shape[-2:] != (self.resolution, self.resolution):
-            raise ValueError(f"MAT generates at {self.resolution} px, got {tuple(image.shape[-2:])}")
+            raise ValueError(
+                f"MAT generates at {self.resolution} px, got {tuple(image.shape[-2:])}"
+            )
         b, device = image.shape[0], image.device
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -214,7 +218,7 @@ class MatEditor(Editor):
         else:
             rng, devices = torch.default_generator, []
         mapping = self.generator.mapping
-        if next(mapping.parameters()).dtype != torch.float32:
+        if any(p.dtype != torch.float32 for p in mapping.parameters()):
             # the official mapping casts z to float32 and so only runs in float32
             mapping = copy.deepcopy(mapping).float()
         # Generator.forward with truncation_psi=1: the mapping, then the synthesis
@@ -259,7 +263,8 @@ def load_mat(
         generator, source = init_weights_(build_generator(), seed), "random"
     else:
         state, source = read_mat_weights(weights)
-        generator = build_generator(decoder_noise=any(_is_noise_key(k) for k in state))
+        resolution = max(int(m.group(1)) for k in state if (m := _DEC_BLOCK.match(k)))
+        generator = build_generator(any(_is_noise_key(k) for k in state), resolution)
         generator.load_state_dict(state, strict=True)
     editor = MatEditor(
         generator, z_seed=z_seed, dropout=dropout, dropout_seed=dropout_seed, source=source
@@ -270,25 +275,30 @@ def load_mat(
 # --------------------------------------------------------------------------- weight files
 
 
-def expected_state(decoder_noise: bool = True) -> dict[str, torch.Size]:
-    """Names and shapes of the generator's state dict (487 entries with decoder noise)."""
-    if decoder_noise not in _EXPECTED:
-        _EXPECTED[decoder_noise] = {
-            k: v.shape for k, v in build_generator(decoder_noise).state_dict().items()
-        }
-    return _EXPECTED[decoder_noise]
+def expected_state(
+    decoder_noise: bool = True, resolution: int = RESOLUTION
+) -> dict[str, torch.Size]:
+    """Names and shapes of the generator's state dict (487 entries at 512 px with decoder noise)."""
+    key = (decoder_noise, resolution)
+    if key not in _EXPECTED:
+        built = build_generator(decoder_noise, resolution).state_dict()
+        _EXPECTED[key] = {k: v.shape for k, v in built.items()}
+    return _EXPECTED[key]
 
 
-_EXPECTED: dict[bool, dict[str, torch.Size]] = {}
+_EXPECTED: dict[tuple[bool, int], dict[str, torch.Size]] = {}
+_DEC_BLOCK = re.compile(r"^synthesis\.dec\.Dec_(\d+)x\1\.")
 
 
 def read_mat_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """Return ``(generator state dict, format)`` read from ``path``, checked against MAT.
 
-    The state dict has all 487 entries, or the 465 of a decoder without noise (exactly
-    the 22 ``noise_strength``/``noise_const`` entries missing, as in IOPaint's file);
-    anything else raises ``ValueError``. A ``model.`` prefix (spandrel's wrapper) is
-    dropped. Format: ``safetensors``, ``state-dict`` or ``stylegan-pickle``.
+    The resolution is that of the last decoder block (512 for the Places and CelebA-HQ
+    512 models, 256 for CelebA-HQ 256). The state dict has all entries (487 at 512 px), or
+    all but exactly the decoder's noise entries (``noise_strength``/``noise_const``, 22 at
+    512 px; IOPaint's file); anything else raises ``ValueError``. A ``model.`` prefix
+    (spandrel's wrapper) is dropped. Format: ``safetensors``, ``state-dict`` or
+    ``stylegan-pickle``.
     """
     path = Path(path)
     if not path.is_file():
@@ -296,10 +306,17 @@ def read_mat_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     tensors, source = _read_tensors(path)
     if any(k.startswith("model.synthesis.") for k in tensors):
         tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-    full = expected_state(True)
+    sizes = [int(m.group(1)) for k in tensors if (m := _DEC_BLOCK.match(k))]
+    resolution = max(sizes, default=0)
+    if resolution not in (256, 512):
+        raise ValueError(
+            f"{path} is not a MAT generator ({len(tensors)} tensors, no 256 or 512 px decoder "
+            f"block synthesis.dec.Dec_NxN among keys such as {', '.join(list(tensors)[:3])})"
+        )
+    full = expected_state(True, resolution)
     missing = [k for k in full if k not in tensors]
-    noise_free = bool(missing) and all(_is_noise_key(k) for k in missing)
-    expected = expected_state(False) if noise_free else full
+    noise_free = bool(missing) and missing == [k for k in full if _is_noise_key(k)]
+    expected = expected_state(False, resolution) if noise_free else full
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [
@@ -307,14 +324,19 @@ def read_mat_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         for k, s in expected.items()
         if k in tensors and tensors[k].shape != s
     ]
-    if missing or unexpected or wrong or (noise_free and len(full) - len(expected) != 22):
+    if missing or unexpected or wrong:
         problems = [
             f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong),
+            )
             if keys
         ]
         raise ValueError(
-            f"{path} is not a MAT 512 generator ({len(tensors)} tensors): " + "; ".join(problems)
+            f"{path} is not a MAT {resolution} px generator ({len(tensors)} tensors): "
+            + "; ".join(problems)
         )
     return {k: tensors[k] for k in expected}, source
 
@@ -401,8 +423,12 @@ def _storage_from_bytes(data: bytes) -> object:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *args) -> torch.Tensor:
-    if isinstance(storage, torch.storage.TypedStorage):
-        storage = torch.tensor([], dtype=storage.dtype).set_(storage.untyped(), 0, (storage.size(),))
+    if isinstance(storage, torch.storage.TypedStorage):  # what _load_from_bytes returns
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation
+            storage = torch.tensor([], dtype=storage.dtype).set_(
+                storage.untyped(), 0, (storage.size(),)
+            )
     if not isinstance(storage, torch.Tensor):
         raise pickle.UnpicklingError(f"tensor storage is a {type(storage).__name__}")
     return storage.as_strided(size, stride, offset).clone()
@@ -435,7 +461,7 @@ class _StyleGanUnpickler(pickle.Unpickler):
 
 def _module_tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     """``state_dict()`` of an unpickled module stand-in: parameters, persistent buffers, children."""
-    state = obj.state if isinstance(obj, _Inert) else None
+    state = getattr(obj, "state", None) if isinstance(obj, _Inert) else None
     if not isinstance(state, dict):
         return {}
     out: dict[str, torch.Tensor] = {}
