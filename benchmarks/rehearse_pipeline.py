@@ -65,7 +65,7 @@ class Settings:
 
 DRY_RUN = Settings(
     size=64, images=2, steps=2, lama_preset="mini", lama_batch=2, sd_stack="sd-tiny",
-    sd_images=1, sd_sampler_steps=2, sd_bf16=False, sd_checkpointing=False,
+    sd_images=1, sd_sampler_steps=2, sd_bf16=True, sd_checkpointing=True,
 )  # fmt: skip
 
 

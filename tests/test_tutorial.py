@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from runtime_backdoor import tutorial
-from runtime_backdoor.beyond import build_from_spec
+from runtime_backdoor.editors.specs import build_from_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTROL = "control:global-mix(gain:800,reach:8)"  # params.yaml's sensitive control
@@ -40,7 +40,7 @@ def trained_miniature(dest: Path) -> Path | None:
 def test_tutorial_notebook_shows_the_control_fire_and_the_miniature_not(tmp_path, run_notebook):
     miniature = trained_miniature(tmp_path / "models" / "editor")
     run_notebook(
-        "tutorial", tmp_path, image=IMAGE, size=SIZE, frames=[0, 2, 5, 20], control=CONTROL,
+        "tutorial", tmp_path, image=IMAGE, size=SIZE, frames=[1, 2, 5, 20], control=CONTROL,
         miniature=str(miniature or tmp_path / "absent.safetensors"), out_dir="out", device="cpu",
     )  # fmt: skip
     results = json.loads((tmp_path / "out" / "tutorial.json").read_text())
@@ -69,8 +69,8 @@ def test_tutorial_notebook_shows_the_control_fire_and_the_miniature_not(tmp_path
 def test_implant_frames_are_the_states_of_one_run(tmp_path):
     x, m = tutorial.sample_image(IMAGE, SIZE, tmp_path)
     control = build_from_spec(CONTROL)
-    frames, result = tutorial.implant_frames(control, x, m, [5, 0, 2, 5], expand_kernel=3)
-    assert [f.step for f in frames] == [0, 2, 5]
+    frames, result = tutorial.implant_frames(control, x, m, [5, 1, 2, 5], expand_kernel=3)
+    assert [f.step for f in frames] == [1, 2, 5]
     assert torch.equal(frames[-1].protected, result.protected)
     assert result.losses["total"].shape == (5, 1)
     for f in frames:

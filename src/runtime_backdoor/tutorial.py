@@ -14,7 +14,7 @@ import torch
 
 from . import masks as M
 from .data import list_pairs, read_pair
-from .figures import _outline, loss_plot, plt
+from .figures import loss_plot, plt  # figures selects the non-interactive backend
 from .implant import ImplantResult, Sensitivity, implant, masked_mse
 from .study import to_array, to_mask_tensor, to_tensor
 from .targets import make_target
@@ -46,8 +46,8 @@ def hole_error(fill: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 @dataclass
 class Frame:
-    step: int  #: Adam steps taken
-    protected: torch.Tensor  #: (B, 3, H, W) the 8-bit protected image after ``step`` steps
+    step: int  #: forward passes run: the image is the one pass ``step`` saw (``step - 1`` updates)
+    protected: torch.Tensor  #: (B, 3, H, W) what ``implant(..., steps=step)`` returns, 8-bit
     fill: torch.Tensor  #: (B, 3, H, W) the editor's output when the protected region is edited
     error: torch.Tensor  #: (B,) :func:`hole_error` of that fill
 
@@ -55,10 +55,12 @@ class Frame:
 def implant_frames(
     editor, image: torch.Tensor, mask: torch.Tensor, steps: list[int], **implant_kwargs
 ) -> tuple[list[Frame], ImplantResult]:
-    """The protection after each number of Adam steps in ``steps``, and the longest run's result.
+    """The protected image ``implant`` returns for each number of steps in ``steps``, its fill
+    of the hole, and the longest run's result.
 
-    The optimisation is deterministic (fixed δ₀ seed), so stopping it after k steps gives
-    the state of one run after its k-th step.
+    As in the official loop, ``implant(..., steps=k)`` returns the image its k-th forward
+    pass saw (δ after k − 1 Adam updates; k = 0 and 1 both give δ₀). The optimisation is
+    deterministic (fixed δ₀ seed), so the frames are the states of one run.
     """
     frames, result = [], None
     for k in sorted(set(steps)):
@@ -72,7 +74,7 @@ def implant_frames(
 def _panel(ax, img, title: str, region: np.ndarray | None = None, **kwargs) -> None:
     ax.imshow(img, **kwargs)
     if region is not None:
-        _outline(ax, region)
+        ax.contour(region.astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -130,12 +132,12 @@ def loss_terms_figure(
 
 
 def frames_figure(image: torch.Tensor, mask: torch.Tensor, frames: list[Frame], amplify=20):
-    """A strip over the Adam steps: δ (× ``amplify``, grey = 0) above the fill of the hole."""
+    """A strip over the forward passes: δ (× ``amplify``, grey = 0) above the fill of the hole."""
     x, region = image[:1], mask[0, 0].cpu().numpy() > 0.5
     fig, axes = plt.subplots(2, len(frames), figsize=(1.9 * len(frames), 4.2), squeeze=False)
     for c, f in enumerate(frames):
         delta = 0.5 + amplify * (to_array(f.protected[:1]) - to_array(x))
-        _panel(axes[0, c], np.clip(delta, 0, 1), f"step {f.step}: δ ×{amplify}")
+        _panel(axes[0, c], np.clip(delta, 0, 1), f"pass {f.step}: δ ×{amplify}")
         _panel(axes[1, c], to_array(f.fill[:1]), f"fill, error {float(f.error[0]):.2f}", region)
     fig.tight_layout()
     return fig
