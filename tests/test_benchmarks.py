@@ -261,9 +261,8 @@ def test_gpu_check_runs_device_checks_then_the_rehearsal_then_the_benchmarks(tmp
         for word in line.split()[:1]
         if word.startswith("benchmarks/")
     ]
-    assert scripts == [
-        "device_checks.py", "rehearse_pipeline.py", "benchmark_protection.py",
-        "benchmark_protection.py",
-    ]  # fmt: skip
+    # most important first: correctness, the rehearsal, then the benchmark rows in the time left
+    assert scripts[:2] == ["device_checks.py", "rehearse_pipeline.py"]
+    assert len(scripts) >= 3 and set(scripts[2:]) == {"benchmark_protection.py"}
     rehearsal = next(line for line in log.read_text().splitlines() if "rehearse" in line)
     assert "--dry-run" in rehearsal.split() and "--deadline 210" in rehearsal
