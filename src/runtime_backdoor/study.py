@@ -278,6 +278,8 @@ class Ledger:
         """Fold an interrupted run's parts into the tables; every process then reads the same."""
         if self.ranks.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.out_dir.glob(".*.tmp"):  # a killed run's unfinished atomic write
+                stale.unlink()
             for table in self.tables:
                 if self._parts(table):
                     write_csv(self.out_dir / f"{table}.csv", self._read(table, parts=True))
