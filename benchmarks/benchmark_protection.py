@@ -97,7 +97,7 @@ SD_STACKS = {
     "sd-tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
     "sd15": (SD15_UNET, SD15_VAE),
 }
-EDITOR_KINDS = ("mini", "big-lama", "sd-tiny", "sd15")
+EDITOR_KINDS = ("mini", "big-lama", "mat", "sd-tiny", "sd15")
 
 
 # --------------------------------------------------------------------------- cases
@@ -183,6 +183,13 @@ def _cases() -> list[Case]:
         big_bf16,
         variant(big_bf16, "-channels-last", gpu, channels_last=True),
         variant(big_bf16, "-compile", gpu, compile=True),
+    ]
+    # MAT at its only resolution (spandrel's generator, exact to the official one)
+    mat = Case("mat-512", "mat", 512, groups=cpu_gpu)
+    cases += [
+        mat,
+        variant(mat, "-bf16", gpu, bf16=True),
+        variant(mat, "-separate", gpu, batch_passes=False),
     ]
     # the tiny SD stack: the switches the CPU can compare, and the baseline's ratio
     tiny = Case("sd-tiny-64-s4", "sd-tiny", 64, 4, groups=cpu)
@@ -286,6 +293,12 @@ def build_editor(case: Case, device: torch.device) -> torch.nn.Module:
                 return LamaEditor(FFCResNetGenerator(config), fast=False)
         editor = load_lama(None, preset=config, seed=0, device=device)
         return editor if case.fast else LamaEditor(editor.generator, fast=False)
+    if case.editor == "mat":
+        from runtime_backdoor.editors.mat import MatEditor, build_generator, load_mat
+
+        if device.type == "meta":  # its resampling filters are built on the CPU, then moved
+            return MatEditor(build_generator()).to(device)
+        return load_mat(None, seed=0, device=device)
     if case.editor in SD_STACKS:
         from runtime_backdoor.editors.diffusion import DiffusionInpaintEditor
 

@@ -18,7 +18,7 @@ py=${PYTHON:-python3}
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 importlib_metadata
+        diffusers==0.42.1 importlib_metadata spandrel==0.4.2 spandrel-extra-arches==0.2.0
     ls -l .whl
     exit
 fi
@@ -55,7 +55,7 @@ left=$((deadline - (SECONDS - start)))
 left=$((left > 0 ? left : 0))
 timeout -k 10 $((left + 90)) "$py" benchmarks/benchmark_protection.py --device "$device" \
     --repeats 2 --max-seconds-per-case 20 --deadline-seconds "$left" --out "$out/gpu-key.json" --cases \
-    big-lama-512 big-lama-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
+    big-lama-512 big-lama-512-bf16 mat-512 mat-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
     photoguard-sd15-512-s4-bf16 sd15-512-s4 sd15-512-s4-ckpt 2>&1 | tee "$out/gpu-key.log"
 
 # 3. every other row of the gpu group, in the time left
@@ -65,6 +65,6 @@ if ((left > 30)); then
         --max-seconds-per-case 15 --deadline-seconds "$left" --out "$out/gpu-rest.json" \
         --cases mini-128 mini-256 big-lama-256 big-lama-512-unfolded big-lama-512-separate \
         'big-lama-512*channels-last' big-lama-512-bf16-compile 'sd15-512-s[12]-bf16*' \
-        sd15-512-s4-bf16-separate photoguard-sd15-512-s4 2>&1 | tee "$out/gpu-rest.log"
+        sd15-512-s4-bf16-separate photoguard-sd15-512-s4 mat-512-separate 2>&1 | tee "$out/gpu-rest.log"
 fi
 echo "gpu_check: $((SECONDS - start)) s"

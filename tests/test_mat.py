@@ -426,3 +426,103 @@ def test_gradient_matches_float64_finite_differences():
     analytic = (grad * direction).sum()
     assert analytic.abs() > 1e-3  # the patch matters
     assert analytic.item() == pytest.approx(numeric.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------- benchmark rows
+
+
+def test_benchmark_rows_count_mat_and_reach_the_gpu_script():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_protection.py"
+    spec = importlib.util.spec_from_file_location("benchmark_protection", script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses resolve their module by name
+    try:
+        spec.loader.exec_module(bench)
+        flops = bench.count_flops(bench.CASES["mat-512"])
+        # one 512 px forward is ~0.57 TFLOP; a 3-image forward+backward about 3 x 3.9 forwards
+        assert 4e11 < flops.clean_flops < 8e11
+        assert 9 < flops.pass_flops / flops.clean_flops < 13
+        budget = bench.Budget(repeats=1, max_seconds=1.0)
+        row = bench.run_case(bench.CASES["mat-512"], torch.device("cpu"), {"fp32": 1e11}, budget)
+        assert row.status == "skipped: needs a GPU" and row.floor_seconds > 100
+    finally:
+        sys.modules.pop(spec.name, None)
+    gpu_script = (script.parent / "gpu_check.sh").read_text()
+    for name in ("mat-512", "mat-512-bf16", "mat-512-separate"):
+        assert f" {name} " in gpu_script and "gpu" in bench.CASES[name].groups
+
+
+# ---------------------------------------------------------------- the pipeline, end to end
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
+    """`dvc exp run -S editor.name=mat -S editor.weights=...` in a copy of the project.
+
+    The weight file is a random-weight MAT at 256 px (the CelebA-HQ-256 layout, read by the
+    same loader): the 64 px images are resized to 256 inside the editor, 4x cheaper than 512.
+    """
+    import shutil
+    import subprocess
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    committed = {p: p.read_bytes() for p in (root / "reports").glob("*.json")}
+    project = tmp_path / "project"
+    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
+                 "notebooks", "src", "dvc-store"):  # fmt: skip
+        src, dst = root / item, project / item
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, dst)
+    weights = tmp_path / "mat-256-random.safetensors"
+    state = init_weights_(build_generator(resolution=256), seed=0).state_dict()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["evaluate"]["clip_weights"] = ""
+    (project / "params.yaml").write_text(yaml.safe_dump(p))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # fmt: skip
+
+    def run(*args):
+        r = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        return r.stdout
+
+    run("git", "init", "-q")
+    run(str(bin_dir / "dvc"), "pull", "-q", "data.dvc")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    tiny = {
+        "editor.name": "mat",
+        "editor.weights": str(weights),
+        "device": "cpu",
+        "prepare.size": 64,
+        "prepare.limit": 1,
+        "implant.steps": 1,
+        "implant.batch_size": 1,
+        "figures.rows_per_grid": 1,
+        "eps_sweep.eps_8bit": "32",
+        "eps_sweep.editors": "pipeline",
+        "beyond.editors": "pipeline",
+        "beyond.transfer_editors": "control-s1:global-mix(gain:800,reach:8,seed:1)",
+        "beyond.methods": "backdoor",
+        "beyond.subset": 1,
+        "beyond.transforms": "none",
+        "beyond.robust_scenarios": "mask",
+    }
+    sets = [a for k, v in tiny.items() for a in ("-S", f"{k}={v}")]
+    run(str(bin_dir / "dvc"), "exp", "run", *sets)
+    record = json.loads((project / "models/editor/editor.json").read_text())
+    assert record["name"] == "mat" and record["weights"] == str(weights)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["n_images"] == 1
+    assert {p: p.read_bytes() for p in (root / "reports").glob("*.json")} == committed

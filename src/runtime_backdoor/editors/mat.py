@@ -194,6 +194,15 @@ class MatEditor(Editor):
         self.requires_grad_(False)
         self.eval()
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # StyleGAN's resampling ops take their filters in float32 whatever the data's dtype
+        for module in self.generator.modules():
+            f = module._buffers.get("resample_filter")
+            if f is not None and f.dtype != torch.float32:
+                module._buffers["resample_filter"] = f.float()
+        return self
+
     def train(self, mode: bool = True) -> MatEditor:
         return super().train(False)  # frozen; MAT's dropout does not depend on this flag anyway
 
