@@ -523,6 +523,8 @@ def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
     run(str(bin_dir / "dvc"), "exp", "run", *sets)
     record = json.loads((project / "models/editor/editor.json").read_text())
     assert record["name"] == "mat" and record["weights"] == str(weights)
+    settings = json.loads((project / "models/editor/summary.json").read_text())["settings"]
+    assert settings["decoder_noise"] is True and settings["resolution"] == 256
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert metrics["n_images"] == 1
     assert {p: p.read_bytes() for p in (root / "reports").glob("*.json")} == committed
