@@ -266,3 +266,22 @@ def test_gpu_check_runs_device_checks_then_the_rehearsal_then_the_benchmarks(tmp
     assert len(scripts) >= 3 and set(scripts[2:]) == {"benchmark_protection.py"}
     rehearsal = next(line for line in log.read_text().splitlines() if "rehearse" in line)
     assert "--dry-run" in rehearsal.split() and "--deadline 210" in rehearsal
+
+
+def test_rehearsal_records_a_failed_stage_and_keeps_the_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("rehearse_pipeline", REHEARSAL)
+    rehearse = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = rehearse
+    try:
+        spec.loader.exec_module(rehearse)
+        out = tmp_path / "r.json"
+        rec = rehearse.Recorder(out, torch.device("cpu"), rehearse.DRY_RUN, deadline=None)
+        assert rec.stage("big-lama", "editor", lambda: {"gain": 2.0}, echo=lambda _: None)
+        assert not rec.stage("big-lama", "implant", lambda: 1 / 0, echo=lambda _: None)
+    finally:
+        sys.modules.pop(spec.name, None)
+    report = json.loads(out.read_text())  # written after each stage, before the run completes
+    assert not report["complete"]
+    ok, failed = report["stages"]
+    assert ok["status"] == "ok" and ok["gain"] == 2.0 and ok["seconds"] >= 0
+    assert failed["status"] == "failed: ZeroDivisionError: division by zero"
