@@ -334,6 +334,27 @@ def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
     assert "hf download stable-diffusion-v1-5/stable-diffusion-inpainting" in message
     assert f"--local-dir {tmp_path / 'models' / 'sd15-inpainting'}" in message
     assert "weights verify sd15-inpainting" in message and "\n" not in message
+    assert "(HF_HUB_OFFLINE is set: unset it to download, as `make weights` does)" in message
+
+
+def test_hub_unreachable_is_one_line(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("clip-vit-b-32")
+    message = str(err.value)
+    assert message.startswith(
+        "clip-vit-b-32: cannot download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    )
+    assert "weights verify clip-vit-b-32" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- CLI

@@ -385,13 +385,16 @@ def _fetch_hub(spec, root, endpoint: str | None = None) -> tuple[Path, str]:
             local_dir=folder,
             endpoint=endpoint,
         )
-    except (OfflineModeIsEnabled, HfHubHTTPError, OSError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError, *_http_client_errors()) as err:
+        if isinstance(err, OfflineModeIsEnabled):
+            reason = "HF_HUB_OFFLINE is set: unset it to download, as `make weights` does"
+        else:
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise WeightsError(
             f"{spec.name}: cannot download {spec.source} from the hub ({reason}); on a machine "
             f"with internet run `hf download {spec.source} {' '.join(spec.hub_files)} "
             f"--local-dir {folder}`, copy that folder to {folder} here by hand, then run "
-            f"`runtime-backdoor weights verify {spec.name}` (HF_HUB_OFFLINE must be unset)"
+            f"`runtime-backdoor weights verify {spec.name}`"
         ) from None
     files = {}
     for fname, sibling in sorted(wanted.items()):
@@ -417,6 +420,23 @@ def _fetch_hub(spec, root, endpoint: str | None = None) -> tuple[Path, str]:
         },
     )
     return folder, f"downloaded {len(files)} files at commit {info.sha}"
+
+
+def _http_client_errors() -> tuple[type[Exception], ...]:
+    """Connection errors of the HTTP client huggingface_hub uses (httpx2, httpx or requests)."""
+    import importlib
+
+    errors = []
+    for module, name in (
+        ("httpx2", "HTTPError"),
+        ("httpx", "HTTPError"),
+        ("requests", "RequestException"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _hub_files_ok(folder: Path, files: dict) -> list[str]:
