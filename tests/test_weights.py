@@ -8,6 +8,7 @@ fake hub endpoint (the routes huggingface_hub's ``model_info`` and
 import hashlib
 import io
 import json
+import os
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -224,6 +225,10 @@ def test_zip_without_published_checksum_is_recorded_on_first_fetch(server, tmp_p
     assert leftovers(models) == ["big-lama", "weights.json"]  # the zip and temporaries are gone
     record = json.loads((models / "weights.json").read_text())["big-lama-ckpt"]
     assert record["zip_sha256"] == sha256(archive) and record["check_sha256"] == sha256(ckpt)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # like any other folder
+    assert (models / "weights.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
     _, what = weights.fetch("big-lama-ckpt", retries=0, progress=False)
     assert what.startswith("present") and server.gets("/big-lama.zip") == 1

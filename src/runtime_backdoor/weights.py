@@ -185,21 +185,16 @@ def _read_record(root: Path) -> dict:
 
 
 def _write_record(root: Path, name: str, entry: dict) -> None:
+    from .data import temp_file_for
+
     record = _read_record(root)
     record[name] = entry
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=".weights-", suffix=".json")
+    fd, tmp = temp_file_for(root / RECORD_NAME)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, root / RECORD_NAME)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _now() -> str:
@@ -341,6 +336,9 @@ def _extract(archive: Path, folder: Path, check: str) -> None:
         if f"{prefix}{check}" not in names:
             raise WeightsError(f"{archive.name} holds no {check} (found {len(names)} files)")
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's owner-only mode would outlive the rename
         try:
             for n in names:
                 relative = Path(n[len(prefix) :])
