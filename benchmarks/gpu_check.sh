@@ -18,7 +18,8 @@ py=${PYTHON:-python3}
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 importlib_metadata spandrel==0.4.2 spandrel-extra-arches==0.2.0
+        diffusers==0.42.1 importlib_metadata spandrel==0.4.2 spandrel-extra-arches==0.2.0 \
+        accelerate==1.15.0 psutil
     ls -l .whl
     exit
 fi
@@ -66,5 +67,21 @@ if ((left > 30)); then
         --cases mini-128 mini-256 big-lama-256 big-lama-512-unfolded big-lama-512-separate \
         'big-lama-512*channels-last' big-lama-512-bf16-compile 'sd15-512-s[12]-bf16*' \
         sd15-512-s4-bf16-separate photoguard-sd15-512-s4 mat-512-separate 2>&1 | tee "$out/gpu-rest.log"
+fi
+
+# 4. scale-out (README "Many images, many GPUs"): images per second of `protect FOLDER` for
+#    24 images at 512 px, Big-LaMa with random weights, 1 / 2 / 4 processes (accelerate launch)
+#    sharing the GPU(s) -> gpu-scaleout.json. GPU only (the CPU rows come from running
+#    benchmark_scaleout.py directly); its own budget: SCALEOUT seconds (default 150; 0 skips
+#    it); needs accelerate (in .whl/ after --fetch-wheels, or installed).
+scaleout=${SCALEOUT:-150}
+if [[ "$device" != cpu ]] && ((scaleout > 0)); then
+    if "$py" -c "import accelerate" 2>/dev/null; then
+        timeout -k 10 "$scaleout" "$py" benchmarks/benchmark_scaleout.py --device "$device" \
+            --random-big-lama --images 24 --size 512 --expand 17 --rows 1x4 2x4 4x2 \
+            --out "$out/gpu-scaleout.json" 2>&1 | tee "$out/gpu-scaleout.log"
+    else
+        echo "scale-out step skipped: accelerate is not installed" | tee "$out/gpu-scaleout.log"
+    fi
 fi
 echo "gpu_check: $((SECONDS - start)) s"
