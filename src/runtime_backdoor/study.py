@@ -230,17 +230,21 @@ class Ranks:
 
 
 def launched_ranks(device: str | torch.device = "auto") -> Ranks:
-    """The ranks ``accelerate launch`` started (one process per device), or a single process.
+    """The ranks ``accelerate launch`` started, or a single process.
 
-    Each process of a multi-GPU launch gets its own GPU; CPU processes talk over gloo.
+    Process ``k`` on a node works on GPU ``k mod (GPUs on the node)``: one process per GPU,
+    or several sharing one when a small editor leaves a GPU idle. The processes only wait
+    for each other (no tensors are exchanged), over gloo, which needs no GPU per rank.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Ranks(device=resolve_device(str(device)))
     from accelerate import PartialState
 
-    cpu = str(device) == "cpu" or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    own = torch.device("cpu") if cpu else state.device
+    state = PartialState(cpu=True)  # gloo: a barrier is all the ranks share
+    if str(device) == "cpu" or not torch.cuda.is_available():
+        own = torch.device("cpu")
+    else:
+        own = torch.device("cuda", state.local_process_index % torch.cuda.device_count())
     return Ranks(state.process_index, state.num_processes, own, state.wait_for_everyone)
 
 
