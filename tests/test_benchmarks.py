@@ -176,6 +176,7 @@ REHEARSAL = SCRIPT.parent / "rehearse_pipeline.py"
 ABSENT_ON_GPU = ("dvc", "papermill", "open_clip")
 
 
+@pytest.mark.slow
 def test_rehearsal_dry_run_runs_every_stage_without_papermill_dvc_or_open_clip(tmp_path):
     import os
     import subprocess
@@ -189,7 +190,7 @@ def test_rehearsal_dry_run_runs_every_stage_without_papermill_dvc_or_open_clip(t
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-c", f"{hide}; sys.argv[1:] = {args!r}; {run}"],
-        capture_output=True, text=True, env=env, timeout=180,
+        capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

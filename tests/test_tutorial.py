@@ -37,6 +37,7 @@ def trained_miniature(dest: Path) -> Path | None:
     return weights if weights.is_file() else None
 
 
+@pytest.mark.slow
 def test_tutorial_notebook_shows_the_control_fire_and_the_miniature_not(tmp_path, run_notebook):
     miniature = trained_miniature(tmp_path / "models" / "editor")
     run_notebook(
