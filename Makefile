@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install reproduce test lint clean-venv weights reproduce-real reproduce-paper
+.PHONY: install reproduce test lint clean-venv stability weights reproduce-real reproduce-paper
 
 install: $(STAMP)
 
@@ -55,6 +55,12 @@ reproduce-paper: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The pipeline twice more in scratch copies (MKL_CBWR=COMPATIBLE; implant.seed + 1), compared
+# with the committed reports: reports/stability.md. About twice `make reproduce`'s time.
+stability: install
+	$(BIN)/dvc pull --quiet data.dvc
+	$(BIN)/python benchmarks/stability.py
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -52,19 +52,22 @@ def test_stage_function_covers_every_part(folders):
         d / "prepared", d / "protected", d / "editor" / "editor.json",
         editors=SOURCES, transfer_editors=TRANSFER, subset=2, transforms=TRANSFORMS,
         robust_scenarios=ROBUST, budget={"eps": 0.025, "steps": 2, "expand_kernel": 5},
-        progress=False,
+        seeds=2, progress=False,
     )  # fmt: skip
     n_scen, n_robust, n_methods = 6 + len(FAIR_SCENARIOS), 4, 4  # encoder is n/a here
+    # δ₀ seeds: two for the control source, the implant stage's one for the pipeline editor.
+    assert set(per_edit.loc[per_edit["source"] == "control", "seed"]) == {0, 1}
+    assert set(per_edit.loc[per_edit["source"] == "pipeline", "seed"]) == {0}
     own = per_edit[per_edit["source"] == per_edit["editor"]]
     # Part 1: the pipeline's protected images, all 3, every scenario + robust ones transformed.
     pipe = own[(own["source"] == "pipeline") & (own["method"] == "backdoor")]
     assert pipe["name"].nunique() == 3
     assert len(pipe) == 3 * (n_scen + 2 * n_robust)
     # Part 2: every applicable method on the 2-image subset, for both sources.
-    for source in ("pipeline", "control"):
+    for source, n_seeds in (("pipeline", 1), ("control", 2)):
         d2 = own[(own["source"] == source) & (own["method"] != "backdoor")]
         assert set(d2["method"]) == {"backdoor_eot", "untargeted", "markpainting"}
-        assert len(d2) == 3 * 2 * (n_scen + 2 * n_robust)
+        assert len(d2) == n_seeds * 3 * 2 * (n_scen + 2 * n_robust)
     na = protection[protection["status"].str.startswith("n/a")]
     assert set(na["method"]) == {"encoder"} and set(na["source"]) == {"pipeline", "control"}
     # Part 3: transfer to every other editor, untransformed.
@@ -99,11 +102,26 @@ def test_stage_function_covers_every_part(folders):
     base = tables["base"]
     assert (base[base["method"] == "encoder"]["status"].str.startswith("n/a")).all()
     assert (base[base["status"] == "ok"]["n_images"] == 2).all()
+    for t in tables.values():  # every mean lies inside its 95 % interval
+        ok_rows = t[t.get("status", "ok") == "ok"] if "status" in t else t
+        for col in ("hit_rate_protected", "ssim_region_vs_clean_edit"):
+            assert (ok_rows[f"{col}_low"] <= ok_rows[col] + 1e-12).all()
+            assert (ok_rows[col] <= ok_rows[f"{col}_high"] + 1e-12).all()
+    # Seeds are averaged within an image: the control's tables still count 2 images.
+    assert (base[(base["source"] == "control") & (base["status"] == "ok")]["n_images"] == 2).all()
+    found = reporting.conclusions(per_edit)
+    ids = [c["id"] for c in found]
+    assert len(ids) == len(set(ids)) and "control/fires" in ids and "pipeline/robust/jpeg:75" in ids
+    assert {c["verdict"] for c in found} <= {"higher", "lower", "no difference"}
     md = reporting.markdown(per_edit, protection)
     assert "not applicable" in md and "## Transfer" in md and "## EOT" in md
+    assert "## What the numbers support" in md and "[" in md
     summary = reporting.summarize(per_edit, protection)
     assert summary["n_edits"] == len(per_edit)
     assert 0 <= summary["pipeline_backdoor_mask_hit_rate"] <= 1
+    assert (
+        summary["pipeline_backdoor_mask_hit_rate_low"] <= summary["pipeline_backdoor_mask_hit_rate"]
+    )
     assert "control_markpainting_seconds_per_image" in summary
 
 

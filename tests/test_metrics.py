@@ -293,3 +293,14 @@ def test_batched_ssim_is_the_metrics_ssim():
             abs(float(metrics.ssim_batch(a, b, m)[i]) - metrics.ssim(a[i], b[i], m[i, 0] > 0))
             < 1e-9
         )
+
+
+def test_load_clip_without_open_clip_is_unavailable_not_a_crash(no_default_weights, monkeypatch):
+    """The GPU machine has no open_clip: CLIP-FID is then skipped with its reason."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
+    with pytest.raises(metrics.ClipUnavailable, match="open_clip is not installed"):
+        metrics.load_clip(no_default_weights / "w.safetensors")
+    with pytest.raises(metrics.ClipUnavailable, match="open_clip is not installed"):
+        metrics.load_clip()

@@ -6,6 +6,7 @@ their last cell records are asserted.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,6 +191,9 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path, run_notebook):
         assert (d / "reports/figures" / f).stat().st_size > 5_000
     table = (d / "reports/results.md").read_text()
     assert "| malicious | mask |" in table and "| benign | ring |" in table
+    assert re.search(r"\| malicious \| mask \| \d+% \[\d+, \d+\] → \d+% \[\d+, \d+\]", table)
+    found = json.loads((d / "reports/conclusions.json").read_text())
+    assert {c["id"] for c in found} >= {"scenario/mask/hit", "scenario/ring/target_mse"}
 
 
 @pytest.mark.slow
@@ -258,7 +262,13 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     assert "up to date" in dvc("status").lower()
     per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
     assert len(per_edit) == 12
-    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * 3 * 2  # ε x editors x images
+    # ε x (the pipeline editor's one seed + 3 seeds of each of the two toy editors) x images
+    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * (1 + 3 + 3) * 2
+    sweep = json.loads((tmp_path / "reports/eps_sweep.json").read_text())
+    rate = "control_hit_rate_at_paper_eps"
+    assert sweep[f"{rate}_low"] <= sweep[rate] <= sweep[f"{rate}_high"]
+    found = json.loads((tmp_path / "reports/beyond/conclusions.json").read_text())
+    assert found and all(c["verdict"] in ("higher", "lower", "no difference") for c in found)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)

@@ -36,16 +36,22 @@ def test_comparisons_state_a_direction_only_when_the_interval_excludes_zero():
     assert clear.sentence(pct=True).startswith("hit rate is higher for A than for B (+44 points")
     weak = S.compare([1] * 3 + [0] * 15, [0] * n, label_a="A", label_b="B", metric="hit rate")
     assert weak.verdict == "no difference" and weak.difference.low <= 0
-    assert weak.sentence(pct=True).startswith("no detectable difference in hit rate between A and B at n = 18")
+    assert weak.sentence(pct=True).startswith(
+        "no detectable difference in hit rate between A and B at n = 18"
+    )
     lower = S.compare([0.5] * 4 + [0.6] * 4, [0.9] * 8, label_a="A", label_b="B", metric="SSIM")
     assert lower.verdict == "lower" and lower.difference.high < 0
 
 
 def test_identical_differences_use_a_sign_test():
     # Every image differs by the same amount: significant from 6 images on (p = 2^(1-n)).
-    assert S.compare([1] * 5, [0] * 5, label_a="a", label_b="b", metric="m").verdict == "no difference"
+    assert (
+        S.compare([1] * 5, [0] * 5, label_a="a", label_b="b", metric="m").verdict == "no difference"
+    )
     assert S.compare([1] * 6, [0] * 6, label_a="a", label_b="b", metric="m").verdict == "higher"
-    assert S.compare([0] * 9, [0] * 9, label_a="a", label_b="b", metric="m").verdict == "no difference"
+    assert (
+        S.compare([0] * 9, [0] * 9, label_a="a", label_b="b", metric="m").verdict == "no difference"
+    )
     with pytest.raises(ValueError, match="align"):
         S.compare([1, 2], [1], label_a="a", label_b="b", metric="m")
 
@@ -68,3 +74,35 @@ def test_group_estimates_average_seeds_within_an_image_first():
         "v", "t", "x", "y",
     )  # fmt: skip
     assert a.tolist() == [2.0] and b.tolist() == [5.0]
+
+
+def test_readme_block_lists_directional_conclusions_and_counts_the_rest(tmp_path):
+    from runtime_backdoor import reporting
+
+    found = {
+        "reports/x.json": [
+            {"id": "a", "verdict": "higher", "sentence": "hit rate is higher for A than for B"},
+            {"id": "b", "verdict": "no difference", "sentence": "no detectable difference"},
+        ]
+    }
+    block = reporting.readme_block(found)
+    assert "- hit rate is higher for A than for B (`reports/x.json`: `a`)." in block
+    assert "1 further comparisons show no detectable difference" in block
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{reporting.README_BEGIN}\nold\n{reporting.README_END}\noutro\n")
+    assert reporting.update_readme(readme, found)
+    assert readme.read_text() == f"intro\n{block}\noutro\n"
+    assert not reporting.update_readme(readme, found)
+
+
+def test_readme_states_exactly_the_committed_conclusions():
+    """README's conclusions are generated (`python -m runtime_backdoor.reporting`), not typed."""
+    import json
+    from pathlib import Path
+
+    from runtime_backdoor import reporting
+
+    root = Path(__file__).resolve().parents[1]
+    files = ("reports/conclusions.json", "reports/beyond/conclusions.json")
+    found = {f: json.loads((root / f).read_text()) for f in files}
+    assert reporting.readme_block(found) in (root / "README.md").read_text()

@@ -190,6 +190,7 @@ def run(
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     seed: int = 0,
+    seeds: int = 1,
     batch_size: int = 12,
     device="cpu",
     progress: bool = True,
@@ -202,7 +203,12 @@ def run(
     ``init_high``, ``expand_kernel``, ``target``, ``seed``), shared by every method.
     ``per_edit`` has one row per source, target editor, method, image, transformation and
     scenario; ``protection`` one row per source, method and image (cost, L∞, status).
+    ``seeds``: δ₀ seeds (``budget["seed"]`` and the next ones) of every method against every
+    source except the pipeline editor, whose backdoor is the implant stage's (one seed) and
+    whose other methods run once to bound the cost; rows carry their ``seed``.
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     budget = dict(budget or {})
     kernel = int(budget.get("expand_kernel", 5))
     sources = parse_editor_specs(editors)
@@ -240,10 +246,11 @@ def run(
         return editors_built[spec.label]
 
     frames, log = [], []
+    base_seed = int(budget.get("seed", 0))
 
-    def add(df: pd.DataFrame, source: str, target: str) -> None:
+    def add(df: pd.DataFrame, source: str, target: str, run_seed: int = base_seed) -> None:
         if len(df):
-            frames.append(df.assign(source=source, editor=target))
+            frames.append(df.assign(source=source, editor=target, seed=run_seed))
 
     # 1. The pipeline's own protected images, every image: fair masks and robustness.
     pipeline = [s for s in sources if s.name == PIPELINE]
@@ -263,7 +270,7 @@ def run(
             log.append(
                 {
                     "source": pipeline[0].label, "method": "backdoor", "name": name,
-                    "status": "ok", "seconds": float(imp.loc[name, "seconds"]),
+                    "seed": base_seed, "status": "ok", "seconds": float(imp.loc[name, "seconds"]),
                     "linf_8bit": float((xp[i] - x[i]).abs().max() * 255),
                 }
             )  # fmt: skip
@@ -272,8 +279,8 @@ def run(
     _, x, m = study.load_prepared(prepared_dir, chosen)
     x, m = x.to(device), m.to(device)
     order = list(study.read_folder(prepared_dir).query("name in @chosen")["name"])
-    for spec in sources:
-        editor = editor_of(spec)
+
+    def protect_against(spec: EditorSpec, editor, run_budget: dict, run_seed: int) -> None:
         protected, targets = {}, {}
         for method in methods:
             if spec.name == PIPELINE and method == "backdoor":
@@ -281,10 +288,16 @@ def run(
                 targets[method] = make_target(x, budget.get("target", "solid"))
                 continue
             try:
-                r = protect(method, editor, x, m, eot=eot, progress=False, **budget)
+                r = protect(method, editor, x, m, eot=eot, progress=False, **run_budget)
             except NotApplicable as err:
                 log.extend(
-                    {"source": spec.label, "method": method, "name": n, "status": f"n/a: {err}"}
+                    {
+                        "source": spec.label,
+                        "method": method,
+                        "name": n,
+                        "seed": run_seed,
+                        "status": f"n/a: {err}",
+                    }
                     for n in order
                 )
                 continue
@@ -292,7 +305,7 @@ def run(
             for i, name in enumerate(order):
                 log.append(
                     {
-                        "source": spec.label, "method": method, "name": name, "status": "ok",
+                        "source": spec.label, "method": method, "name": name, "seed": run_seed, "status": "ok",
                         "seconds": r.seconds / len(order),
                         "linf_8bit": float(r.delta[i].abs().max() * 255),
                     }
@@ -306,7 +319,7 @@ def run(
                 editor, x, m, own, targets, names=order, transforms=transform_list,
                 robust_scenarios=robust, progress=progress, **grid,
             )  # fmt: skip
-            add(df, spec.label, spec.label)
+            add(df, spec.label, spec.label, run_seed)
         # 3. Transfer: the same protected images, edited by every other editor.
         for other in all_targets:
             if other.label == spec.label or not protected:
@@ -315,7 +328,13 @@ def run(
                 editor_of(other), x, m, protected, targets, names=order, transforms=["none"],
                 progress=progress, **grid,
             )  # fmt: skip
-            add(df, spec.label, other.label)
+            add(df, spec.label, other.label, run_seed)
+
+    for spec in sources:
+        editor = editor_of(spec)
+        for run_seed in range(base_seed, base_seed + (1 if spec.name == PIPELINE else seeds)):
+            run_budget = {**budget, "seed": run_seed}
+            protect_against(spec, editor, run_budget, run_seed)
     per_edit = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(per_edit):
         per_edit["content"] = per_edit["name"].map(content)

@@ -16,6 +16,7 @@ import seaborn as sns  # noqa: E402
 from .data import read_image, read_mask, temp_file_for  # noqa: E402
 from .reporting import baseline_table, robustness_table, transfer_table  # noqa: E402
 from .robustness import fair_masks  # noqa: E402
+from .stats import Estimate, group_estimates  # noqa: E402
 from .study import BENIGN, MALICIOUS, SCENARIOS, load_prepared  # noqa: E402
 
 
@@ -96,17 +97,19 @@ def scenario_plot(per_edit: pd.DataFrame):
         "fill vs target colour: MSE in the edited region\n(0 = the backdoor fired)", fontsize=10
     )
     hits = per_edit.melt(
-        id_vars=["scenario"],
+        id_vars=["name", "scenario"],
         value_vars=["hit_clean", "hit_protected"],
         var_name="image",
         value_name="hit",
     )
     hits["image"] = hits["image"].str.replace("hit_", "")
-    sns.barplot(
-        data=hits, x="scenario", y="hit", hue="image", order=order, ax=axes[1], errorbar=None
+    rates = group_estimates(
+        hits.assign(hit=hits["hit"].astype(float)), ["scenario", "image"], ["hit"]
     )
+    sns.barplot(data=rates, x="scenario", y="hit", hue="image", order=order, ax=axes[1])
+    _interval_bars(axes[1], rates, "scenario", "hit", ["clean", "protected"], hue="image")
     axes[1].set_ylim(0, 1.02)
-    axes[1].set_title("share of edits that hit the target", fontsize=10)
+    axes[1].set_title("share of edits that hit the target (95 % intervals)", fontsize=10)
     region = per_edit.assign(psnr=per_edit["psnr_region_vs_clean_edit"].replace(np.inf, 100.0))
     sns.boxplot(data=region, x="scenario", y="psnr", order=order, ax=axes[2], color="#8fb3d9")
     axes[2].set_title(
@@ -134,9 +137,21 @@ def loss_plot(losses: pd.DataFrame):
     return fig
 
 
-def results_table(summary: dict) -> str:
-    """Markdown table in the layout of the paper's claims: each scenario, clean vs protected."""
+def results_table(summary: dict, conclusions: list[dict] | None = None) -> str:
+    """Markdown table in the layout of the paper's claims: each scenario, clean vs protected,
+    every mean with its 95 % interval over images; then the ``conclusions`` it supports."""
+    n = int(summary["n_images"])
+
+    def ci(key: str, pct: bool = False, digits: int = 3) -> str:
+        if f"{key}_low" not in summary:  # a summary written before intervals were recorded
+            return f"{summary[key]:.0%}" if pct else f"{summary[key]:.{digits}f}"
+        return Estimate(summary[key], summary[f"{key}_low"], summary[f"{key}_high"], n).format(
+            pct, digits
+        )
+
     lines = [
+        f"Means over the {n} images with 95 % intervals in brackets (`runtime_backdoor.stats`).",
+        "",
         "| kind | scenario | target hit rate clean → protected | fill-to-target MSE clean → protected | SSIM vs original clean → protected | SSIM protected edit vs clean edit (image / region) | PSNR protected edit vs clean edit, dB (image / region) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -146,18 +161,25 @@ def results_table(summary: dict) -> str:
             if f"{k}_hit_rate_clean" not in summary:
                 continue
             lines.append(
-                f"| {kind} | {s} | {summary[f'{k}_hit_rate_clean']:.0%} → {summary[f'{k}_hit_rate_protected']:.0%} "
-                f"| {summary[f'{k}_target_mse_clean']:.3f} → {summary[f'{k}_target_mse_protected']:.3f} "
-                f"| {summary[f'{k}_ssim_vs_original_clean']:.3f} → {summary[f'{k}_ssim_vs_original_protected']:.3f} "
-                f"| {summary[f'{k}_ssim_vs_clean_edit']:.3f} / {summary[f'{k}_ssim_region_vs_clean_edit']:.3f} "
-                f"| {summary[f'{k}_psnr_vs_clean_edit']:.1f} / {summary[f'{k}_psnr_region_vs_clean_edit']:.1f} |"
+                f"| {kind} | {s} | {ci(f'{k}_hit_rate_clean', True)} → {ci(f'{k}_hit_rate_protected', True)} "
+                f"| {ci(f'{k}_target_mse_clean')} → {ci(f'{k}_target_mse_protected')} "
+                f"| {ci(f'{k}_ssim_vs_original_clean')} → {ci(f'{k}_ssim_vs_original_protected')} "
+                f"| {ci(f'{k}_ssim_vs_clean_edit')} / {ci(f'{k}_ssim_region_vs_clean_edit')} "
+                f"| {ci(f'{k}_psnr_vs_clean_edit', digits=1)} / {ci(f'{k}_psnr_region_vs_clean_edit', digits=1)} |"
             )
     lines.append("")
     lines.append(
-        f"Protection itself: PSNR {summary['protection_psnr']:.1f} dB (min {summary['protection_psnr_min']:.1f}), "
-        f"SSIM {summary['protection_ssim']:.3f}, max change {summary['protection_linf_8bit_max']:.0f}/255, "
-        f"{summary['protection_seconds_per_image']:.2f} s per image; {summary['n_images']} images."
+        f"Protection itself: PSNR {ci('protection_psnr', digits=1)} dB (min {summary['protection_psnr_min']:.1f}), "
+        f"SSIM {ci('protection_ssim')}, max change {summary['protection_linf_8bit_max']:.0f}/255, "
+        f"{summary['protection_seconds_per_image']:.2f} s per image; {n} images."
     )
+    if conclusions:
+        lines += [
+            "",
+            "What the numbers support (a direction only where the paired 95 % interval excludes 0):",
+            "",
+        ]
+        lines += [f"- {c['sentence']}." for c in conclusions]
     if summary.get("clip_fid_available"):
         lines.append("")
         lines.append("| scenario | CLIP-FID clean | CLIP-FID protected |")
@@ -174,34 +196,34 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lines_with_ci(ax, t: pd.DataFrame, x: str, col: str, hue: str, order) -> None:
+    """One line per ``hue`` with its 95 % interval (``col_low``/``col_high``) as a band."""
+    palette = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    for label in order:
+        d = t[t[hue] == label].sort_values(x)
+        ax.plot(d[x], d[col], marker="o", color=palette[label], label=label)
+        ax.fill_between(d[x], d[f"{col}_low"], d[f"{col}_high"], color=palette[label], alpha=0.2)
+
+
 def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
-    """Hit rate, benign ring PSNR and protection PSNR against ε, one line per editor."""
+    """Hit rate, benign ring PSNR and protection PSNR against ε, one line per editor, with
+    95 % intervals over images (seeds averaged within an image first) as bands."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     order = sorted(sweep["editor"].unique())  # the same colour for an editor in every panel
-    hits = sweep.groupby(["editor", "eps_8bit"], as_index=False)["hit"].mean()
-    sns.lineplot(
-        data=hits, x="eps_8bit", y="hit", hue="editor", hue_order=order, marker="o", ax=axes[0]
-    )
-    axes[0].set_ylabel("share of images hit (malicious: m)")
-    axes[0].set_ylim(-0.02, 1.02)
-    finite = sweep.replace(np.inf, 100.0)
-    psnr_panels = (
+    finite = sweep.replace(np.inf, 100.0).assign(hit=sweep["hit"].astype(float))
+    t = group_estimates(finite, ["editor", "eps_8bit"], ["hit", "ring_psnr", "protection_psnr"])
+    panels = (
+        ("hit", None, "share of images hit (malicious: m)"),
         ("ring_psnr", 30, "benign ring edit: PSNR vs clean edit (dB)"),
         ("protection_psnr", 32, "protected vs original: PSNR (dB)"),
     )
-    for ax, (column, reference_db, label) in zip(axes[1:], psnr_panels, strict=True):
-        sns.lineplot(
-            data=finite,
-            x="eps_8bit",
-            y=column,
-            hue="editor",
-            hue_order=order,
-            marker="o",
-            ax=ax,
-            errorbar=("pi", 50),
-        )
-        ax.axhline(reference_db, color="grey", ls=":", lw=1)
+    for ax, (column, reference_db, label) in zip(axes, panels, strict=True):
+        _lines_with_ci(ax, t, "eps_8bit", column, "editor", order)
+        if reference_db is not None:
+            ax.axhline(reference_db, color="grey", ls=":", lw=1)
         ax.set_ylabel(label)
+    axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ε (8-bit units)")
@@ -220,6 +242,24 @@ def _compared(per_edit: pd.DataFrame) -> pd.DataFrame:
     return per_edit[per_edit["name"].isin(names)]
 
 
+def _interval_bars(ax, d: pd.DataFrame, x: str, col: str, hue_order, hue: str = "method") -> None:
+    """95 % intervals (``col_low``/``col_high``) on the bars seaborn drew, one per row of ``d``."""
+    ticks = np.asarray(ax.get_xticks(), dtype=float)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    for container, level in zip(
+        ax.containers, [h for h in hue_order if h in set(d[hue])], strict=False
+    ):
+        rows = d[d[hue] == level].set_index(x)
+        for bar in container:
+            centre = bar.get_x() + bar.get_width() / 2
+            label = labels[int(np.argmin(np.abs(ticks - centre)))]  # the bar's x category
+            if label not in rows.index or pd.isna(rows.loc[label, col]):
+                continue
+            r = rows.loc[label]
+            ax.errorbar(centre, r[col], yerr=[[r[col] - r[f"{col}_low"]], [r[f"{col}_high"] - r[col]]],
+                        color="black", lw=0.8, capsize=2)  # fmt: skip
+
+
 def _bars(t: pd.DataFrame, x: str, panels, title: str):
     """Two rows of bar panels (one column per source editor) with one legend for the figure."""
     sources = list(dict.fromkeys(t["source"]))
@@ -230,6 +270,7 @@ def _bars(t: pd.DataFrame, x: str, panels, title: str):
             ax = axes[r, c]
             d = t[(t["source"] == source) & select(t)]
             sns.barplot(data=d, x=x, y=col, hue="method", hue_order=hue_order, ax=ax)
+            _interval_bars(ax, d, x, col, hue_order)
             ax.set_ylim(0, 1.02)
             ax.set_title(f"{source} — {label}", fontsize=9)
             ax.set_xlabel("")

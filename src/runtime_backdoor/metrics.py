@@ -309,9 +309,20 @@ def _place_hint(model_name: str) -> str:
     )
 
 
+def _open_clip():
+    """open_clip, or ClipUnavailable on a machine without it (CLIP-FID is then skipped)."""
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ClipUnavailable(
+            f"open_clip is not installed ({e}); pip install open_clip_torch"
+        ) from e
+    return open_clip
+
+
 def _cached_hub_file(model_name: str, tag: str) -> tuple[Path, bool]:
     """Local file of an open_clip pretrained tag in the Hugging Face cache, and its quick_gelu."""
-    import open_clip
+    open_clip = _open_clip()
 
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
     if not cfg:
@@ -332,7 +343,7 @@ def _cached_hub_file(model_name: str, tag: str) -> tuple[Path, bool]:
 
 
 def _build_from_file(model_name: str, path: Path, quick_gelu: bool):
-    import open_clip
+    open_clip = _open_clip()
 
     if not path.is_file():
         raise ClipUnavailable(

@@ -8,20 +8,33 @@ group: images, and scenarios where a table pools them (``n_images`` counts the i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
+from .stats import Estimate, compare, group_estimates, paired_frames
+
+#: Per-image columns of ``per_edit`` and the names of their means in the tables.
+MEANS = {
+    "hit_clean": "hit_rate_clean",
+    "hit_protected": "hit_rate_protected",
+    "hit_fraction_protected": "hit_fraction_protected",
+    "ssim_vs_clean_edit": "ssim_vs_clean_edit",
+    "ssim_region_vs_clean_edit": "ssim_region_vs_clean_edit",
+}
+
 
 def _mean_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    cols = {
-        "n_images": ("name", "nunique"),
-        "hit_rate_clean": ("hit_clean", "mean"),
-        "hit_rate_protected": ("hit_protected", "mean"),
-        "hit_fraction_protected": ("hit_fraction_protected", "mean"),
-        "ssim_vs_clean_edit": ("ssim_vs_clean_edit", "mean"),
-        "ssim_region_vs_clean_edit": ("ssim_region_vs_clean_edit", "mean"),
-    }
-    return df.groupby(by, sort=False).agg(**cols).reset_index()
+    """Means over images (seeds averaged within an image first) with 95 % intervals:
+    each column ``c`` comes with ``c_low`` and ``c_high`` (:mod:`runtime_backdoor.stats`)."""
+    d = df.assign(**{k: df[k].astype(float) for k in MEANS})
+    t = group_estimates(d, by, list(MEANS))
+    renames = {}
+    for source, name in MEANS.items():
+        for suffix in ("", "_low", "_high"):
+            renames[source + suffix] = name + suffix
+    return t.rename(columns=renames)
 
 
 def _own(per_edit: pd.DataFrame) -> pd.DataFrame:
@@ -86,28 +99,159 @@ def transfer_table(per_edit: pd.DataFrame) -> pd.DataFrame:
     return _mean_table(d, ["method", "source", "editor", "kind"])
 
 
+def scenario_conclusions(per_edit: pd.DataFrame) -> list[dict]:
+    """The evaluate stage's comparisons: per scenario, the protected images' hit rate
+    against the clean images' (paired over images), in the form of :func:`conclusions`."""
+    out = []
+    for scenario, g in per_edit.groupby("scenario", sort=False):
+        for column, metric, pct in (
+            ("hit", f"the hit rate ({scenario})", True),
+            ("target_mse", f"the fill-to-target MSE ({scenario})", False),
+        ):
+            c = compare(
+                g[f"{column}_protected"].astype(float).to_numpy(),
+                g[f"{column}_clean"].astype(float).to_numpy(),
+                label_a="protected images", label_b="clean images", metric=metric,
+            )  # fmt: skip
+            out.append({"id": f"scenario/{scenario}/{column}", "verdict": c.verdict,
+                        "n": c.difference.n, "sentence": c.sentence(pct=pct)})  # fmt: skip
+    return out
+
+
+def conclusions(per_edit: pd.DataFrame) -> list[dict]:
+    """The comparisons the stage's text may state, each decided by :func:`stats.compare`.
+
+    Per source editor: does the backdoor fire (protected vs clean, official mask); does each
+    fair mask trigger it as often as the official one; does each transformation keep its
+    hits; does each other method hit more or less often (malicious and benign, official
+    scenarios); and does it transfer to each other editor. Returns ``id``, ``verdict``,
+    ``sentence`` and ``n`` per comparison; ``id`` is stable across runs.
+    """
+    out: list[dict] = []
+
+    def add(cid: str, d: pd.DataFrame, column: str, condition: str, a, b, label_a, label_b, metric):
+        if not len(d) or a not in set(d[condition]) or b not in set(d[condition]):
+            return
+        va, vb = paired_frames(
+            d.assign(**{column: d[column].astype(float)}), column, condition, a, b
+        )
+        c = compare(va, vb, label_a=label_a, label_b=label_b, metric=metric)
+        out.append({
+            "id": cid, "verdict": c.verdict, "n": c.difference.n, "sentence": c.sentence(pct=True),
+            "no_hits": bool(not va.any() and not vb.any()),  # nothing to compare on either side
+        })  # fmt: skip
+
+    if not len(per_edit):
+        return out
+    plain = per_edit[per_edit["transform"] == "none"]
+    for source in dict.fromkeys(per_edit["source"]):
+        own = _own(plain)
+        own = own[own["source"] == source]
+        bd = own[own["method"] == "backdoor"]
+        mask = bd[bd["scenario"] == "mask"]
+        if len(mask):
+            both = pd.concat([
+                mask.assign(image="protected", hit=mask["hit_protected"]),
+                mask.assign(image="clean", hit=mask["hit_clean"]),
+            ])  # fmt: skip
+            add(f"{source}/fires", both, "hit", "image", "protected", "clean",
+                f"protected images ({source})", "clean images", "the malicious hit rate (mask)")  # fmt: skip
+        fair = bd[(bd["family"] == "fair") & (bd["kind"] == "malicious")]
+        for scenario in dict.fromkeys(fair["scenario"]):
+            add(f"{source}/fair/{scenario}", bd, "hit_protected", "scenario", scenario, "mask",
+                f"the fair mask {scenario}", "the official mask", f"the backdoor's hit rate ({source})")  # fmt: skip
+        rob = _own(per_edit)
+        rob = rob[
+            (rob["source"] == source) & (rob["method"] == "backdoor") & (rob["kind"] == "malicious")
+        ]
+        robust = set(rob.loc[rob["transform"] != "none", "scenario"])
+        rob = rob[rob["scenario"].isin(robust)]
+        for t in dict.fromkeys(rob.loc[rob["transform"] != "none", "transform"]):
+            add(f"{source}/robust/{t}", rob, "hit_protected", "transform", t, "none",
+                f"{t} before editing", "no transformation", f"the malicious hit rate ({source})")  # fmt: skip
+        official = own[own["family"] == "official"]
+        for method in dict.fromkeys(official.loc[official["method"] != "backdoor", "method"]):
+            names = set(official.loc[official["method"] == method, "name"])
+            d = official[official["name"].isin(names)]
+            for kind in ("malicious", "benign"):
+                add(f"{source}/method/{method}/{kind}", d[d["kind"] == kind], "hit_protected",
+                    "method", method, "backdoor", method, "the backdoor",
+                    f"the {kind} hit rate ({source}, official scenarios)")  # fmt: skip
+        transfer = plain[(plain["source"] == source) & (plain["method"] == "backdoor")]
+        transfer = transfer[(transfer["kind"] == "malicious") & (transfer["family"] == "official")]
+        for editor in dict.fromkeys(transfer.loc[transfer["editor"] != source, "editor"]):
+            names = set(transfer.loc[transfer["editor"] == editor, "name"])
+            d = transfer[transfer["name"].isin(names)]
+            add(f"{source}/transfer/{editor}", d, "hit_protected", "editor", editor, source,
+                f"editing with {editor}", f"editing with {source}",
+                f"the malicious hit rate of images protected against {source}")  # fmt: skip
+    return out
+
+
+README_BEGIN, README_END = "<!-- conclusions:begin -->", "<!-- conclusions:end -->"
+
+
+def readme_block(found: dict[str, list[dict]]) -> str:
+    """The README's list of conclusions, from the stages' ``conclusions.json`` (file -> list):
+    every directional one, then how many comparisons showed no detectable difference."""
+    lines = [README_BEGIN, ""]
+    quiet = 0
+    for source, items in found.items():
+        for c in items:
+            if c["verdict"] == "no difference":
+                quiet += 1
+            else:
+                lines.append(f"- {c['sentence']} (`{source}`: `{c['id']}`).")
+    lines += [
+        "",
+        f"{quiet} further comparisons show no detectable difference (listed in the same files).",
+        "",
+        README_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, found: dict[str, list[dict]]) -> bool:
+    """Replace the block between the README's markers; True when the text changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_block(found) + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 def summarize(per_edit: pd.DataFrame, protection: pd.DataFrame) -> dict:
     """The flat ``reports/beyond/metrics.json``."""
     out: dict = {"n_edits": int(len(per_edit))}
     if not len(per_edit):
         return out
     key = lambda *parts: "_".join(str(p).replace("-", "_").replace(":", "") for p in parts)  # noqa: E731
-    for r in fair_mask_table(per_edit).itertuples():
-        out[key(r.source, "backdoor", r.scenario, "hit_rate")] = float(r.hit_rate_protected)
-        out[key(r.source, "backdoor", r.scenario, "ssim_region")] = float(
-            r.ssim_region_vs_clean_edit
-        )
-    for r in robustness_table(per_edit, methods=list(per_edit["method"].unique())).itertuples():
-        out[key(r.source, r.method, r.kind, r.transform, "hit_rate")] = float(r.hit_rate_protected)
-    for r in baseline_table(per_edit, protection).itertuples():
+
+    def put(name: str, row, col: str) -> None:
+        for suffix in ("", "_low", "_high"):
+            out[name + suffix] = float(row[col + suffix])
+
+    for _, r in fair_mask_table(per_edit).iterrows():
+        put(key(r.source, "backdoor", r.scenario, "hit_rate"), r, "hit_rate_protected")
+        put(key(r.source, "backdoor", r.scenario, "ssim_region"), r, "ssim_region_vs_clean_edit")
+    for _, r in robustness_table(per_edit, methods=list(per_edit["method"].unique())).iterrows():
+        put(key(r.source, r.method, r.kind, r.transform, "hit_rate"), r, "hit_rate_protected")
+    for _, r in baseline_table(per_edit, protection).iterrows():
         if r.status == "ok":
-            out[key(r.source, r.method, r.kind, r.family, "ssim_region")] = float(
-                r.ssim_region_vs_clean_edit
+            put(key(r.source, r.method, r.kind, r.family, "hit_rate"), r, "hit_rate_protected")
+            put(
+                key(r.source, r.method, r.kind, r.family, "ssim_region"),
+                r,
+                "ssim_region_vs_clean_edit",
             )
-    for r in transfer_table(per_edit).itertuples():
+    for _, r in transfer_table(per_edit).iterrows():
         if r.source != r.editor:
-            out[key("transfer", r.method, r.source, "to", r.editor, r.kind, "hit_rate")] = float(
-                r.hit_rate_protected
+            put(
+                key("transfer", r.method, r.source, "to", r.editor, r.kind, "hit_rate"),
+                r,
+                "hit_rate_protected",
             )
     ok = protection[protection["status"] == "ok"]
     for (source, method), g in ok.groupby(["source", "method"]):
@@ -127,9 +271,20 @@ def _first(d: pd.DataFrame, col: str):
     return d[col].iloc[0] if len(d) else None
 
 
+def _ci(d: pd.DataFrame | pd.Series, col: str, pct: bool = False) -> str:
+    """``col`` of the first row of ``d`` (or of the row ``d``) with its 95 % interval."""
+    row = d if isinstance(d, pd.Series) else (d.iloc[0] if len(d) else None)
+    if row is None or pd.isna(row.get(col)):
+        return "–"
+    e = Estimate(
+        float(row[col]), float(row[f"{col}_low"]), float(row[f"{col}_high"]), int(row["n_images"])
+    )
+    return e.format(pct)
+
+
 def _cells(g: pd.DataFrame, kind: str, col: str, pct: bool, by: str, values, sep: str) -> str:
-    """``col`` of the ``kind`` rows of ``g`` for each of ``values`` of column ``by``, joined."""
-    return sep.join(_fmt(_first(g[(g["kind"] == kind) & (g[by] == v)], col), pct) for v in values)
+    """``col`` (with its interval) of the ``kind`` rows of ``g`` for each of ``values`` of ``by``."""
+    return sep.join(_ci(g[(g["kind"] == kind) & (g[by] == v)], col, pct) for v in values)
 
 
 def _section(title: str, header: list[str]) -> list[str]:
@@ -144,16 +299,32 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
         "Hit = at least the set share of the edited region within the tolerance of the target",
         "colour; SSIM (region) = SSIM of the protected image's edit against the same edit of the",
         "clean image, over the edited region (1 = no change). Malicious edits: want a high hit",
-        "rate / low SSIM; benign edits: want a 0% hit rate / SSIM near 1.",
+        "rate / low SSIM; benign edits: want a 0% hit rate / SSIM near 1. Brackets: 95 %",
+        "intervals over images (seeds averaged within an image first; `stats`).",
+        "",
+        "## What the numbers support",
+        "",
+        "Generated from the per-image values (`reporting.conclusions`): a direction is stated",
+        "only where the paired 95 % interval of the difference excludes 0.",
+        "",
     ]
+    found = conclusions(per_edit)
+    lines += [f"- {c['sentence']}." for c in found if not c["no_hits"]]
+    empty = [c["id"] for c in found if c["no_hits"]]
+    if empty:
+        lines.append(
+            f"- No hits on either side, so nothing to compare, in {len(empty)} further comparisons: "
+            + ", ".join(f"`{i}`" for i in empty)
+            + "."
+        )
     lines += _section(
         "Fair masks (backdoor, no transformation)",
         ["source", "kind", "family", "scenario", "images", "hit clean → protected", "SSIM region"],
     )
-    for r in fair_mask_table(per_edit).itertuples():
+    for _, r in fair_mask_table(per_edit).iterrows():
         lines.append(
             f"| {r.source} | {r.kind} | {r.family} | {r.scenario} | {r.n_images} | "
-            f"{_fmt(r.hit_rate_clean, True)} → {_fmt(r.hit_rate_protected, True)} | {_fmt(r.ssim_region_vs_clean_edit)} |"
+            f"{_ci(r, 'hit_rate_clean', True)} → {_ci(r, 'hit_rate_protected', True)} | {_ci(r, 'ssim_region_vs_clean_edit')} |"
         )
     lines += _section(
         "Robustness (backdoor; transformation applied to the image before editing)",
@@ -164,9 +335,9 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
     for (source, transform), g in rob.groupby(["source", "transform"], sort=False):
         mal, ben = g[g["kind"] == "malicious"], g[g["kind"] == "benign"]
         lines.append(
-            f"| {source} | {transform} | {_first(g, 'n_images')} | {_fmt(_first(mal, 'hit_rate_protected'), True)} | "
-            f"{_fmt(_first(mal, 'survival'), True)} | {_fmt(_first(mal, 'ssim_region_vs_clean_edit'))} | "
-            f"{_fmt(_first(ben, 'hit_rate_protected'), True)} | {_fmt(_first(ben, 'ssim_region_vs_clean_edit'))} |"
+            f"| {source} | {transform} | {_first(g, 'n_images')} | {_ci(mal, 'hit_rate_protected', True)} | "
+            f"{_fmt(_first(mal, 'survival'), True)} | {_ci(mal, 'ssim_region_vs_clean_edit')} | "
+            f"{_ci(ben, 'hit_rate_protected', True)} | {_ci(ben, 'ssim_region_vs_clean_edit')} |"
         )
     if (per_edit["method"] == "backdoor_eot").any():
         lines += _section(
@@ -220,19 +391,35 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
             cells = []
             for e in editors:
                 here = g[g["editor"] == e]
-                mal = _first(here[here["kind"] == "malicious"], "hit_rate_protected")
-                ben = _first(here[here["kind"] == "benign"], "ssim_region_vs_clean_edit")
-                cells.append(f"{_fmt(mal, True)} / {_fmt(ben)}")
+                mal = _ci(here[here["kind"] == "malicious"], "hit_rate_protected", True)
+                ben = _ci(here[here["kind"] == "benign"], "ssim_region_vs_clean_edit")
+                cells.append(f"{mal} / {ben}")
             lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
     "baseline_table",
+    "conclusions",
+    "scenario_conclusions",
     "eot_table",
     "fair_mask_table",
     "markdown",
+    "readme_block",
+    "update_readme",
     "robustness_table",
     "summarize",
     "transfer_table",
 ]
+
+
+if __name__ == "__main__":  # python -m runtime_backdoor.reporting: refresh README's conclusions
+    import json
+    import sys
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
+    files = ("reports/conclusions.json", "reports/beyond/conclusions.json")
+    found = {f: json.loads((root / f).read_text()) for f in files if (root / f).exists()}
+    print(
+        "README.md updated" if update_readme(root / "README.md", found) else "README.md unchanged"
+    )

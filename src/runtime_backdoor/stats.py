@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95
-RESAMPLES = 9999
+RESAMPLES = 4999
 SEED = 0
 
 

@@ -652,26 +652,37 @@ def clip_fid_by_scenario(prepared_dir, edited_dir, weights: str | None, device="
 
 def summarize(per_edit: pd.DataFrame, imperceptibility: pd.DataFrame, clip: dict) -> dict:
     """The flat ``reports/metrics.json`` (DVC metrics): means over images."""
+    from .stats import estimate
+
     out: dict = {"n_images": int(imperceptibility.shape[0])}
+
+    def put(name: str, values) -> None:
+        """The mean over images and its 95 % interval (``_low``, ``_high``)."""
+        e = estimate(np.asarray(values, dtype=float))
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = e.mean, e.low, e.high
+
     for scenario, g in per_edit.groupby("scenario"):
         kind = "malicious" if scenario in MALICIOUS else "benign"
         key = f"{kind}_{scenario}"
         for label in ("clean", "protected"):
-            out[f"{key}_hit_rate_{label}"] = float(g[f"hit_{label}"].mean())
-            out[f"{key}_hit_fraction_{label}"] = float(g[f"hit_fraction_{label}"].mean())
-            out[f"{key}_ssim_vs_original_{label}"] = float(g[f"ssim_vs_original_{label}"].mean())
-        out[f"{key}_ssim_vs_clean_edit"] = float(g["ssim_vs_clean_edit"].mean())
-        out[f"{key}_ssim_region_vs_clean_edit"] = float(g["ssim_region_vs_clean_edit"].mean())
-        out[f"{key}_target_mse_clean"] = float(g["target_mse_clean"].mean())
-        out[f"{key}_target_mse_protected"] = float(g["target_mse_protected"].mean())
+            put(f"{key}_hit_rate_{label}", g[f"hit_{label}"])
+            put(f"{key}_hit_fraction_{label}", g[f"hit_fraction_{label}"])
+            put(f"{key}_ssim_vs_original_{label}", g[f"ssim_vs_original_{label}"])
+        put(f"{key}_ssim_vs_clean_edit", g["ssim_vs_clean_edit"])
+        put(f"{key}_ssim_region_vs_clean_edit", g["ssim_region_vs_clean_edit"])
+        put(f"{key}_target_mse_clean", g["target_mse_clean"])
+        put(f"{key}_target_mse_protected", g["target_mse_protected"])
+        # An identical edit has infinite PSNR: counted as 100 dB so that means stay finite.
         finite = g["psnr_vs_clean_edit"].replace(np.inf, 100.0)
-        out[f"{key}_psnr_vs_clean_edit"] = float(finite.mean())
+        put(f"{key}_psnr_vs_clean_edit", finite)
         out[f"{key}_psnr_vs_clean_edit_min"] = float(finite.min())
-        region = g["psnr_region_vs_clean_edit"].replace(np.inf, 100.0)
-        out[f"{key}_psnr_region_vs_clean_edit"] = float(region.mean())
-    out["protection_psnr"] = float(imperceptibility["psnr"].mean())
+        put(
+            f"{key}_psnr_region_vs_clean_edit",
+            g["psnr_region_vs_clean_edit"].replace(np.inf, 100.0),
+        )
+    put("protection_psnr", imperceptibility["psnr"])
     out["protection_psnr_min"] = float(imperceptibility["psnr"].min())
-    out["protection_ssim"] = float(imperceptibility["ssim"].mean())
+    put("protection_ssim", imperceptibility["ssim"])
     out["protection_linf_8bit_max"] = float(imperceptibility["linf_8bit"].max())
     out["protection_seconds_per_image"] = float(imperceptibility["seconds"].mean())
     out["clip_fid_available"] = bool(clip.get("available", False))
