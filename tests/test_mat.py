@@ -513,8 +513,8 @@ def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
     root = Path(__file__).resolve().parents[1]
     committed = {p: p.read_bytes() for p in (root / "reports").glob("*.json")}
     project = tmp_path / "project"
-    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
-                 "notebooks", "src", "dvc-store"):  # fmt: skip
+    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore", ".gitignore",
+                 "data/.gitignore", "notebooks", "src", "dvc-store"):  # fmt: skip
         src, dst = root / item, project / item
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

@@ -32,7 +32,8 @@ even in eval mode. Each forward seeds its own draw (the global random state is l
 as it was): ``dropout="official"`` (the default) takes a new draw every forward, as the
 official attack did, from the sequence ``dropout_seed``, call 0, 1, 2, ...;
 ``dropout="fixed"`` takes the same draw every forward, which makes the editor a
-deterministic function (gradient checks, a protection against one known draw).
+deterministic function (gradient checks, a protection against one known draw). A draw
+covers the whole batch, so an image's dropout masks depend on its place in the batch.
 
 Accepted weight files (see :func:`read_mat_weights`): IOPaint's generator state dict
 ``Places_512_FullData_G.pth`` (``torch.load(weights_only=True)``; it may lack the
