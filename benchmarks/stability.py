@@ -202,17 +202,27 @@ def main(argv=None) -> int:
         "--keep", type=Path, help="run the variants under this folder and keep them"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    parser.add_argument(
+        "--compare-only", action="store_true",
+        help="compare the runs kept under --keep with the reports again, without running",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     base = args.keep or Path(tempfile.mkdtemp(prefix="stability-"))
     base.mkdir(parents=True, exist_ok=True)
     dirs, seconds = {}, {}
+    if args.compare_only and args.keep is None:
+        parser.error("--compare-only needs --keep DIR (the folder of an earlier run)")
     try:
         for v in args.variants:
             dirs[v] = base / v
+            if args.compare_only:
+                seconds[v] = json.loads((base / v / "seconds.json").read_text())["seconds"]
+                continue
             if dirs[v].exists():
                 shutil.rmtree(dirs[v])
             print(f"stability: running the pipeline, variant {v} ...", flush=True)
             seconds[v] = run_variant(dirs[v], *VARIANTS[v])
+            (dirs[v] / "seconds.json").write_text(json.dumps({"seconds": seconds[v]}))
         result = compare_runs(dirs)
         result["seconds"] = seconds
         args.out.mkdir(parents=True, exist_ok=True)
