@@ -179,9 +179,11 @@ def test_missing_weights_say_where_to_put_them(files, capsys):
     assert code == 2 and "best.ckpt" in err
 
 
-def test_reserved_mat_editor_explains(files, capsys):
-    code, _, err = run(capsys, *protect_args(files, editor="mat"))
-    assert code == 2 and "not implemented" in err
+def test_an_editor_without_its_weights_says_which_file(files, capsys):
+    for editor, names in (("mat", ".pth"), ("mini-lama", "trained"), ("lama", "best.ckpt")):
+        code, _, err = run(capsys, *protect_args(files, editor=editor))
+        assert code == 2 and len(err.splitlines()) == 1
+        assert f"--editor {editor} needs --weights" in err and names in err, err
 
 
 # ------------------------------------------------------------------------------- edit
