@@ -421,6 +421,10 @@ def _single(args) -> dict:
     _check_options(args)
     if args.command in ("protect", "edit"):
         _check_out_file(args, (args.image, args.mask, getattr(args, "compare", None)))
+    if getattr(args, "compare", None) is not None:
+        panel = compare_path(args.out)
+        if panel.exists() and not args.overwrite:
+            raise CliError(f"{panel} (the --compare panel) exists; pass --overwrite to replace it")
     device = _device(args.device)
     x, m, target = _read_inputs(args, args.image, args.mask)
     editor = _build_editor(args, device)
@@ -437,7 +441,7 @@ def _single(args) -> dict:
     _write(args.out, edited, args.overwrite)
     report = {"out": str(args.out), **report}
     if panel is not None:
-        _write(compare_path(args.out), panel, True)
+        _write(compare_path(args.out), panel, args.overwrite)
         report["compare"] = str(compare_path(args.out))
     return report
 
