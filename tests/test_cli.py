@@ -251,6 +251,10 @@ def test_edit_compare_panel_and_metrics(files, capsys):
     assert code == 0 and same["psnr_region_vs_original_edit"] == math.inf
     assert same["ssim_region_vs_original_edit"] == pytest.approx(1.0)
     assert same["hit_fraction"] == same["hit_fraction_original"]
+    (files / "same.png").unlink()  # the panel is still there: not replaced without --overwrite
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "same_compare.png" in err and "--overwrite" in err
+    assert run(capsys, *argv, "--overwrite")[0] == 0
 
 
 # ------------------------------------------------------------------------------- folders
