@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.metadata
 import io
 import pickle
 import re
@@ -90,12 +91,23 @@ def _is_noise_key(name: str) -> bool:
 
 def _spandrel_mat_module():
     try:
-        return importlib.import_module("spandrel_extra_arches.architectures.MAT.__arch.MAT")
+        with warnings.catch_warnings():
+            # the package's __init__ imports its other architectures; one uses torch.jit.script
+            warnings.filterwarnings("ignore", r".*torch\.jit\.script", FutureWarning)
+            module = importlib.import_module("spandrel_extra_arches.architectures.MAT.__arch.MAT")
     except ImportError as err:
         raise MissingExtraError(
             f"editor 'mat' needs the optional extra spandrel-extra-arches=="
             f"{SPANDREL_EXTRA_ARCHES_VERSION} ({err.name or err} is missing): {INSTALL_HINT}"
         ) from None
+    installed = importlib.metadata.version("spandrel_extra_arches")
+    if installed != SPANDREL_EXTRA_ARCHES_VERSION:  # the corrections target this version's code
+        warnings.warn(
+            f"spandrel-extra-arches {installed} is installed, but the MAT editor is checked "
+            f"against {SPANDREL_EXTRA_ARCHES_VERSION} (tests/test_mat.py): {INSTALL_HINT}",
+            stacklevel=2,
+        )
+    return module
 
 
 def build_generator(decoder_noise: bool = True, resolution: int = RESOLUTION) -> nn.Module:
