@@ -10,12 +10,14 @@ launch``; P = 1 runs the CLI directly) with T threads each. Each row is timed tw
 
 ``images/s`` = images / full run; ``steady images/s`` = images / (full run - fixed cost),
 the rate on a folder large enough for the fixed cost not to matter. Outputs of every row
-are compared byte for byte with the first row's. The machine's load average before and after
-each row goes into the JSON (a shared machine makes the numbers noisy). Prints a table last::
+are compared byte for byte with the first row's that has the same threads per process
+(thread counts change float results in the last bits). The machine's load average before
+and after each row goes into the JSON (a shared machine makes the numbers noisy). Prints a
+table last::
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/benchmark_scaleout.py \\
         [--editor mini-lama --weights models/editor/mini-lama.safetensors | --random-big-lama] \\
-        [--images 24] [--size 128] [--rows 1x2 1x1 2x1] [--device cpu] \\
+        [--images 24] [--size 128] [--rows 1x1 2x1 1x2] [--device cpu] \\
         [--out reports/benchmarks/cpu-scaleout.json]
 
 Without the trained miniature (``dvc pull editor`` puts it in models/editor/), a random
@@ -106,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--expand", type=int, default=5, help="E(m) kernel (5 at 128 px)")
-    parser.add_argument("--rows", nargs="+", default=["1x2", "1x1", "2x1"], help="PxT")
+    parser.add_argument("--rows", nargs="+", default=["1x1", "2x1", "1x2"], help="PxT")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/cpu-scaleout.json")
     args = parser.parse_args(argv)
 
     from runtime_backdoor.samples import make_sample
 
-    rows, reference = [], None
+    rows, references = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights_note = editor_files(args, tmp)
@@ -154,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             fixed = timed(cmd, threads)  # everything resumed: the fixed cost
             load_after = os.getloadavg()
             outputs = {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
-            same = None if reference is None else outputs == reference
-            reference = reference or outputs
+            # Thread counts change float results in the last bits: compare like with like.
+            reference = references.setdefault(threads, (spec, outputs))
+            same = None if reference[0] == spec else outputs == reference[1]
             rows.append(
                 {
                     "row": spec,
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     "fixed_seconds": round(fixed, 2),
                     "images_per_second": round(args.images / full, 3),
                     "steady_images_per_second": round(args.images / max(full - fixed, 1e-9), 3),
-                    "outputs_identical_to_first_row": same,
+                    "same_bytes_as_row": None if same is None else reference[0],
+                    "outputs_identical": same,
                     "load_average_1min_before_after": [
                         round(load_before[0], 2),
                         round(load_after[0], 2),
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every row
     result["complete"] = True
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    header = f"{'row':>5} {'procs':>5} {'thr':>4} {'s':>7} {'fixed s':>8} {'img/s':>7} {'steady img/s':>13} {'same bytes':>10} {'load':>11}"
+    header = f"{'row':>5} {'procs':>5} {'thr':>4} {'s':>7} {'fixed s':>8} {'img/s':>7} {'steady img/s':>13} {'same bytes as':>14} {'load':>11}"
     print(
         f"{args.images} images, {args.size} px, {args.steps} steps, {args.editor}: {weights_note}"
     )
@@ -187,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         load = "/".join(f"{v:.1f}" for v in r["load_average_1min_before_after"])
         same = (
             "-"
-            if r["outputs_identical_to_first_row"] is None
-            else str(r["outputs_identical_to_first_row"])
+            if r["outputs_identical"] is None
+            else f"{r['outputs_identical']} ({r['same_bytes_as_row']})"
         )
         print(
             f"{r['row']:>5} {r['processes']:>5} {r['threads_per_process']:>4} {r['seconds']:>7.1f} "
             f"{r['fixed_seconds']:>8.1f} {r['images_per_second']:>7.2f} "
-            f"{r['steady_images_per_second']:>13.2f} {same:>10} {load:>11}"
+            f"{r['steady_images_per_second']:>13.2f} {same:>14} {load:>11}"
         )
     return 0
 
