@@ -463,7 +463,7 @@ def test_cli_check_and_protect_on_every_format(tmp_path, capsys):
                                   tmp_path / "G.pkl", "--steps", 1, "--quiet", "--out", out_png)])  # fmt: skip
     _, err = capsys.readouterr()
     assert code == 0, err
-    protected = torch.from_numpy(np.asarray(Image.open(out_png))).int()
+    protected = torch.from_numpy(np.array(Image.open(out_png))).int()
     assert (protected - rgb.int()).abs().max() <= 13  # ceil(0.05 * 255)
     assert not (tmp_path / "ran").exists()
 
