@@ -16,6 +16,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from . import weights
+
 DESCRIPTION = """\
 Protect a region of an image (a watermark, a face, a logo) against inpainting.
 
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("editors", help="list the editors that can be named with --editor")
+    weights.add_parser(sub)
     return parser
 
 
@@ -650,6 +653,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "weights":
+        return weights.run(args)
     if args.command == "editors":
         from .editors import EDITORS
 
