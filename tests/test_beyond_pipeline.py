@@ -67,7 +67,9 @@ def test_stage_function_covers_every_part(folders):
     for source, n_seeds in (("pipeline", 1), ("control", 2)):
         d2 = own[(own["source"] == source) & (own["method"] != "backdoor")]
         assert set(d2["method"]) == {"backdoor_eot", "untargeted", "markpainting"}
-        assert len(d2) == n_seeds * 3 * 2 * (n_scen + 2 * n_robust)
+        # EOT under every transformation; the baselines untransformed (their table's rows).
+        assert len(d2) == n_seeds * 2 * ((n_scen + 2 * n_robust) + 2 * n_scen)
+        assert set(d2.loc[d2["method"] != "backdoor_eot", "transform"]) == {"none"}
     na = protection[protection["status"].str.startswith("n/a")]
     assert set(na["method"]) == {"encoder"} and set(na["source"]) == {"pipeline", "control"}
     # Part 3: transfer to every other editor, untransformed.
@@ -76,7 +78,7 @@ def test_stage_function_covers_every_part(folders):
         ("pipeline", "control"), ("pipeline", "lama-s1"),
         ("control", "pipeline"), ("control", "lama-s1"),
     }  # fmt: skip
-    assert set(cross["transform"]) == {"none"}
+    assert set(cross["transform"]) == {"none"} and set(cross["family"]) == {"official"}
     assert cross.groupby(["source", "editor"])["method"].nunique().eq(n_methods).all()
     # Values in range; every method within ε.
     for col in ("hit_fraction_clean", "hit_fraction_protected"):

@@ -158,13 +158,8 @@ def _symmetric_pad(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def _box_mean(x: torch.Tensor, win: int) -> torch.Tensor:
-    """Mean over ``win`` x ``win`` windows of an already padded map, by cumulative sums."""
-    for dim in (-1, -2):
-        c = torch.cumsum(x, dim=dim)
-        zero = torch.zeros_like(c.narrow(dim, 0, 1))
-        c = torch.cat([zero, c], dim=dim)
-        x = c.narrow(dim, win, c.shape[dim] - win) - c.narrow(dim, 0, c.shape[dim] - win)
-    return x / (win * win)
+    """Mean over ``win`` x ``win`` windows of an already padded map (valid positions only)."""
+    return F.avg_pool2d(x, win, stride=1)
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
