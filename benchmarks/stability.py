@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from runtime_backdoor.runs import copy_project
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = (
     "dvc.yaml",
@@ -69,15 +71,7 @@ CONCLUSIONS = ("reports/conclusions.json", "reports/beyond/conclusions.json")
 
 
 def scratch_copy(dest: Path) -> None:
-    for item in COPY:
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(
-                src, dest / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-            )
-        else:
-            (dest / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dest / item)
+    copy_project(ROOT, dest, COPY)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 

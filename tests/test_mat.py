@@ -508,7 +508,6 @@ def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
     The weight file is a random-weight MAT at 256 px (the CelebA-HQ-256 layout, read by the
     same loader): the 64 px images are resized to 256 inside the editor, 4x cheaper than 512.
     """
-    import shutil
     import subprocess
 
     import yaml
@@ -516,14 +515,10 @@ def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
     root = Path(__file__).resolve().parents[1]
     committed = {p: p.read_bytes() for p in (root / "reports").glob("*.json")}
     project = tmp_path / "project"
-    for item in ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore", ".gitignore",
-                 "data/.gitignore", "notebooks", "src", "dvc-store"):  # fmt: skip
-        src, dst = root / item, project / item
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, dst)
+    from runtime_backdoor.runs import copy_project
+
+    copy_project(root, project, ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore",
+                                 ".gitignore", "data/.gitignore", "notebooks", "src", "dvc-store"))  # fmt: skip
     weights = tmp_path / "mat-256-random.safetensors"
     state = init_weights_(build_generator(resolution=256), seed=0).state_dict()
     from safetensors.torch import save_file

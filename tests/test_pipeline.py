@@ -19,6 +19,7 @@ import torch
 from runtime_backdoor import study
 from runtime_backdoor.data import read_image
 from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.runs import copy_project
 from runtime_backdoor.samples import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,24 +200,8 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path, run_notebook):
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     """The real dvc.yaml, with tiny parameters, in a copy of the project."""
-    for item in (
-        "dvc.yaml",
-        "params.yaml",
-        "data.dvc",
-        ".dvc/config",
-        ".dvcignore",
-        "notebooks",
-        "src",
-        "dvc-store",
-    ):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(
-                src, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-            )
-        else:
-            (tmp_path / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, tmp_path / item)
+    items = ("dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", ".dvcignore", "notebooks")
+    copy_project(ROOT, tmp_path, (*items, "src", "dvc-store"))
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,

@@ -147,16 +147,11 @@ def require_gpu(force: bool) -> None:
         )
 
 
-def setup(preset: str, params: dict, *, root: Path) -> Path:
-    """Create or refresh ``runs/<preset>/``: the project's stages with the run's params."""
-    if not (root / "data" / "raw").is_dir():
-        subprocess.run(
-            [_dvc(), "pull", "--quiet", "data.dvc"], cwd=root, check=True
-        )  # the embedded images, from the DVC remote inside the repository
-    run_dir = root / "runs" / preset
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        src, dst = root / name, run_dir / name
+def copy_project(root: Path, dest: Path, items) -> None:
+    """Copy the project's ``items`` (files or folders, relative paths) from ``root`` into
+    ``dest``, leaving out caches; what is already there is updated."""
+    for name in items:
+        src, dst = Path(root) / name, Path(dest) / name
         if src.is_dir():
             shutil.copytree(
                 src,
@@ -167,6 +162,17 @@ def setup(preset: str, params: dict, *, root: Path) -> Path:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
+
+
+def setup(preset: str, params: dict, *, root: Path) -> Path:
+    """Create or refresh ``runs/<preset>/``: the project's stages with the run's params."""
+    if not (root / "data" / "raw").is_dir():
+        subprocess.run(
+            [_dvc(), "pull", "--quiet", "data.dvc"], cwd=root, check=True
+        )  # the embedded images, from the DVC remote inside the repository
+    run_dir = root / "runs" / preset
+    run_dir.mkdir(parents=True, exist_ok=True)
+    copy_project(root, run_dir, COPIED)
     (run_dir / "params.yaml").write_text(
         f"# {preset} run: params.yaml + params/{preset}.yaml + command-line choices (generated)\n"
         + yaml.safe_dump(params, sort_keys=False)

@@ -69,3 +69,24 @@ class Editor(nn.Module):
         pred = self.predict(pad_to_multiple(image, m), pad_to_multiple(mask, m, mode="constant"))
         pred = pred[..., :h, :w]
         return mask * pred + (1 - mask) * image
+
+
+def state_dict_problems(state: dict, expected: dict, shown: int = 5) -> list[str]:
+    """What keeps ``state`` (name -> tensor) from loading strictly into ``expected``
+    (name -> shape): missing, unexpected and wrong-shape entries, a few of each named."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(shape)
+    ]
+    return [
+        f"{label} ({len(keys)}): {', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        )
+        if keys
+    ]

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Editor
+from .base import Editor, state_dict_problems
 
 BIG_LAMA_HELP = (
     "Download Big-LaMa from the LaMa authors (README of github.com/advimman/lama: "
@@ -515,23 +515,8 @@ def _select_generator(
         )
     prefix = prefixes[0]
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        problems = [
-            f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("wrong shape", wrong),
-            )
-            if keys
-        ]
+    problems = state_dict_problems(state, {k: v.shape for k, v in expected.items()})
+    if problems:
         raise ValueError(
             f"{path} (generator prefix {prefix!r}) does not match this LaMa configuration: "
             + "; ".join(problems)

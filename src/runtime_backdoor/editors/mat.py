@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Editor
+from .base import Editor, state_dict_problems
 
 RESOLUTION = 512
 Z_DIM = 512
@@ -339,23 +339,8 @@ def read_mat_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     missing = [k for k in full if k not in tensors]
     noise_free = bool(missing) and missing == [k for k in full if _is_noise_key(k)]
     expected = expected_state(False, resolution) if noise_free else full
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [
-        f"{k} {tuple(tensors[k].shape)} != {tuple(s)}"
-        for k, s in expected.items()
-        if k in tensors and tensors[k].shape != s
-    ]
-    if missing or unexpected or wrong:
-        problems = [
-            f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("wrong shape", wrong),
-            )
-            if keys
-        ]
+    problems = state_dict_problems(tensors, expected, shown=4)
+    if problems:
         raise ValueError(
             f"{path} is not a MAT {resolution} px generator ({len(tensors)} tensors): "
             + "; ".join(problems)
