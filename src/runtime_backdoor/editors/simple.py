@@ -15,6 +15,25 @@ def _gaussian_kernel(sigma: float, dtype, device) -> torch.Tensor:
     return k / k.sum()
 
 
+def _blur_matrix(n: int, kernel: torch.Tensor, reflect: bool) -> torch.Tensor:
+    """(n, n) matrix of a 1-D convolution with ``kernel`` over a padded side of length ``n``.
+
+    The same operator as padding (reflect, else replicate) followed by the convolution, as one banded matrix: applied as two small
+    matrix products it is an order of magnitude faster on a CPU than a depthwise
+    convolution with a long kernel (97 taps at σ = 16), forward and backward.
+    """
+    pad = kernel.numel() // 2
+    source = torch.arange(n)[:, None] + torch.arange(-pad, pad + 1)[None, :]
+    if reflect:  # -1 -> 1, n -> n - 2 (needs pad < n)
+        source = source.abs()
+        source = torch.where(source > n - 1, 2 * (n - 1) - source, source)
+    else:
+        source = source.clamp(0, n - 1)
+    matrix = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
+    weights = kernel[None, :].expand(n, -1)
+    return matrix.scatter_add_(1, source.to(kernel.device), weights)
+
+
 class BlurFillEditor(Editor):
     """Classical fill by normalised convolution: known pixels diffused into the hole.
 
@@ -31,16 +50,11 @@ class BlurFillEditor(Editor):
 
     def _blur(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         k = _gaussian_kernel(sigma, x.dtype, x.device)
-        c = x.shape[1]
-        pad = k.numel() // 2
-        # Reflect padding needs the pad to be smaller than the side.
-        mode = "reflect" if pad < min(x.shape[-2:]) else "replicate"
-        x = F.conv2d(
-            F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c
-        )
-        return F.conv2d(
-            F.pad(x, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
-        )
+        # Reflect padding needs the pad to be smaller than the side (else replicate, both axes).
+        reflect = k.numel() // 2 < min(x.shape[-2:])
+        rows = _blur_matrix(x.shape[-2], k, reflect)
+        cols = _blur_matrix(x.shape[-1], k, reflect)
+        return rows @ x @ cols.T
 
     def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         known = 1 - mask
