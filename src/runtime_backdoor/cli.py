@@ -4,6 +4,11 @@
         --weights models/big-lama/models/best.ckpt --out photo_protected.png
     runtime-backdoor check photo.png --mask photo_mask.png --editor lama --weights ...
     runtime-backdoor editors
+    runtime-backdoor demo            # the same in a browser page (runtime_backdoor.demo)
+
+The work of ``protect``, ``check`` and ``edit`` is done by :func:`read_inputs`,
+:func:`load_editor`, :func:`check_image`, :func:`protect_image` and :func:`edit_image`,
+which the browser demo calls too: one code path, the same bytes.
 """
 
 from __future__ import annotations
@@ -46,18 +51,30 @@ def _positive_int(name: str, low: int, high: int):
     return parse
 
 
-def _eps(text: str) -> float:
+DEFAULT_EPS = 0.025  # the paper's 6.4/255
+
+
+def parse_eps(text) -> float:
+    """ε as a fraction of the pixel range; values above 1 are 8-bit units (6.4 -> 6.4/255).
+
+    Raises ``ValueError`` ("eps must be ...") outside (0, 64/255].
+    """
     try:
         value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--eps must be a number, got {text!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number, got {text!r}") from None
     if value > 1:  # accept 8-bit units such as 6.4 for convenience
         value = value / 255
-    if not 0 < value <= 64 / 255:
-        raise argparse.ArgumentTypeError(
-            f"--eps must be in (0, 0.25] (or (0, 64] in 8-bit units), got {text}"
-        )
+    if not 0 < value <= 64 / 255:  # also rejects NaN
+        raise ValueError(f"eps must be in (0, 0.25] (or (0, 64] in 8-bit units), got {text}")
     return value
+
+
+def _eps(text: str) -> float:
+    try:
+        return parse_eps(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--{err}") from None
 
 
 class CliError(Exception):
@@ -126,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--eps",
             type=_eps,
-            default=0.025,
+            default=DEFAULT_EPS,
             help="perturbation budget per pixel value, fraction of the range (default 0.025 = 6.4/255, the paper's)",
         )
         target(p)
@@ -198,10 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("editors", help="list the editors that can be named with --editor")
     weights.add_parser(sub)
+    demo = sub.add_parser(
+        "demo",
+        help="a browser page for image owners: paint, check, protect, compare, download",
+        description="Serve a one-page browser app (Gradio) that does what check, protect and "
+        "edit do, on this machine only: nothing leaves it, and nothing is written outside a "
+        "temporary folder that is removed on exit.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    demo.add_argument(
+        "--port",
+        type=_positive_int("--port", 1, 65535),
+        default=None,
+        help="port (default: the first free one from 7860)",
+    )
+    demo.add_argument(
+        "--editor", default=None, help="an editor to offer first (with --weights if it needs them)"
+    )
+    demo.add_argument("--weights", type=Path, default=None, help="weights for --editor")
+    demo.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu' or 'cuda'")
     return parser
 
 
-def _device(name: str):
+def resolve_device(name: str):
     import torch
 
     if name == "auto":
@@ -220,13 +256,14 @@ def _device(name: str):
 _UNSAFE_ADVICE = ("weights_only", "Weights only load failed", "trust the source")
 
 
-def _one_line(err: BaseException, limit: int = 400) -> str:
+def one_line(err: BaseException, limit: int = 400) -> str:
+    """An error's message on one line, at most ``limit`` characters."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _weights_reason(err: BaseException, path=None) -> str:
-    text = _one_line(err, limit=10_000)
+    text = one_line(err, limit=10_000)
     if any(marker in text for marker in _UNSAFE_ADVICE):
         return "it is corrupt, truncated or not a PyTorch checkpoint; download it again"
     if "refusing to unpickle" in text:  # code in the file: it stays unread, whatever the source
@@ -234,41 +271,47 @@ def _weights_reason(err: BaseException, path=None) -> str:
     if path is not None and str(path) not in text:  # a reader's own words: say what they mean
         detail = text.split(". ")[0][:200]
         return f"it is corrupt, truncated or in another format ({detail}); download it again"
-    return _one_line(err).removeprefix(f"{path}: ")
+    return one_line(err).removeprefix(f"{path}: ")
 
 
-def _build_editor(args, device):
+def load_editor(name: str, weights: Path | None, device):
+    """The editor registered as ``name``; every failure is a one-line :class:`CliError`."""
     from .editors import EDITORS, build_editor
 
-    if args.editor not in EDITORS:
-        raise CliError(
-            f"--editor: unknown editor {args.editor!r}; known editors: {', '.join(EDITORS)}"
-        )
-    spec = EDITORS[args.editor]
-    if spec.needs_weights and args.weights is None:
+    if name not in EDITORS:
+        raise CliError(f"--editor: unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
+    spec = EDITORS[name]
+    if spec.needs_weights and weights is None:
         hint = spec.description
-        if args.editor == "lama":
+        if name == "lama":
             from .editors.lama import BIG_LAMA_HELP
 
             hint = BIG_LAMA_HELP
-        raise CliError(f"--editor {args.editor} needs --weights: {hint}")
+        raise CliError(f"--editor {name} needs --weights: {hint}")
     try:
-        return build_editor(args.editor, weights=args.weights, device=device)
+        return build_editor(name, weights=weights, device=device)
     except (FileNotFoundError, NotImplementedError) as err:
-        raise CliError(_one_line(err)) from err
+        raise CliError(one_line(err)) from err
     except Exception as err:  # a weight file of any format that does not load
         raise CliError(
-            f"--weights {args.weights}: cannot load {args.editor} weights: "
-            f"{_weights_reason(err, args.weights)}"
+            f"--weights {weights}: cannot load {name} weights: {_weights_reason(err, weights)}"
         ) from err
 
 
+def _build_editor(args, device):
+    return load_editor(args.editor, args.weights, device)
+
+
 def _check_options(args) -> None:
-    if getattr(args, "expand", 1) % 2 == 0:
-        raise CliError(f"--expand must be odd, got {args.expand}")
-    if not 0 < args.threshold <= 1:
-        raise CliError(f"--threshold must be in (0, 1], got {args.threshold}")
-    target = getattr(args, "target", "solid")
+    check_options(getattr(args, "expand", 1), args.threshold, getattr(args, "target", "solid"))
+
+
+def check_options(expand: int, threshold: float, target: str) -> None:
+    """The options :func:`read_inputs` and :func:`protect_image` take, checked before any work."""
+    if expand % 2 == 0:
+        raise CliError(f"--expand must be odd, got {expand}")
+    if not 0 < threshold <= 1:
+        raise CliError(f"--threshold must be in (0, 1], got {threshold}")
     if target not in ("solid", "anti") and not Path(target).is_file():
         raise CliError(
             f"--target: {target!r} is neither 'solid', 'anti' nor an existing image file"
@@ -285,26 +328,29 @@ def _read(path: Path, what: str, read, **kwargs):
         return read(path, **kwargs)
     except Image.DecompressionBombError as err:
         raise CliError(
-            f"{what} {path} is too large to read safely ({_one_line(err)}); resize it first"
+            f"{what} {path} is too large to read safely ({one_line(err)}); resize it first"
         ) from err
     except MemoryError as err:
         raise CliError(f"{what} {path} is too large for this machine's memory") from err
 
 
 def _read_inputs(args, image_path: Path, mask_path: Path):
+    return read_inputs(image_path, mask_path, args.threshold, getattr(args, "target", "solid"))
+
+
+def read_inputs(image_path: Path, mask_path: Path, threshold: float = 0.5, target="solid"):
     """Image (1, 3, H, W), mask (1, 1, H, W) on the CPU and the target, validated."""
     import torch
 
     from .data import read_image, read_mask
 
-    image = _read(image_path, "image", read_image)
-    mask = _read(mask_path, "mask", read_mask, threshold=args.threshold)
+    image = _read(Path(image_path), "image", read_image)
+    mask = _read(Path(mask_path), "mask", read_mask, threshold=threshold)
     if mask.shape != image.shape[:2]:
         raise CliError(
             f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
             f"{image.shape[1]}x{image.shape[0]} (width x height): they must match"
         )
-    target = getattr(args, "target", "solid")
     if target not in ("solid", "anti"):
         t = _read(Path(target), "--target image", read_image)
         if t.shape != image.shape:
@@ -317,7 +363,8 @@ def _read_inputs(args, image_path: Path, mask_path: Path):
     return x, m, target
 
 
-def _write(path: Path, array, overwrite: bool) -> None:
+def write_output(path: Path, array, overwrite: bool) -> None:
+    """Write a PNG atomically; failures are one-line :class:`CliError` naming ``--out``."""
     from .data import write_png
 
     try:
@@ -325,7 +372,7 @@ def _write(path: Path, array, overwrite: bool) -> None:
     except FileExistsError:
         raise CliError(f"--out {path} exists; pass --overwrite to replace it") from None
     except OSError as err:
-        reason = err.strerror or _one_line(err)
+        reason = err.strerror or one_line(err)
         raise CliError(f"--out {path}: cannot write it ({reason})") from err
 
 
@@ -347,7 +394,7 @@ def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
         raise CliError(f"--out {out} exists; pass --overwrite to replace it")
 
 
-def _eight_bit(t):
+def eight_bit(t):
     """(1, 3, H, W) or (3, H, W) tensor -> H x W x 3 array on the 8-bit grid, as written."""
     import numpy as np
 
@@ -356,33 +403,63 @@ def _eight_bit(t):
 
 
 def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
+    report, protected = protect_image(
+        editor,
+        x,
+        m,
+        target,
+        device,
+        eps=args.eps,
+        steps=args.steps,
+        expand=args.expand,
+        seed=args.seed,
+        progress=not args.quiet and not _is_folder(args),
+    )
+    return {"editor": args.editor, **report}, protected
+
+
+def protect_image(
+    editor, x, m, target, device, *, eps, steps, expand, seed, progress=False
+) -> tuple[dict, object]:
+    """Protect ``x`` (1, 3, H, W) in the region ``m``: a report and the H x W x 3 result.
+
+    The result is on the 8-bit grid, as :func:`write_output` writes it.
+    """
     from .implant import implant
 
     result = implant(
         editor,
         x.to(device),
         m.to(device),
-        eps=args.eps,
-        steps=args.steps,
-        expand_kernel=args.expand,
+        eps=eps,
+        steps=steps,
+        expand_kernel=expand,
         target=target,
-        seed=args.seed,
-        progress=not args.quiet and not _is_folder(args),
+        seed=seed,
+        progress=progress,
     )
     losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
     report = {
-        "editor": args.editor,
-        "eps": args.eps,
-        "steps": args.steps,
+        "eps": eps,
+        "steps": steps,
         "max_change_8bit": round((result.delta.abs().max() * 255).item(), 3),
         "seconds": round(result.seconds, 3),
         "final_losses": losses,
     }
-    return report, _eight_bit(result.protected[0])
+    return report, eight_bit(result.protected[0])
 
 
 def _edit_one(args, editor, x, m, target, device, original=None):
-    """The edit of ``x``; with ``original``: metrics against the original's edit and a panel."""
+    report, edited, panel = edit_image(editor, x, m, target, device, original)
+    return {"editor": args.editor, **report}, edited, panel
+
+
+def edit_image(editor, x, m, target, device, original=None):
+    """The edit of ``x``; with ``original``: metrics against the original's edit and a panel.
+
+    Returns ``(report, edited, panel)``: H x W x 3 arrays on the 8-bit grid (``panel`` is
+    None without ``original``). ``target`` is the protection's, computed from ``original``.
+    """
     import numpy as np
     import torch
 
@@ -390,15 +467,15 @@ def _edit_one(args, editor, x, m, target, device, original=None):
     from .targets import make_target
 
     with torch.no_grad():
-        edited = _eight_bit(editor(x.to(device), m.to(device)))
-    report = {"editor": args.editor}
+        edited = eight_bit(editor(x.to(device), m.to(device)))
+    report = {}
     if original is None:
         return report, edited, None
     with torch.no_grad():
-        clean = _eight_bit(editor(original.to(device), m.to(device)))
+        clean = eight_bit(editor(original.to(device), m.to(device)))
     region = m[0, 0].numpy() > 0.5
     # The target the protection was made for: computed from the original, as protect does.
-    phi = _eight_bit(make_target(original, target))
+    phi = eight_bit(make_target(original, target))
     report |= {
         "hit_fraction": round(Q.target_hit_fraction(edited, phi, region), 4),
         "hit_fraction_original": round(Q.target_hit_fraction(clean, phi, region), 4),
@@ -428,44 +505,43 @@ def _single(args) -> dict:
         panel = compare_path(args.out)
         if panel.exists() and not args.overwrite:
             raise CliError(f"{panel} (the --compare panel) exists; pass --overwrite to replace it")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     x, m, target = _read_inputs(args, args.image, args.mask)
     editor = _build_editor(args, device)
     if args.command == "check":
         return _check_one(args, editor, x, m, target, device)
     if args.command == "protect":
         report, protected = _protect_one(args, editor, x, m, target, device)
-        _write(args.out, protected, args.overwrite)
+        write_output(args.out, protected, args.overwrite)
         return {"out": str(args.out), **report}
     original = None
     if args.compare is not None:
         original, _, _ = _read_inputs(args, args.compare, args.mask)
     report, edited, panel = _edit_one(args, editor, x, m, target, device, original)
-    _write(args.out, edited, args.overwrite)
+    write_output(args.out, edited, args.overwrite)
     report = {"out": str(args.out), **report}
     if panel is not None:
-        _write(compare_path(args.out), panel, args.overwrite)
+        write_output(compare_path(args.out), panel, args.overwrite)
         report["compare"] = str(compare_path(args.out))
     return report
 
 
 def _check_one(args, editor, x, m, target, device) -> dict:
+    return {"editor": args.editor, **check_image(editor, x, m, target, device, eps=args.eps)}
+
+
+def check_image(editor, x, m, target, device, *, eps) -> dict:
+    """The first-order estimate of whether protection can work: gain against gain needed."""
     from .implant import sensitivity
 
-    s = sensitivity(editor, x.to(device), m.to(device), eps=args.eps, target=target)
+    s = sensitivity(editor, x.to(device), m.to(device), eps=eps, target=target)
     gain, needed = float(s.gain[0]), float(s.needed[0])
     verdict = (
         "likely protectable at this eps (first-order estimate)"
         if gain >= needed
         else "unlikely: the editor is not sensitive enough at this eps; protection will probably not trigger"
     )
-    return {
-        "editor": args.editor,
-        "eps": args.eps,
-        "gain": round(gain, 3),
-        "needed": round(needed, 3),
-        "verdict": verdict,
-    }
+    return {"eps": eps, "gain": round(gain, 3), "needed": round(needed, 3), "verdict": verdict}
 
 
 # ------------------------------------------------------------------------------- folders
@@ -537,7 +613,7 @@ def _folder(args) -> int:
             f"{folder}: no '*{IMAGE_SUFFIX}' images (official layout: NAME{IMAGE_SUFFIX} + NAME{MASK_SUFFIX})"
         )
     if args.device != "auto":
-        _device(args.device)
+        resolve_device(args.device)
     ranks = study.launched_ranks(args.device)
     editor = _build_editor(args, ranks.device)
     tag = _settings(args, editor)
@@ -551,7 +627,7 @@ def _folder(args) -> int:
         previous = ledger.start()["manifest"]
     except OSError as err:
         raise CliError(
-            f"--out {out}: cannot write there ({err.strerror or _one_line(err)})"
+            f"--out {out}: cannot write there ({err.strerror or one_line(err)})"
         ) from err
     done = study.finished_rows(previous, tag, output_of)
     todo = [p for p in pairs if p[0] not in done]
@@ -573,7 +649,7 @@ def _folder(args) -> int:
             if isinstance(err, CliError) and str(err).startswith("--out"):
                 raise  # the output folder, not this pair: stop
             skipped += 1
-            row = {"name": name, "status": "skipped", "error": _one_line(err)}
+            row = {"name": name, "status": "skipped", "error": one_line(err)}
             print(f"runtime-backdoor: skipped {name}: {row['error']}", file=sys.stderr)
         ledger.record(manifest=pd.DataFrame([row]))
         _emit(json.dumps(row))
@@ -614,10 +690,10 @@ def _folder_item(args, editor, device, name, image, mask, compare) -> dict:
             original, _, _ = _read_inputs(args, compare / f"{name}{IMAGE_SUFFIX}", mask)
         report, result, panel = _edit_one(args, editor, x, m, target, device, original)
         if panel is not None:
-            _write(args.out / f"{name}_compare.png", panel, True)
+            write_output(args.out / f"{name}_compare.png", panel, True)
     # The mask goes along, so that the output folder is in the official layout too.
-    _write(args.out / f"{name}{MASK_SUFFIX}", m[0, 0].numpy() > 0.5, True)
-    _write(out, result, True)
+    write_output(args.out / f"{name}{MASK_SUFFIX}", m[0, 0].numpy() > 0.5, True)
+    write_output(out, result, True)
     return {"out": str(out), **report}
 
 
@@ -655,6 +731,10 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.command == "weights":
         return weights.run(args)
+    if args.command == "demo":
+        from .demo import serve
+
+        return serve(args.host, args.port, args.editor, args.weights, args.device)
     if args.command == "editors":
         from .editors import EDITORS
 
@@ -695,10 +775,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         if isinstance(err, CliError | ValueError | FileNotFoundError | FileExistsError):
-            message = _one_line(err)
+            message = one_line(err)
         elif isinstance(err, OSError):
             where = f"{err.filename}: " if err.filename else ""
-            message = f"{where}{err.strerror or _one_line(err)}"
+            message = f"{where}{err.strerror or one_line(err)}"
         else:
             message = (
                 f"unexpected {type(err).__name__}: {_weights_reason(err)} "

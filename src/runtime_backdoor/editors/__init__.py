@@ -31,6 +31,18 @@ def _build_blur(weights=None, **options) -> Editor:
     return BlurFillEditor(**options)
 
 
+#: the sensitive control of the pipeline's beyond and ε-sweep stages (params.yaml)
+TOY_CONTROL = {"gain": 800.0, "reach": 8}
+
+
+def _build_toy_control(weights=None, **options) -> Editor:
+    if weights is not None:
+        raise ValueError("editor 'toy-control' has no weights; drop --weights")
+    from .simple import GlobalMixEditor
+
+    return GlobalMixEditor(**(TOY_CONTROL | options))
+
+
 def _build_lama(weights=None, **options) -> Editor:
     from .lama import load_lama
 
@@ -79,6 +91,12 @@ EDITORS: dict[str, EditorSpec] = {
     ),
     "blur-fill": EditorSpec(
         "classical normalised-convolution fill (no weights; insensitive)", False, _build_blur
+    ),
+    "toy-control": EditorSpec(
+        "TOY control, not an inpainter: fills the hole with one colour that depends steeply "
+        "on the pixels around it (no weights)",
+        False,
+        _build_toy_control,
     ),
     "mat": EditorSpec(
         "MAT, 512 px (Places_512_FullData_G.pth, official .pkl or safetensors; extra '.[mat]')",
