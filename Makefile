@@ -23,7 +23,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,mat]'
+	$(BIN)/python -m pip install --quiet -e '.[test,mat,demo]'
 	# Keep notebook outputs out of git (cell tags such as `parameters` are kept).
 	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
 	touch $(STAMP)

@@ -1,0 +1,561 @@
+"""``runtime-backdoor demo``: the owner's commands on one browser page (Gradio).
+
+Upload an image, paint the region to protect (or upload a mask), pick an editor and ε, read
+``check``'s verdict, protect, compare the edits of the original and the protected image,
+download the protected PNG. Every step calls the functions ``runtime-backdoor check``,
+``protect`` and ``edit --compare`` call (:mod:`runtime_backdoor.cli`), so the download is,
+byte for byte, what ``protect`` writes for the same files, settings and seed.
+
+The app serves this machine only (no share link, no analytics, no font or script from the
+internet), runs one request at a time (others wait in a queue) and writes nothing outside
+one temporary folder, which is removed when it stops. Gradio is imported only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import cli, weights
+
+DISPLAY_SIDE = 768  # px: larger images are shown downscaled (never protected downscaled)
+SMALL_SIDE = 256  # px: smaller images' results are shown enlarged (whole pixels, no smoothing)
+AMPLIFY = 20  # δ is shown as 0.5 + AMPLIFY·δ
+WORKSPACE_PREFIX = "runtime-backdoor-demo-"
+PAINT_COLOUR, PAINT_OPACITY = "#ff2d55", 0.6  # see-through: the region stays visible
+
+
+class PageError(Exception):
+    """Something the person can fix, said in one line on the page."""
+
+
+@dataclass(frozen=True)
+class EditorChoice:
+    label: str  #: what the page shows (unique)
+    name: str  #: the registry name (``runtime-backdoor editors``)
+    weights: Path | None = None
+
+
+# Editors whose weights `runtime-backdoor weights fetch` puts in models/: (editor, registry name)
+_REAL_EDITORS = (
+    ("lama", "big-lama"),
+    ("lama", "big-lama-ckpt"),
+    ("mat", "mat-places512"),
+    ("sd-inpainting", "sd15-inpainting"),
+    ("sd-inpainting", "sd2-inpainting"),
+)
+
+
+def available_editors(
+    models: Path | None = None, editor: str | None = None, weights_path: Path | None = None
+) -> list[EditorChoice]:
+    """What the page offers: ``editor`` (``--editor``) first, then the miniature if trained,
+    the toy control, blur-fill, and every real editor whose weights are in ``models``."""
+    root = Path(models) if models is not None else weights.models_dir()
+    choices = []
+    if editor is not None:
+        where = f" ({weights_path})" if weights_path is not None else ""
+        choices.append(EditorChoice(f"{editor}{where}", editor, weights_path))
+    mini = root / "editor" / "mini-lama.safetensors"
+    if mini.is_file():
+        choices.append(EditorChoice("mini-lama: the embedded miniature LaMa", "mini-lama", mini))
+    choices.append(EditorChoice("toy-control: a TOY sensitive control, not an inpainter", "toy-control"))  # fmt: skip
+    choices.append(EditorChoice("blur-fill: classical fill (insensitive)", "blur-fill"))
+    for name, key in _REAL_EDITORS:
+        spec = weights.REGISTRY[key]
+        path = weights.primary_path(spec, root)
+        found = {"zip": path / spec.check, "hub": path / "model_index.json"}.get(spec.kind, path)
+        if found.is_file():
+            choices.append(EditorChoice(f"{name}: {key} ({path})", name, path))
+    unique = {(c.name, c.weights): c for c in reversed(choices)}  # the first of duplicates wins
+    return [c for c in choices if unique[(c.name, c.weights)] is c]
+
+
+def page_message(err: BaseException, folder: Path | None = None) -> str:
+    """One line for the page; files inside the temporary ``folder`` are named by file name."""
+    text = cli.one_line(err)
+    if not isinstance(err, PageError | cli.CliError | ValueError | OSError):
+        text = f"unexpected {type(err).__name__}: {text}"
+    if folder is not None:
+        text = re.sub(re.escape(str(folder)) + r"/(?:[^/\s]+/)*", "", text)
+    return text
+
+
+def verdict_text(report: dict, editor: str, mask_note: str) -> str:
+    """``check``'s result as the page shows it (Markdown)."""
+    ok = report["gain"] >= report["needed"]
+    head = "Likely protectable" if ok else "Protection will probably not trigger"
+    eps = report["eps"]
+    return (
+        f"**{head}** against {editor} at ε = {eps:.4g} ({eps * 255:.3g}/255): gain "
+        f"**{report['gain']:.3g}** vs needed **{report['needed']:.3g}**, "
+        f"{report['verdict']}.  \nMask: {mask_note}."
+    )
+
+
+@contextlib.contextmanager
+def workspace():
+    """A temporary folder for everything the app writes (Gradio's uploads and cache too)."""
+    folder = Path(tempfile.mkdtemp(prefix=WORKSPACE_PREFIX))
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def to_display(a: np.ndarray, enlarge: int = 1) -> np.ndarray:
+    """H x W x 3 in [0, 1] -> uint8 with at most :data:`DISPLAY_SIDE` px on the longer side;
+    ``enlarge`` > 1 repeats every pixel that many times (for small images)."""
+    from PIL import Image
+
+    u8 = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+    h, w = u8.shape[:2]
+    if enlarge > 1:
+        return np.repeat(np.repeat(u8, enlarge, axis=0), enlarge, axis=1)
+    if max(h, w) <= DISPLAY_SIDE:
+        return u8
+    scale = DISPLAY_SIDE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(u8).resize(size, Image.Resampling.LANCZOS))
+
+
+def painted_region(value, size: tuple[int, int]) -> np.ndarray | None:
+    """The region painted in the editor (any layer pixel not transparent) as a bool H x W
+    array at ``size`` (width, height) (scaled with nearest neighbours); None if none."""
+    from PIL import Image
+
+    layers = [np.asarray(a) for a in (value or {}).get("layers") or [] if a is not None]
+    alphas = [a[..., 3] > 0 for a in layers if a.ndim == 3 and a.shape[2] == 4]
+    if not alphas or not np.logical_or.reduce(alphas).any():
+        return None
+    region = np.logical_or.reduce(alphas)
+    if region.shape[::-1] != tuple(size):
+        scaled = Image.fromarray(region.astype(np.uint8) * 255).resize(
+            size, Image.Resampling.NEAREST
+        )
+        region = np.asarray(scaled) > 127
+    return region
+
+
+def _whole(value, name: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PageError(f"{name} must be a whole number, got {value!r}") from None
+    if number != int(number) or not low <= number <= high:
+        raise PageError(f"{name} must be a whole number in [{low}, {high}], got {value}")
+    return int(number)
+
+
+@dataclass
+class Inputs:
+    x: object  #: (1, 3, H, W) tensor, as `protect` reads it
+    m: object  #: (1, 1, H, W)
+    target: object
+    image: Path
+    mask: Path
+    mask_note: str
+
+
+class Demo:
+    """The page's work, without Gradio: every method raises one-line errors."""
+
+    def __init__(self, choices: list[EditorChoice], folder: Path, device: str = "auto"):
+        self.choices = {c.label: c for c in choices}
+        self.folder = Path(folder)
+        self.device = cli.resolve_device(device)
+        self._editors: dict[str, object] = {}
+
+    def editor(self, label: str):
+        """The editor of a choice, built once (the last two are kept)."""
+        if label not in self.choices:
+            known = "; ".join(self.choices)
+            raise PageError(f"unknown editor {label!r}; choose one of: {known}")
+        if label not in self._editors:
+            choice = self.choices[label]
+            editor = cli.load_editor(choice.name, choice.weights, self.device)
+            self._editors = dict(list(self._editors.items())[-1:]) | {label: editor}
+        return self._editors[label]
+
+    def run_folder(self) -> Path:
+        folder = self.folder / f"run-{uuid.uuid4().hex[:12]}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def preview(self, image_file, mask_file=None) -> tuple[dict, str]:
+        """The painting canvas's value: the image (downscaled if large) and, as its paint, an
+        uploaded mask; and a note saying what is done."""
+        from .data import read_image
+
+        if not image_file:
+            raise PageError("upload an image (PNG or JPEG)")
+        path = Path(image_file)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = read_image(path)
+        h, w = image.shape[:2]
+        shown = to_display(image)
+        note = f"{path.name}: {w}×{h} px."
+        if shown.shape[:2] != (h, w):
+            note += (
+                f" Shown at {shown.shape[1]}×{shown.shape[0]} for painting; the protection uses "
+                f"all {w}×{h} pixels (a painted region is scaled up to that size), which takes "
+                "longer, above all on a CPU."
+            )
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            note += " The protected copy is a PNG (lossless); saving it as JPEG would weaken it."
+        note += "".join(f" {c.message}" for c in caught)
+        layers = []
+        if mask_file:
+            note += " The uploaded mask is shown as the paint and used as it is."
+            layers = [self._mask_layer(Path(mask_file), (h, w), shown.shape[:2])]
+        value = {"background": shown, "layers": [a for a in layers if a is not None]}
+        return value | {"composite": None}, page_message(PageError(note), self.folder)
+
+    @staticmethod
+    def _mask_layer(path: Path, size: tuple[int, int], shown: tuple[int, int]):
+        """A mask file as a paint layer of the shown size (None if unreadable: the verdict
+        says what is wrong with it)."""
+        from PIL import Image
+
+        from .data import read_mask
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                region = read_mask(path)
+        except Exception:
+            return None
+        if region.shape != size:
+            return None
+        region = Image.fromarray(region.astype(np.uint8) * 255)
+        region = np.asarray(region.resize(shown[::-1], Image.Resampling.NEAREST)) > 127
+        layer = np.zeros((*shown, 4), np.uint8)
+        layer[region] = (*bytes.fromhex(PAINT_COLOUR[1:]), round(255 * PAINT_OPACITY))
+        return layer
+
+    def inputs(self, image_file, mask_file, painted, folder: Path) -> Inputs:
+        """Image and mask as `protect` reads them: an uploaded mask file as it is, else the
+        painted region, written as a PNG in ``folder``."""
+        from PIL import Image
+
+        if not image_file:
+            raise PageError("upload an image (PNG or JPEG)")
+        image = Path(image_file)
+        if mask_file:
+            mask, note = Path(mask_file), f"the uploaded file {Path(mask_file).name}"
+        else:
+            try:
+                with Image.open(image) as im:
+                    size = im.size
+            except Exception as err:
+                raise PageError(f"{image.name}: cannot read this image ({err})") from err
+            region = painted_region(painted, size)
+            if region is None:
+                raise PageError("paint the region to protect (brush) or upload a mask")
+            mask, note = folder / "painted_mask.png", "the painted region"
+            cli.write_output(mask, region, overwrite=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # `preview` has said what concerns the image
+            x, m, target = cli.read_inputs(image, mask)
+        share = float(m.mean())
+        return Inputs(x, m, target, image, mask, f"{note}, {share:.1%} of the image")
+
+    def check(self, image_file, mask_file, painted, label, eps) -> str:
+        """``check``'s verdict (Markdown)."""
+        eps = cli.parse_eps(eps)
+        folder = self.run_folder()
+        try:
+            got = self.inputs(image_file, mask_file, painted, folder)
+            report = cli.check_image(
+                self.editor(label), got.x, got.m, got.target, self.device, eps=eps
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return verdict_text(report, self.choices[label].name, got.mask_note)
+
+    def protect(self, image_file, mask_file, painted, label, eps, steps, seed, expand) -> dict:
+        """Protect, then edit the original and the protected file as ``edit --compare`` does.
+
+        Returns the page's panels (uint8 arrays), texts and the paths of the protected PNG and
+        the mask, in a fresh folder of the workspace (removed at once if anything fails).
+        """
+        eps = cli.parse_eps(eps)
+        steps = _whole(steps, "steps", 1, 10000)
+        seed = _whole(seed, "seed", 0, 2**63 - 1)
+        expand = _whole(expand, "expansion kernel", 1, 255)
+        cli.check_options(expand, 0.5, "solid")
+        folder = self.run_folder()
+        try:
+            return self._protect(image_file, mask_file, painted, label, folder, eps, steps, seed, expand)  # fmt: skip
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _protect(self, image_file, mask_file, painted, label, folder, eps, steps, seed, expand):
+        got = self.inputs(image_file, mask_file, painted, folder)
+        editor = self.editor(label)
+        name = self.choices[label].name
+        check = cli.check_image(editor, got.x, got.m, got.target, self.device, eps=eps)
+        report, protected = cli.protect_image(
+            editor, got.x, got.m, got.target, self.device,
+            eps=eps, steps=steps, expand=expand, seed=seed, progress=True,
+        )  # fmt: skip
+        out = folder / f"{got.image.stem}_protected.png"
+        cli.write_output(out, protected, overwrite=False)
+        mask = folder / f"{got.image.stem}_mask.png"
+        if got.mask != mask:
+            shutil.copyfile(got.mask, mask)
+        # The edits run on the file as published, read back as `edit` reads it.
+        published, m, _ = cli.read_inputs(out, mask)
+        from .masks import ring
+
+        band = ring(m, expand)
+        rows = {}
+        for edit, region in (("malicious", m), ("benign", band)):
+            rows[edit], _, rows[edit + "_panel"] = cli.edit_image(
+                editor, published, region, got.target, self.device, original=got.x
+            )
+        original = cli.eight_bit(got.x[0])
+        k = max(1, SMALL_SIDE // max(original.shape[:2]))
+        delta = np.clip(0.5 + AMPLIFY * (protected - original), 0, 1)
+        command = (
+            f"runtime-backdoor protect {got.image.name} --mask {mask.name} --editor {name} "
+            f"--eps {eps:.6g} --steps {steps} --seed {seed} --expand {expand} --out {out.name}"
+        )
+        return {
+            "verdict": verdict_text(check, name, got.mask_note),
+            "original": to_display(original, enlarge=k),
+            "protected": to_display(protected, enlarge=k),
+            "delta": to_display(delta, enlarge=k),
+            "malicious": to_display(rows["malicious_panel"], enlarge=k),
+            "benign": to_display(rows["benign_panel"], enlarge=k),
+            "table": results_table(report, rows["malicious"], rows["benign"], command),
+            "file": out,
+            "mask": mask,
+            "folder": folder,
+        }
+
+
+def results_table(report: dict, malicious: dict, benign: dict, command: str) -> str:
+    """The numbers under the panels (Markdown)."""
+
+    def row(what: str, r: dict) -> str:
+        return (
+            f"| {what} | {r['hit_fraction_original']:.0%} | {r['hit_fraction']:.0%} "
+            f"| {r['psnr_region_vs_original_edit']:.1f} dB |"
+        )
+
+    return "\n".join(
+        [
+            "| edit | on the target colour, original's edit | on the target colour, protected's "
+            "edit | PSNR, protected's edit vs original's |",
+            "|---|---|---|---|",
+            row("malicious: fill the protected region", malicious),
+            row("benign: fill the ring around it", benign),
+            "",
+            f"Largest change {report['max_change_8bit']:.0f}/255 (ε = {report['eps'] * 255:.3g}/255), "
+            f"{report['steps']} steps in {report['seconds']:.1f} s. A protection that works: the "
+            "malicious edit turns the region into the target colour (high share, low PSNR) while "
+            "the benign edit stays as on the original (no share, high PSNR).",
+            "",
+            f"The same from the command line: `{command}`",
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def build_app(demo: Demo):
+    """The Gradio page around ``demo`` (imports Gradio)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    labels = list(demo.choices)
+    system = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web fonts: nothing from outside
+    theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
+
+    def on_page_errors(fn):
+        def run(*args):
+            try:
+                return fn(*args)
+            except Exception as err:  # every failure is one line on the page
+                raise gr.Error(page_message(err, demo.folder), print_exception=False) from None
+
+        return run
+
+    def on_preview(image_file, mask_file):
+        if not image_file:
+            return None, ""
+        try:
+            return demo.preview(image_file, mask_file)
+        except Exception as err:
+            return None, f"⚠ {page_message(err, demo.folder)}"
+
+    def on_check(image_file, mask_file, painted, label, eps):
+        if not image_file:
+            return "Upload an image to start."
+        try:
+            return demo.check(image_file, mask_file, painted, label, eps)
+        except Exception as err:
+            return f"⚠ {page_message(err, demo.folder)}"
+
+    def on_protect(
+        image_file, mask_file, painted, label, eps, steps, seed, expand, previous,
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008 (how Gradio attaches a bar)
+    ):  # fmt: skip
+        progress(0, desc="checking and preparing")
+        r = on_page_errors(demo.protect)(
+            image_file, mask_file, painted, label, eps, steps, seed, expand
+        )
+        if previous:  # the session's previous results are no longer shown
+            shutil.rmtree(previous, ignore_errors=True)
+        return (
+            r["verdict"], r["original"], r["protected"], r["delta"], r["malicious"],
+            r["benign"], r["table"], gr.DownloadButton(value=str(r["file"]), interactive=True),
+            gr.DownloadButton(value=str(r["mask"]), interactive=True), str(r["folder"]),
+        )  # fmt: skip
+
+    with gr.Blocks(title="runtime-backdoor: protect an image", delete_cache=(600, 3600)) as app:
+        gr.Markdown(
+            "## Protect a region of your image against inpainting\n"
+            "An imperceptible change (at most ε per pixel value) makes the chosen editor fill "
+            "the region with a solid colour when somebody asks it to replace that region, "
+            "while other edits work as usual. Protection is specific to the editor it is made "
+            "against. Everything runs on this machine."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                image_file = gr.File(
+                    label="1. Image (PNG or JPEG)",
+                    file_types=[".png", ".jpg", ".jpeg"],
+                    height=120,
+                    elem_id="image-file",
+                )
+                note = gr.Markdown(elem_id="image-note")
+                painter = gr.ImageEditor(
+                    label="2. Paint the region to protect (brush; eraser to correct)",
+                    type="numpy",
+                    image_mode="RGBA",
+                    sources=[],
+                    format="png",
+                    brush=gr.Brush(
+                        colors=[(PAINT_COLOUR, PAINT_OPACITY)], color_mode="fixed", default_size=12
+                    ),
+                    transforms=[],
+                    layers=False,
+                    height=420,
+                    elem_id="painter",
+                )
+            with gr.Column(scale=2):
+                mask_file = gr.File(
+                    label="... or a mask PNG (white = protect), used instead of the painting",
+                    file_types=[".png"],
+                    height=120,
+                    elem_id="mask-file",
+                )
+                editor = gr.Dropdown(
+                    labels, value=labels[0], label="3. Editor to protect against", elem_id="editor"
+                )
+                eps = gr.Number(
+                    cli.DEFAULT_EPS,
+                    label="ε: fraction of the range, or 8-bit units above 1 (0.025 = 6.4/255, the paper's)",
+                    elem_id="eps",
+                )
+                with gr.Row():
+                    steps = gr.Number(20, precision=0, label="steps", elem_id="steps")
+                    seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
+                    expand = gr.Number(17, precision=0, label="expansion kernel", elem_id="expand")
+                verdict = gr.Markdown("Upload an image to start.", elem_id="verdict")
+                go = gr.Button("4. Protect", variant="primary", elem_id="protect")
+        images = dict(format="png", interactive=False, height=260)
+        with gr.Row():
+            original = gr.Image(label="original", elem_id="original", **images)
+            protected = gr.Image(label="protected", elem_id="protected", **images)
+            delta = gr.Image(label=f"δ ×{AMPLIFY}", elem_id="delta", **images)
+        malicious = gr.Image(
+            label="malicious edit (fill the region): original's | protected's | difference",
+            elem_id="malicious",
+            **images,
+        )
+        benign = gr.Image(
+            label="benign edit (fill the ring around it): original's | protected's | difference",
+            elem_id="benign",
+            **images,
+        )
+        table = gr.Markdown(elem_id="results")
+        with gr.Row():
+            download = gr.DownloadButton(
+                "5. Download the protected PNG", interactive=False, elem_id="download"
+            )
+            download_mask = gr.DownloadButton(
+                "Download the mask PNG", interactive=False, elem_id="download-mask"
+            )
+        previous = gr.State(None, delete_callback=lambda p: p and shutil.rmtree(p, True))
+
+        check_inputs = [image_file, mask_file, painter, editor, eps]
+        for upload in (image_file, mask_file):
+            upload.change(on_preview, [image_file, mask_file], [painter, note]).then(
+                on_check, check_inputs, verdict
+            )
+        for trigger in (painter.change, editor.change, eps.change):
+            trigger(
+                on_check, check_inputs, verdict, trigger_mode="always_last", show_progress="hidden"
+            )
+        go.click(
+            on_protect,
+            [*check_inputs, steps, seed, expand, previous],
+            [verdict, original, protected, delta, malicious, benign, table, download,
+             download_mask, previous],
+        )  # fmt: skip
+    return app, theme
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    editor: str | None = None,
+    weights_path: Path | None = None,
+    device: str = "auto",
+) -> int:
+    """Serve the page until interrupted (Ctrl+C or SIGTERM); then remove the temporary folder."""
+    from .editors import EDITORS
+
+    if editor is not None and editor not in EDITORS:
+        raise cli.CliError(f"--editor: unknown editor {editor!r}; known editors: {', '.join(EDITORS)}")  # fmt: skip
+    if editor is None and weights_path is not None:
+        raise cli.CliError("--weights needs --editor: the editor they are for")
+    signal.signal(signal.SIGTERM, _interrupt)
+    with workspace() as folder:
+        demo = Demo(available_editors(editor=editor, weights_path=weights_path), folder, device)
+        if editor is not None:
+            demo.editor(next(iter(demo.choices)))  # fail now on weights that do not load
+        app, theme = build_app(demo)
+        print(f"runtime-backdoor demo: temporary files in {folder} (removed on exit)", flush=True)
+        app.queue(default_concurrency_limit=1, max_size=32)
+        app.launch(
+            server_name=host, server_port=port, share=False, inbrowser=False, theme=theme,
+            show_error=True, allowed_paths=[str(folder)],
+        )  # fmt: skip
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # Gradio closes its server on it; the workspace is removed after
