@@ -112,7 +112,11 @@ class GlobalMixEditor(Editor):
         w = F.interpolate(self.signs, size=image.shape[-2:], mode="nearest").to(image.dtype)
         weight = 1 - mask
         if self.reach is not None:
-            weight = weight * F.max_pool2d(mask, 2 * self.reach + 1, 1, self.reach)
+            # A square max filter is a max over rows then columns: the same values, and
+            # two 1-D passes instead of a (2·reach+1)² window.
+            k, r = 2 * self.reach + 1, self.reach
+            near = F.max_pool2d(mask, (k, 1), 1, (r, 0))
+            weight = weight * F.max_pool2d(near, (1, k), 1, (0, r))
         centred = (image - 0.5) * weight
         # The sum over every pixel runs in float64 and is rounded back: the BLAS kernels
         # of different CPUs sum in different orders, and at this gain a last-bit
