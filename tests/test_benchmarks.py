@@ -286,3 +286,27 @@ def test_rehearsal_records_a_failed_stage_and_keeps_the_json(tmp_path):
     ok, failed = report["stages"]
     assert ok["status"] == "ok" and ok["gain"] == 2.0 and ok["seconds"] >= 0
     assert failed["status"] == "failed: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("total, runs_scaleout", [("520", True), ("20", False)])
+def test_gpu_check_gives_the_scaleout_only_what_is_left_of_total(tmp_path, total, runs_scaleout):
+    """The last step is bounded by TOTAL (the device tool's limit), and skipped under 30 s."""
+    import subprocess
+
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "OUT": str(out), "DEVICE": "cuda",
+           "DEADLINE": "400", "TOTAL": total}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(SCRIPT.parent / "gpu_check.sh")], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    called = "benchmarks/benchmark_scaleout.py" in log.read_text()
+    assert called == runs_scaleout
+    if not runs_scaleout:
+        note = (out / "gpu-scaleout.log").read_text()
+        assert "scale-out step skipped" in note and "left of TOTAL=20" in note
