@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,3 +108,22 @@ def test_readme_states_exactly_the_committed_conclusions():
     files = ("reports/conclusions.json", "reports/beyond/conclusions.json")
     found = {f: json.loads((root / f).read_text()) for f in files}
     assert reporting.readme_block(found) in (root / "README.md").read_text()
+
+
+def test_scenario_figure_is_the_same_file_on_every_run():
+    """Its intervals come from the seeded bootstrap of ``stats`` (seaborn's is unseeded)."""
+    import hashlib
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from runtime_backdoor import figures
+
+    per_edit = pd.read_csv(Path(__file__).resolve().parents[1] / "reports" / "per_edit.csv")
+    digests = set()
+    for _ in range(2):
+        buf = io.BytesIO()
+        figures.scenario_plot(per_edit).savefig(buf, format="png")
+        digests.add(hashlib.md5(buf.getvalue()).hexdigest())
+    assert len(digests) == 1
