@@ -247,9 +247,10 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
     assert "up to date" in dvc("status").lower()
     per_edit = pd.read_csv(tmp_path / "reports/per_edit.csv")
     assert len(per_edit) == 12
-    # ε x (the pipeline editor's one seed + 3 seeds of each of the two toy editors) x images
-    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * (1 + 3 + 3) * 2
+    # ε x (one seed of the pipeline editor and of blur-fill + 3 of the control) x images
+    assert len(pd.read_csv(tmp_path / "reports/eps_sweep.csv")) == 2 * (1 + 1 + 3) * 2
     sweep = json.loads((tmp_path / "reports/eps_sweep.json").read_text())
+    assert (sweep["control_seeds"], sweep["blur-fill_seeds"]) == (3, 1)
     rate = "control_hit_rate_at_paper_eps"
     assert sweep[f"{rate}_low"] <= sweep[rate] <= sweep[f"{rate}_high"]
     found = json.loads((tmp_path / "reports/beyond/conclusions.json").read_text())
