@@ -99,7 +99,8 @@ def scenario_plot(per_edit: pd.DataFrame):
                 errorbar=None)  # fmt: skip
     _interval_bars(axes[0], mse, "scenario", "target_mse", ["clean", "protected"], hue="image")
     axes[0].set_title(
-        "fill vs target colour: MSE in the edited region\n(0 = the backdoor fired; 95 % intervals)", fontsize=10
+        "fill vs target colour: MSE in the edited region\n(0 = the backdoor fired; 95 % intervals)",
+        fontsize=10,
     )
     hits = per_edit.melt(
         id_vars=["name", "scenario"],
