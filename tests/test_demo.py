@@ -236,6 +236,9 @@ def test_the_page_in_a_browser(files, server, tmp_path):
 
     url, proc, folder = server
     outside = []
+    # Every check waits up to a minute: on a loaded 2-core machine the page can take seconds
+    # to update after an upload (Playwright's default is 5 s).
+    expect.set_options(timeout=60_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
