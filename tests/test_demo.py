@@ -249,15 +249,24 @@ def test_the_page_in_a_browser(files, server, tmp_path):
         page.locator("#image-file input[type=file]").set_input_files(files / "photo.png")
         expect(page.locator("#image-note")).to_contain_text("photo.png: 96×64 px", timeout=60_000)
         expect(verdict).to_contain_text("paint the region", timeout=60_000)
-        # A brush stroke across the middle of the canvas: check's verdict comes at once.
-        box = page.locator("#painter canvas").first.bounding_box()
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        page.mouse.move(x - 40, y)
-        page.mouse.down()
-        for i in range(9):
-            page.mouse.move(x - 40 + 10 * i, y + 2 * i)
-        page.mouse.up()
-        expect(verdict).to_contain_text("Mask: the painted region", timeout=60_000)
+        # A brush stroke across the middle of the canvas: check's verdict comes at once. On a
+        # loaded machine the canvas can still be settling when the first stroke lands (seen
+        # once in a full-suite run), so the stroke is redrawn, as a person would, at most 3 times.
+        for attempt in range(3):
+            page.wait_for_timeout(1000 * attempt)
+            box = page.locator("#painter canvas").first.bounding_box()
+            x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(x - 40, y)
+            page.mouse.down()
+            for i in range(9):
+                page.mouse.move(x - 40 + 10 * i, y + 2 * i)
+            page.mouse.up()
+            try:
+                expect(verdict).to_contain_text("Mask: the painted region", timeout=20_000)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
 
         page.locator("#mask-file input[type=file]").set_input_files(files / "photo_mask.png")
         page.locator("#editor input").click()
