@@ -107,6 +107,7 @@ def test_bad_inputs_are_one_line_on_the_page(files, page_demo, change, message):
         (TOY, 300, 5, "eps must be in (0, 0.25]"),
         (TOY, "six", 5, "eps must be a number"),
         (TOY, EPS, 0, "steps must be a whole number in [1, 10000]"),
+        (TOY, EPS, float("inf"), "steps must be a whole number in [1, 10000]"),
     ],
 )
 def test_bad_settings_are_named(files, page_demo, label, eps, steps, message):

@@ -158,7 +158,7 @@ def _whole(value, name: str, low: int, high: int) -> int:
         number = float(value)
     except (TypeError, ValueError):
         raise PageError(f"{name} must be a whole number, got {value!r}") from None
-    if number != int(number) or not low <= number <= high:
+    if not low <= number <= high or number != int(number):  # range first: int(inf) raises
         raise PageError(f"{name} must be a whole number in [{low}, {high}], got {value}")
     return int(number)
 
