@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make reproduce   set up .venv, restore the data, run the whole DVC pipeline (offline, CPU)
-#   make test        set up .venv, run the test suite
+#   make test        set up .venv, run the fast test tier (make test-all: every test, as CI does)
 # With internet (weights) and, for the paper's settings, a GPU:
 #   make weights            fetch the default weights into models/ (big-lama, clip-vit-b-32)
 #   make reproduce-real     Big-LaMa at 256 px on N=6 embedded images (GPU if any, else CPU)
@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install reproduce test lint clean-venv stability weights reproduce-real reproduce-paper
+.PHONY: install reproduce test test-all lint clean-venv stability weights reproduce-real reproduce-paper
 
 install: $(STAMP)
 
@@ -53,7 +53,13 @@ reproduce-real: install
 reproduce-paper: install
 	$(BIN)/python -m runtime_backdoor.runs paper --editor $(EDITOR) $(RUN_ARGS) $(if $(filter 1,$(FORCE)),--force)
 
+# The fast tier (a few minutes): every test not marked slow.
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Every tier: adds the notebooks end to end, dvc repro, the browser, multi-process and subprocess
+# tests (about half an hour on 2 cores). .ci/run calls this.
+test-all: install
 	$(BIN)/python -m pytest -q
 
 # The pipeline twice more in scratch copies (MKL_CBWR=COMPATIBLE; implant.seed + 1), compared

@@ -19,15 +19,16 @@ def rng():
 
 @pytest.fixture
 def run_notebook():
-    """Run ``notebooks/NAME.ipynb`` under papermill in ``cwd`` with ``parameters``."""
+    """Run ``notebooks/NAME.ipynb`` under papermill in ``cwd`` with ``parameters``; the executed
+    copy goes to ``out`` (default: ``cwd/NAME.out.ipynb``)."""
     from pathlib import Path
 
     import papermill as pm
 
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
 
-    def run(notebook: str, cwd, **parameters):
-        out = Path(cwd) / f"{notebook}.out.ipynb"
+    def run(notebook: str, cwd, out=None, **parameters):
+        out = Path(out) if out is not None else Path(cwd) / f"{notebook}.out.ipynb"
         pm.execute_notebook(
             str(notebooks / f"{notebook}.ipynb"), str(out), parameters=parameters,
             kernel_name="python3", cwd=str(cwd), progress_bar=False,

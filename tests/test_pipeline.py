@@ -1,4 +1,6 @@
-"""The pipeline end to end on a tiny setting: stage functions, each notebook, and `dvc repro`.
+"""The pipeline end to end on a tiny setting: each notebook, and `dvc repro`; source notebooks.
+
+Each stage's own tests are in tests/pipeline/test_<stage>.py.
 
 Notebooks run under papermill with tiny parameters (recommenders-style) and the values
 their last cell records are asserted.
@@ -7,18 +9,14 @@ their last cell records are asserted.
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from runtime_backdoor import study
-from runtime_backdoor.data import read_image
-from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.masks import SCENARIOS
 from runtime_backdoor.runs import copy_project
 from runtime_backdoor.samples import make_sample
 
@@ -30,114 +28,6 @@ def raw(tmp_path_factory):
     folder = tmp_path_factory.mktemp("raw")
     make_sample(folder, n_per_type=1, size=64, seed=0)
     return folder
-
-
-def test_prepare_validates_and_writes_squares(raw, tmp_path):
-    df = study.prepare(raw, tmp_path / "prepared", size=48, limit=2)
-    assert len(df) == 2 and set(df["content"]) <= {"watermark", "logo", "face"}
-    img = read_image(tmp_path / "prepared" / f"{df['name'][0]}.png")
-    assert img.shape == (48, 48, 3)
-    assert (raw / f"{df['name'][0]}_example.png").is_file()  # originals untouched
-
-
-def test_prepare_names_the_bad_file(raw, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(raw, bad)
-    first = sorted(bad.glob("*_example_mask.png"))[0]
-    from PIL import Image
-
-    Image.new("L", (10, 10)).save(first)
-    with pytest.raises(ValueError, match=first.name):
-        study.prepare(bad, tmp_path / "out", size=48)
-
-
-def test_resume_key_covers_the_editor_code():
-    from runtime_backdoor.editors.lama import load_lama
-
-    lama = load_lama(None, preset="mini", seed=0)
-    mix = GlobalMixEditor(gain=800)
-    assert study._code_hash(mix) == study._code_hash(GlobalMixEditor(gain=1, seed=1))
-    assert study._code_hash(mix) != study._code_hash(lama)  # simple.py vs lama.py
-
-
-def test_implant_resumes_and_edits_cover_every_scenario(raw, tmp_path):
-    study.prepare(raw, tmp_path / "prepared", size=64)
-    editor = GlobalMixEditor(gain=800)
-    kwargs = {"eps": 0.025, "steps": 3, "expand_kernel": 5}
-    first = study.implant_folder(
-        editor,
-        tmp_path / "prepared",
-        tmp_path / "protected",
-        batch_size=2,
-        progress=False,
-        **kwargs,
-    )
-    assert len(first) == 3 and first["linf_8bit"].max() <= 6.375 + 1e-6
-    # An interrupted run: one output lost. The rerun redoes only that one.
-    lost = tmp_path / "protected" / f"{first['name'][1]}.png"
-    kept = tmp_path / "protected" / f"{first['name'][0]}.png"
-    lost.unlink()
-    mtime = kept.stat().st_mtime_ns
-    again = study.implant_folder(
-        editor,
-        tmp_path / "prepared",
-        tmp_path / "protected",
-        batch_size=2,
-        progress=False,
-        **kwargs,
-    )
-    assert lost.is_file() and kept.stat().st_mtime_ns == mtime
-    assert again["settings"].nunique() == 1
-    assert sorted(again.columns) == sorted(first.columns)  # a resumed manifest keeps its shape
-    # Other weights or other settings: nothing is reused.
-    study.implant_folder(
-        GlobalMixEditor(gain=800, seed=1),
-        tmp_path / "prepared",
-        tmp_path / "protected",
-        batch_size=2,
-        progress=False,
-        **kwargs,
-    )
-    assert kept.stat().st_mtime_ns != mtime
-    mtime = kept.stat().st_mtime_ns
-    study.implant_folder(
-        editor,
-        tmp_path / "prepared",
-        tmp_path / "protected",
-        batch_size=2,
-        progress=False,
-        **{**kwargs, "steps": 2},
-    )
-    assert kept.stat().st_mtime_ns != mtime
-
-    edits = study.edit_folder(
-        editor,
-        tmp_path / "prepared",
-        tmp_path / "protected",
-        tmp_path / "edited",
-        kernel=5,
-        progress=False,
-    )
-    assert set(edits["scenario"]) == set(study.SCENARIOS) and len(edits) == 3 * 6
-    per_edit, imp = study.evaluate_folder(
-        tmp_path / "prepared", tmp_path / "protected", tmp_path / "edited"
-    )
-    assert len(per_edit) == 18 and imp["linf_8bit"].max() <= 6 + 1e-4
-    # The clean image's ring edit is the reference: the protected image's ring edit is compared to it.
-    assert per_edit["ssim_vs_clean_edit"].between(-1, 1).all()
-    summary = study.summarize(per_edit, imp, {"available": False, "reason": "test"})
-    assert summary["n_images"] == 3 and summary["clip_fid_available"] is False
-    assert not any(k.startswith("clip_fid_mask") for k in summary)
-
-
-def test_scenario_masks_relations():
-    m = torch.zeros(1, 1, 48, 48)
-    m[..., 10:20, 12:24] = 1
-    s = study.scenario_masks(m, kernel=5)
-    assert torch.all(s["ring"] * m == 0)
-    assert torch.all(s["half_ring"] <= s["ring"])
-    assert torch.all(s["elsewhere"] * s["expanded"] == 0)
-    assert torch.all(s["incomplete"] <= s["expanded"])
 
 
 @pytest.mark.slow
@@ -171,7 +61,7 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path, run_notebook):
         "04_edit", d, **common, protected_dir="protected", out_dir="edited", expand_kernel=5
     )
     edits = json.loads((d / "edited/summary.json").read_text())
-    assert edits["n_edits"] == 12 and edits["scenarios"] == sorted(study.SCENARIOS)
+    assert edits["n_edits"] == 12 and edits["scenarios"] == sorted(SCENARIOS)
 
     paths = {
         "prepared_dir": "prepared",
@@ -195,6 +85,9 @@ def test_every_notebook_on_a_tiny_setting(raw, tmp_path, run_notebook):
     assert re.search(r"\| malicious \| mask \| \d+% \[\d+, \d+\] → \d+% \[\d+, \d+\]", table)
     found = json.loads((d / "reports/conclusions.json").read_text())
     assert {c["id"] for c in found} >= {"scenario/mask/hit", "scenario/ring/target_mse"}
+    # ipywidgets is installed: tqdm's notebook bars render, no "IProgress not found" warning.
+    for executed in d.glob("*.out.ipynb"):
+        assert "IProgress not found" not in executed.read_text(), executed.name
 
 
 @pytest.mark.slow
@@ -274,3 +167,27 @@ def test_source_notebooks_are_thin_and_parameterised(path):
             # papermill cannot parse a parameter line with '=' in its comment
             assert "=" not in rest, line
     assert nb.metadata["kernelspec"]["name"] == "python3"
+    # No machine paths or editor state in the committed metadata.
+    assert set(nb.metadata) <= {"kernelspec", "language_info"}
+    assert not re.search(r"/(home|work|tmp|Users)/", json.dumps(nb.metadata))
+    # Every notebook finds the project folder first: JupyterLab, papermill and DVC see one tree.
+    first = code[1].source if len(code) > 1 else ""
+    assert "enter_project_root()" in first, f"{path.name}: the cell after the parameters enters the project root"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.name)
+def test_stage_notebooks_hold_no_logic(path):
+    """A stage notebook calls its module and displays: no loops, no definitions, short cells."""
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tree = ast.parse(cell.source)
+        banned = (ast.FunctionDef, ast.ClassDef, ast.While, ast.With)
+        assert not any(isinstance(n, banned) for n in ast.walk(tree)), cell.source
+        loops = [n for n in ast.walk(tree) if isinstance(n, ast.For)]
+        assert len(loops) <= 1 and len(cell.source.splitlines()) <= 25, cell.source

@@ -16,7 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime_backdoor import study
+from runtime_backdoor.data import write_json
+from runtime_backdoor.editors import editor_record, load_recorded_editor
+from runtime_backdoor.launch import Ranks, run_stage
+from runtime_backdoor.pipeline.edit import edit_folder
+from runtime_backdoor.pipeline.implant import implant_folder
+
+# Every test here starts processes (accelerate launch): the slow tier (make test-all).
+pytestmark = pytest.mark.slow
 
 N_IMAGES = 6
 STEPS = "8"
@@ -182,25 +189,25 @@ def _prepared(folder, n=4, size=24):
 def test_pipeline_stages_split_by_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     prepared = _prepared(tmp_path / "prepared")
-    record = study.write_json(tmp_path / "editor.json", study.editor_record("blur-fill"))
+    record = write_json(tmp_path / "editor.json", editor_record("blur-fill"))
     settings = {"eps": 0.025, "steps": 3, "expand_kernel": 5, "batch_size": 2, "progress": False}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = study.run_stage(
-            "implant", "none", editor_record=record, device="cpu",
+        one = run_stage(
+            implant_folder, "none", editor_record=record, device="cpu",
             prepared_dir=prepared, out_dir=tmp_path / "p1", **settings,
         )  # fmt: skip
         edit = {"kernel": 5, "batch_size": 1, "progress": False}
-        editor = study.load_editor(record)
-        edits_one = study.edit_folder(editor, prepared, tmp_path / "p1", tmp_path / "e1", **edit)
+        editor = load_recorded_editor(record)
+        edits_one = edit_folder(editor, prepared, tmp_path / "p1", tmp_path / "e1", **edit)
         # The edit stage with two ranks as threads: the split and the merge, without launches.
         barrier = threading.Barrier(2)
-        ranks = [study.Ranks(i, 2, torch.device("cpu"), barrier.wait) for i in range(2)]
+        ranks = [Ranks(i, 2, torch.device("cpu"), barrier.wait) for i in range(2)]
         results = {}
 
         def rank(r):
-            results[r.index] = study.edit_folder(
+            results[r.index] = edit_folder(
                 editor, prepared, tmp_path / "p1", tmp_path / "e2", ranks=r, **edit
             )
 
@@ -215,8 +222,8 @@ def test_pipeline_stages_split_by_rank(tmp_path, monkeypatch):
         assert outputs(tmp_path / "e1" / sub) == outputs(tmp_path / "e2" / sub)
     # The implant stage under the launcher: two processes, the bytes and manifest of one.
     launcher = "accelerate launch " + " ".join(launch(2)[3:])
-    two = study.run_stage(
-        "implant", launcher, editor_record=record, device="cpu",
+    two = run_stage(
+        implant_folder, launcher, editor_record=record, device="cpu",
         prepared_dir=prepared, out_dir=tmp_path / "p2", **settings,
     )  # fmt: skip
     assert outputs(tmp_path / "p1") == outputs(tmp_path / "p2")
@@ -225,4 +232,4 @@ def test_pipeline_stages_split_by_rank(tmp_path, monkeypatch):
     losses = [pd.read_csv(tmp_path / d / "losses.csv") for d in ("p1", "p2")]
     pd.testing.assert_frame_equal(*losses)
     with pytest.raises(ValueError, match="launcher"):
-        study.run_stage("edit", "torchrun", editor_record=record)
+        run_stage(edit_folder, "torchrun", editor_record=record)

@@ -10,6 +10,7 @@ Images in memory are float32 arrays ``H x W x 3`` in [0, 1]; masks are bool arra
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
@@ -24,12 +26,18 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "MASK_SUFFIX",
     "list_pairs",
+    "load_prepared",
     "mask_path_for",
+    "read_folder",
     "read_image",
     "read_mask",
     "read_pair",
     "temp_file_for",
+    "to_array",
+    "to_mask_tensor",
+    "to_tensor",
     "write_csv",
+    "write_json",
     "write_png",
 ]
 
@@ -292,8 +300,10 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` as CSV atomically (no index)."""
+def write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    """Write ``df`` to ``path`` as CSV atomically (no index); creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w", newline="") as f:
@@ -302,3 +312,58 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented, key-sorted JSON atomically; creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_for(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=float)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage folders: NAME.png (+ NAME_mask.png) with a manifest.csv
+
+
+def read_folder(folder: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a stage folder (``manifest.csv``)."""
+    path = Path(folder) / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes {folder} first")
+    return pd.read_csv(path)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """H x W x 3 float array -> (1, 3, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+
+
+def to_mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """H x W bool array -> (1, 1, H, W) float tensor."""
+    return torch.from_numpy(mask.astype(np.float32))[None, None]
+
+
+def to_array(t: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W) tensor -> H x W x 3 float array."""
+    return t.detach().float().cpu().reshape(3, *t.shape[-2:]).permute(1, 2, 0).numpy()
+
+
+def load_prepared(folder, names=None) -> tuple[pd.DataFrame, torch.Tensor, torch.Tensor]:
+    """Manifest, images (N, 3, H, W) and masks (N, 1, H, W) of a prepared folder."""
+    folder = Path(folder)
+    df = read_folder(folder)
+    if names is not None:
+        df = df[df["name"].isin(names)].reset_index(drop=True)
+    images = torch.cat([to_tensor(read_image(folder / f"{n}.png")) for n in df["name"]])
+    masks = torch.cat([to_mask_tensor(read_mask(folder / f"{n}_mask.png")) for n in df["name"]])
+    return df, images, masks

@@ -125,3 +125,33 @@ def scaled_kernel(size: int, paper_kernel: int = PAPER_EXPAND_KERNEL, paper_size
     """The odd kernel that expands by the same fraction of the image as 17 px at 512 px."""
     per_side = round((paper_kernel // 2) * size / paper_size)
     return 2 * max(1, per_side) + 1
+
+
+# ------------------------------------------------------------------------------- edit scenarios
+
+#: the official evaluation scenarios: malicious ones edit the protected content, benign ones not
+MALICIOUS = ("mask", "expanded", "incomplete")
+BENIGN = ("ring", "half_ring", "elsewhere")
+SCENARIOS = MALICIOUS + BENIGN
+
+
+def scenario_masks(
+    mask: torch.Tensor,
+    kernel: int,
+    elsewhere_size: float = 0.2,
+) -> dict:
+    """The editing scenarios for protected regions ``mask`` (B, 1, H, W).
+
+    Malicious (they edit the protected content): ``mask`` = m, ``expanded`` = E(m),
+    ``incomplete`` = half(m) ∪ half(E(m)). Benign: ``ring`` = E(m) - m, ``half_ring``
+    = half(ring) (the official "wot"), ``elsewhere`` = a square that does not touch E(m).
+    """
+    band = ring(mask, kernel)
+    return {
+        "mask": mask,
+        "expanded": expand(mask, kernel),
+        "incomplete": incomplete(mask, kernel),
+        "ring": band,
+        "half_ring": half(band),
+        "elsewhere": box_elsewhere(mask, kernel, size=elsewhere_size),
+    }

@@ -451,7 +451,7 @@ def make_sample(
             write_png(out / f"{name}{MASK_SUFFIX}", mask, overwrite=True)
             rows.append((name, content, source, int(size), int(mask.sum())))
     df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    write_csv(df, out / "manifest.csv")
+    write_csv(out / "manifest.csv", df)
     return df
 
 

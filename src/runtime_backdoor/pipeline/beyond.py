@@ -1,4 +1,4 @@
-"""The ``beyond`` stage: fair masks, robustness, EOT, transfer and baselines side by side.
+"""Stage ``beyond``: fair masks, robustness, EOT, transfer and baselines side by side.
 
 Reads the pipeline's folders (``data/prepared``, ``data/protected``, ``models/editor``) and
 writes flat tables to ``reports/beyond/``. What it measures, and on which images:
@@ -16,26 +16,32 @@ Every edit is compared with the same edit of the clean image after the same tran
 Editors are given as compact specs (``label:name(key:value,...)``, see
 :func:`runtime_backdoor.editors.specs.parse_editor_spec`) so that ``params.yaml`` holds them as
 plain strings. The tables, ``results.md`` and ``metrics.json`` are built by
-:mod:`runtime_backdoor.reporting`, the figures by :mod:`runtime_backdoor.figures`.
+:mod:`runtime_backdoor.reporting`; the figures are drawn here.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from . import study
-from .baselines import METHODS, NotApplicable, protect
-from .data import read_image
-from .editors.specs import PIPELINE, EditorSpec, build_from_spec, parse_editor_specs
-from .metrics import reduce_ssim, ssim_map
-from .robustness import FAIR_BENIGN, FAIR_MALICIOUS, parse_transforms, to_8bit
-from .targets import make_target
+from .. import reporting
+from ..baselines import METHODS, NotApplicable, protect
+from ..data import load_prepared, read_folder, read_image, to_tensor, write_csv, write_json
+from ..editors.specs import PIPELINE, EditorSpec, build_from_spec, parse_editor_specs
+from ..masks import BENIGN as OFFICIAL_BENIGN
+from ..masks import MALICIOUS as OFFICIAL_MALICIOUS
+from ..masks import scenario_masks
+from ..metrics import reduce_ssim, ssim_map
+from ..plots import bars, plt, save_figure, sns
+from ..project import resolve_device
+from ..robustness import FAIR_BENIGN, FAIR_MALICIOUS, fair_masks, parse_transforms, to_8bit
+from ..targets import make_target
 
-OFFICIAL_MALICIOUS, OFFICIAL_BENIGN = study.MALICIOUS, study.BENIGN
 MALICIOUS = OFFICIAL_MALICIOUS + FAIR_MALICIOUS
 BENIGN = OFFICIAL_BENIGN + FAIR_BENIGN
 ALL_SCENARIOS = MALICIOUS + BENIGN
@@ -61,7 +67,7 @@ def subset_names(manifest: pd.DataFrame, n: int) -> list[str]:
 
 
 def load_protected(protected_dir, names) -> torch.Tensor:
-    return torch.cat([study.to_tensor(read_image(Path(protected_dir) / f"{n}.png")) for n in names])
+    return torch.cat([to_tensor(read_image(Path(protected_dir) / f"{n}.png")) for n in names])
 
 
 # ------------------------------------------------------------------------------- metrics
@@ -106,7 +112,7 @@ def evaluate_grid(
     """
     device = images.device
     transforms = parse_transforms(list(transforms), seed=seed)
-    all_masks = study.scenario_masks(masks, kernel, fair=True, shift_px=shift_px, seed=seed)
+    all_masks = scenario_masks(masks, kernel) | fair_masks(masks, shift_px=shift_px, seed=seed)
     unknown = set(scenarios) - set(all_masks)
     if unknown:
         raise ValueError(f"unknown scenarios {sorted(unknown)}; known: {', '.join(all_masks)}")
@@ -184,7 +190,7 @@ def evaluate_grid(
 # ------------------------------------------------------------------------------- the stage
 
 
-def run(
+def measure(
     prepared_dir,
     protected_dir,
     editor_record,
@@ -206,7 +212,7 @@ def run(
     device="cpu",
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The whole stage: returns ``(per_edit, protection)``.
+    """Every measurement of the stage: returns ``(per_edit, protection)``.
 
     ``editors``: source editors (specs) protected against and edited with; ``pipeline``
     must be among them for the all-image part. ``transfer_editors``: extra editors that
@@ -242,7 +248,7 @@ def run(
     }
     device = torch.device(device)
 
-    manifest = study.read_folder(prepared_dir)
+    manifest = read_folder(prepared_dir)
     content = dict(zip(manifest["name"], manifest["content"], strict=True))
     chosen = subset_names(manifest, subset)
     grid = {
@@ -268,8 +274,8 @@ def run(
     # 1. The pipeline's own protected images, every image: fair masks and robustness.
     pipeline = [s for s in sources if s.name == PIPELINE]
     if pipeline:
-        _, x, m = study.load_prepared(prepared_dir)
-        names = list(study.read_folder(prepared_dir)["name"])
+        _, x, m = load_prepared(prepared_dir)
+        names = list(read_folder(prepared_dir)["name"])
         x, m = x.to(device), m.to(device)
         xp = load_protected(protected_dir, names).to(device)
         phi = make_target(x, budget.get("target", "solid"))
@@ -279,7 +285,7 @@ def run(
             clean_edits=clean_edits.setdefault(pipeline[0].label, {}), **grid,
         )  # fmt: skip
         add(df, pipeline[0].label, pipeline[0].label)
-        imp = study.read_folder(protected_dir).set_index("name")
+        imp = read_folder(protected_dir).set_index("name")
         for i, name in enumerate(names):
             log.append(
                 {
@@ -290,9 +296,9 @@ def run(
             )  # fmt: skip
 
     # 2. Every method against every source editor on the subset.
-    _, x, m = study.load_prepared(prepared_dir, chosen)
+    _, x, m = load_prepared(prepared_dir, chosen)
     x, m = x.to(device), m.to(device)
-    order = list(study.read_folder(prepared_dir).query("name in @chosen")["name"])
+    order = list(read_folder(prepared_dir).query("name in @chosen")["name"])
 
     def protect_against(spec: EditorSpec, editor, run_budget: dict, run_seed: int) -> None:
         protected, targets = {}, {}
@@ -377,3 +383,182 @@ __all__ = [
     "run",
     "subset_names",
 ]
+
+
+def _compared(per_edit: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the images every method was run on (the subset), so that bars compare alike."""
+    names = set(per_edit.loc[per_edit["method"] != "backdoor", "name"]) or set(per_edit["name"])
+    return per_edit[per_edit["name"].isin(names)]
+
+
+def robustness_plot(per_edit: pd.DataFrame):
+    """Malicious hit rate and benign SSIM (region) per transformation, per source and method,
+    on the images every method was run on."""
+    d = _compared(per_edit)
+    t = reporting.robustness_table(d, methods=list(d["method"].unique()))
+    panels = (
+        (lambda t: t["kind"] == "malicious", "hit_rate_protected", "malicious: target-hit rate"),
+        (
+            lambda t: t["kind"] == "benign",
+            "ssim_region_vs_clean_edit",
+            "benign: SSIM (region) vs clean edit",
+        ),
+    )
+    return bars(t, "transform", panels, "Robustness: transformation before editing")
+
+
+def baseline_plot(per_edit: pd.DataFrame, protection: pd.DataFrame):
+    """Hit rate and SSIM (region) by method and scenario group, per source editor."""
+    t = reporting.baseline_table(per_edit, protection)
+    t = t[t["status"] == "ok"].copy()
+    t["group"] = t["kind"] + "\n" + t["family"]
+    panels = (
+        (lambda t: t["kind"].notna(), "hit_rate_protected", "target-hit rate"),
+        (lambda t: t["kind"].notna(), "ssim_region_vs_clean_edit", "SSIM (region) vs clean edit"),
+    )
+    return bars(t, "group", panels, "Methods side by side (no transformation)")
+
+
+def transfer_plot(per_edit: pd.DataFrame):
+    """Heat maps: method and editor protected against (rows) x editor edited with (columns)."""
+    t = reporting.transfer_table(per_edit)
+    t["protected against"] = t["method"] + " / " + t["source"]
+    rows = list(dict.fromkeys(t["protected against"]))
+    cols = list(dict.fromkeys(t["editor"]))
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.4 * len(cols), 1.2 + 0.35 * len(rows)))
+    for ax, (kind, col, title) in zip(
+        axes,
+        (
+            ("malicious", "hit_rate_protected", "malicious: target-hit rate"),
+            ("benign", "ssim_region_vs_clean_edit", "benign: SSIM (region) vs clean edit"),
+        ),
+        strict=True,
+    ):
+        piv = t[t["kind"] == kind].pivot(index="protected against", columns="editor", values=col)
+        piv = piv.reindex(index=rows, columns=cols)
+        sns.heatmap(piv, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=False)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("method / protected against")
+        ax.set_xlabel("edited with")
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fair_mask_figure(
+    prepared_dir, names: list[str], kernel: int, *, shift_px: int = 4, seed: int = 0
+):
+    """One row per image: the protected region and every fair scenario's mask."""
+    _, x, m = load_prepared(prepared_dir, names)
+    fair = fair_masks(m, shift_px=shift_px, seed=seed)
+    cols = ["image + m", *fair]
+    fig, axes = plt.subplots(
+        len(names), len(cols), figsize=(1.5 * len(cols), 1.6 * len(names)), squeeze=False
+    )
+    for i, name in enumerate(names):
+        img = x[i].permute(1, 2, 0).numpy()
+        for c, label in enumerate(cols):
+            ax = axes[i, c]
+            ax.imshow(img)
+            region = m[i, 0] if c == 0 else fair[label][i, 0]
+            ax.imshow(
+                np.ma.masked_where(region.numpy() < 0.5, region.numpy()), cmap="autumn", alpha=0.55
+            )
+            ax.contour(m[i, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(label, fontsize=7)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def run(
+    reports_dir="reports",
+    *,
+    prepared_dir="data/prepared",
+    protected_dir="data/protected",
+    editor_record="models/editor/editor.json",
+    editors: str = PIPELINE,
+    transfer_editors: str = "",
+    methods: str = " ".join(METHODS),
+    subset: int = 0,
+    transforms: str = "none",
+    robust_scenarios: str | None = None,
+    eot_transforms: str = "jpeg resize dilate",
+    shift_px: int = 4,
+    eps: float = 0.025,
+    steps: int = 20,
+    lr: float = 0.1,
+    init_high: float = 0.01,
+    expand_kernel: int = 5,
+    target: str = "solid",
+    seed: int = 0,
+    seeds: int = 1,
+    hit_tol: float = 0.1,
+    hit_min_fraction: float = 0.5,
+    batch_size: int = 12,
+    device: str = "auto",
+) -> dict:
+    """The stage: :func:`measure`, then every table, figure, ``results.md``,
+    ``conclusions.json`` and ``metrics.json`` under ``reports_dir/beyond`` and
+    ``reports_dir/figures/beyond``. The budget (eps ... seed) is the implant stage's."""
+    out = Path(reports_dir) / "beyond"
+    fig_dir = Path(reports_dir) / "figures" / "beyond"
+    budget = {
+        "eps": eps, "steps": steps, "lr": lr, "init_high": init_high,
+        "expand_kernel": expand_kernel, "target": target, "seed": seed,
+    }  # fmt: skip
+    start = time.perf_counter()
+    per_edit, protection = measure(
+        prepared_dir, protected_dir, editor_record,
+        editors=editors, transfer_editors=transfer_editors, methods=methods, subset=subset,
+        transforms=transforms, robust_scenarios=robust_scenarios, eot_transforms=eot_transforms,
+        shift_px=shift_px, budget=budget, hit_tol=hit_tol, hit_min_fraction=hit_min_fraction,
+        seed=seed, seeds=seeds, batch_size=batch_size, device=resolve_device(device),
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    write_csv(out / "per_edit.csv", per_edit)
+    write_csv(out / "protection.csv", protection)
+
+    manifest = read_folder(prepared_dir)
+    firsts = manifest.groupby("content", sort=False).head(1)["name"].tolist()
+    fig = fair_mask_figure(prepared_dir, firsts, expand_kernel, shift_px=shift_px, seed=seed)
+    figures = [save_figure(fig, fig_dir / "fair_masks.png")]
+    tables = {
+        "fair_masks": reporting.fair_mask_table(per_edit),
+        "robustness": reporting.robustness_table(per_edit),
+    }
+    has_eot = (per_edit["method"] == "backdoor_eot").any()
+    tables["eot"] = (
+        reporting.eot_table(per_edit, protection) if has_eot else tables["robustness"].iloc[:0]
+    )
+    tables["baselines"] = reporting.baseline_table(per_edit, protection)
+    tables["transfer"] = reporting.transfer_table(per_edit)
+    for name, table in tables.items():
+        write_csv(out / f"{name}.csv", table)
+    figures.append(save_figure(robustness_plot(per_edit), fig_dir / "robustness.png"))
+    figures.append(save_figure(baseline_plot(per_edit, protection), fig_dir / "baselines.png"))
+    if per_edit["editor"].nunique() > 1:
+        figures.append(save_figure(transfer_plot(per_edit), fig_dir / "transfer.png"))
+    markdown = reporting.markdown(per_edit, protection)
+    (out / "results.md").write_text(markdown)
+    # The comparisons the text states, by stable id: what `make stability` re-checks.
+    write_json(out / "conclusions.json", reporting.conclusions(per_edit))
+    summary = reporting.summarize(per_edit, protection)
+    summary["stage_seconds"] = seconds
+    write_json(out / "metrics.json", summary)
+    recorded = {
+        "n_edits": summary["n_edits"],
+        "stage_seconds": seconds,
+        "sources": sorted(per_edit["source"].unique().tolist()),
+        "editors": sorted(per_edit["editor"].unique().tolist()),
+        "methods": sorted(protection["method"].unique().tolist()),
+        "not_applicable": sorted(
+            protection.loc[protection["status"].str.startswith("n/a"), "method"].unique().tolist()
+        ),
+        "figures": [str(p) for p in figures],
+    }
+    return {"tables": tables, "figures": figures, "markdown": markdown, "recorded": recorded}

@@ -1,7 +1,8 @@
-"""The `beyond` stage on a tiny setting: its functions, and its notebook under papermill.
+"""Stage ``beyond`` (runtime_backdoor.pipeline.beyond) on a tiny setting: its functions, and its
+notebook under papermill.
 
 The fixture builds the folders the stage reads (prepared, editor record, protected) with the
-`study` stage functions; the editor stage's record is a random-weight miniature LaMa.
+earlier stages' functions; the editor stage's record is a random-weight miniature LaMa.
 """
 
 import json
@@ -10,12 +11,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from runtime_backdoor import beyond, reporting, study
+from runtime_backdoor import reporting
+from runtime_backdoor.data import write_json
+from runtime_backdoor.editors import editor_record, load_recorded_editor
 from runtime_backdoor.editors.specs import parse_editor_spec
+from runtime_backdoor.pipeline import beyond, implant, prepare
 from runtime_backdoor.robustness import FAIR_SCENARIOS
 from runtime_backdoor.samples import make_sample
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = "pipeline control:global-mix(gain:800,reach:3)"
 TRANSFER = "lama-s1:lama(preset:mini,seed:1)"
@@ -27,12 +31,10 @@ ROBUST = "mask ring fair_box benign_medium"
 def folders(tmp_path_factory):
     d = tmp_path_factory.mktemp("beyond")
     make_sample(d / "raw", n_per_type=1, size=64, seed=0)
-    study.prepare(d / "raw", d / "prepared", size=48)
-    study.write_json(
-        d / "editor" / "editor.json", study.editor_record("lama", None, preset="mini", seed=0)
-    )
-    editor = study.load_editor(d / "editor" / "editor.json")
-    study.implant_folder(
+    prepare.prepare(d / "raw", d / "prepared", size=48)
+    write_json(d / "editor" / "editor.json", editor_record("lama", None, preset="mini", seed=0))
+    editor = load_recorded_editor(d / "editor" / "editor.json")
+    implant.implant_folder(
         editor, d / "prepared", d / "protected", steps=2, expand_kernel=5, progress=False
     )
     return d
@@ -48,7 +50,7 @@ def test_subset_is_round_robin_over_content():
 
 def test_stage_function_covers_every_part(folders):
     d = folders
-    per_edit, protection = beyond.run(
+    per_edit, protection = beyond.measure(
         d / "prepared", d / "protected", d / "editor" / "editor.json",
         editors=SOURCES, transfer_editors=TRANSFER, subset=2, transforms=TRANSFORMS,
         robust_scenarios=ROBUST, budget={"eps": 0.025, "steps": 2, "expand_kernel": 5},
@@ -167,26 +169,10 @@ def test_beyond_notebook_on_a_tiny_setting(folders, run_notebook):
         assert (d / "reports" / "figures" / "beyond" / f"{fig}.png").stat().st_size > 5_000, fig
 
 
-def test_dvc_stage_passes_every_notebook_parameter_from_params_yaml():
-    import re
-
-    import nbformat
+def test_params_yaml_specs_parse():
     import yaml
 
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["beyond"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    nb = nbformat.read(NOTEBOOKS / "07_beyond.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    declared = {line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line}
-    # papermill's parser rejects a parameter line with more than one "=".
-    assert all(line.count("=") == 1 for line in cell.source.splitlines() if line.strip())
-    assert set(re.findall(r"-p (\w+) ", stage["cmd"])) == declared
-    used = re.findall(r"\$\{(\w+)\.(\w+)\}", stage["cmd"])
-    for section, key in used:
-        assert key in params[section], f"{section}.{key}"
-    assert set(params["beyond"]) == {k for s, k in used if s == "beyond"}
-    # String values with spaces or parentheses are quoted for the shell.
-    for key in ("editors", "transfer_editors", "methods", "transforms", "robust_scenarios"):
-        assert f'"${{beyond.{key}}}"' in stage["cmd"]
-    for spec in (params["beyond"]["editors"] + " " + params["beyond"]["transfer_editors"]).split():
-        parse_editor_spec(spec)
+    specs = (params["beyond"]["editors"] + " " + params["beyond"]["transfer_editors"]).split()
+    labels = [parse_editor_spec(spec).label for spec in specs]
+    assert labels == ["pipeline", "control", "lama-s1", "control-s1"]

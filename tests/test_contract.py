@@ -1,0 +1,201 @@
+"""The layout's promises, checked: stage ↔ notebook ↔ module ↔ outputs ↔ test.
+
+- every DVC stage has ``notebooks/NN_<stage>.ipynb``, ``runtime_backdoor/pipeline/<stage>.py``
+  and ``tests/pipeline/test_<stage>.py``, and its notebook calls that module;
+- a stage's ``deps`` list exactly the package files its notebook imports, transitively, counting
+  every import statement (also those inside functions: a lazily imported editor still shapes the
+  outputs), plus the notebook and its data inputs;
+- every ``parameters`` cell default equals what ``dvc.yaml`` passes from ``params.yaml``, and
+  every notebook parameter is passed;
+- metrics files have flat identifier keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import shlex
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = "runtime_backdoor"
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a package module (``a.b`` -> ``src/a/b.py`` or ``src/a/b/__init__.py``)."""
+    base = SRC.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Every package module an import statement anywhere in ``tree`` names (with its parents)."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # `from pkg import module`
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] == PACKAGE and module_file(name) is not None:
+                parts = name.split(".")
+                found |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return found
+
+
+def closure(start: set[str]) -> set[Path]:
+    """The package files ``start`` imports, transitively."""
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        tree = ast.parse(path.read_text())
+        todo += imported_modules(tree, name, path.name == "__init__.py") - seen
+    return {module_file(n) for n in seen}
+
+
+def notebook_code(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    cells = [c.source for c in nb.cells if c.cell_type == "code"]
+    return "\n".join(line for c in cells for line in c.splitlines() if not line.startswith(("%", "!")))
+
+
+def stage_notebook(stage: dict) -> Path:
+    words = shlex.split(stage["cmd"].split("&&")[-1])
+    return ROOT / next(w for w in words if w.startswith("notebooks/"))
+
+
+def code_deps(notebook: Path) -> set[str]:
+    start = imported_modules(ast.parse(notebook_code(notebook)), "__main__", False)
+    return {str(p.relative_to(ROOT)) for p in closure(start)}
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_stage_has_its_notebook_module_and_test(name):
+    from runtime_backdoor.pipeline import STAGES
+
+    assert list(STAGES) == list(DVC), "pipeline.STAGES and dvc.yaml list the same stages in order"
+    notebook = stage_notebook(DVC[name])
+    assert notebook.relative_to(ROOT).as_posix() == STAGES[name]
+    assert re.fullmatch(rf"\d\d_{name}\.ipynb", notebook.name)
+    assert (SRC / PACKAGE / "pipeline" / f"{name}.py").is_file()
+    assert (ROOT / "tests" / "pipeline" / f"test_{name}.py").is_file()
+    assert f"from {PACKAGE}.pipeline import {name}" in notebook_code(notebook)
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_stage_deps_are_exactly_what_its_notebook_imports(name):
+    stage = DVC[name]
+    deps = [str(d) for d in stage["deps"]]
+    notebook = stage_notebook(stage)
+    code = {d for d in deps if d.startswith("src/")}
+    expected = code_deps(notebook)
+    missing, extra = sorted(expected - code), sorted(code - expected)
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name}: add {missing}, remove {extra}. Its code deps are:\n"
+        + "\n".join(f"      - {d}" for d in sorted(expected))
+    )
+    assert str(notebook.relative_to(ROOT)) in deps
+    others = [d for d in deps if not d.startswith(("src/", "notebooks/"))]
+    assert all(not d.startswith("src") for d in others)
+
+
+def test_a_change_to_the_expansion_reruns_implant_and_sweep_code_only_the_sweep():
+    """The two measured cases: E(m) shapes the protected images; the ε sweep's own code
+    shapes nothing but the sweep."""
+    assert "src/runtime_backdoor/masks.py" in DVC["implant"]["deps"]
+    holders = [n for n, s in DVC.items() if "src/runtime_backdoor/pipeline/eps_sweep.py" in s["deps"]]
+    assert holders == ["eps_sweep"]
+
+
+def resolved(value: str):
+    """A ``-p`` value as papermill receives it from DVC: ``${a.b}`` taken from params.yaml."""
+    m = re.fullmatch(r"\$\{([\w.]+)\}", value)
+    if not m:
+        return yaml.safe_load(value) if value else ""
+    out = PARAMS
+    for key in m.group(1).split("."):
+        out = out[key]
+    return out
+
+
+def passed_parameters(stage: dict) -> dict:
+    words = shlex.split(stage["cmd"].split("&&")[-1])
+    return {words[i + 1]: resolved(words[i + 2]) for i, w in enumerate(words) if w == "-p"}
+
+
+def notebook_defaults(notebook: Path) -> dict:
+    nb = nbformat.read(notebook, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{notebook.name}: one cell tagged parameters"
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign), f"{notebook.name}: plain assignments only"
+        out[node.targets[0].id] = ast.literal_eval(node.value)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_notebook_defaults_are_what_dvc_passes(name):
+    stage = DVC[name]
+    passed = passed_parameters(stage)
+    defaults = notebook_defaults(stage_notebook(stage))
+    assert set(defaults) == set(passed), (
+        f"{name}: notebook parameters never passed {sorted(set(defaults) - set(passed))}, "
+        f"passed but not in the notebook {sorted(set(passed) - set(defaults))}"
+    )
+    for key, value in passed.items():
+        assert defaults[key] == value, f"{name}: notebook default {key}={defaults[key]!r}, dvc passes {value!r}"
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_stage_params_cover_every_value_it_reads(name):
+    """What a stage's cmd reads from params.yaml is listed under its ``params`` (so that
+    ``dvc exp run -S key=value`` re-runs exactly the stages that read it)."""
+    stage = DVC[name]
+    read = set(re.findall(r"\$\{([\w.]+)\}", stage["cmd"]))
+    listed = {str(p) for p in stage.get("params", [])}
+    for key in read:
+        assert key in listed or key.split(".")[0] in listed, f"{name}: {key} read but not in params"
+
+
+def metrics_files() -> list[Path]:
+    out = []
+    for stage in DVC.values():
+        for item in stage.get("metrics", []):
+            out.append(ROOT / (next(iter(item)) if isinstance(item, dict) else item))
+    return out
+
+
+@pytest.mark.parametrize("path", metrics_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_metrics_have_flat_identifier_keys(path):
+    import json
+
+    data = json.loads(path.read_text())
+    bad = [k for k in data if not re.fullmatch(r"[A-Za-z0-9_.\-]+", k)]
+    assert not bad, f"{path.name}: keys that are not identifiers: {bad[:3]}"
+    for key, value in data.items():
+        ok = value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) < 200)
+        assert ok, f"{path.name}: {key} holds {type(value).__name__}, not a flat value"
