@@ -199,3 +199,11 @@ def test_metrics_have_flat_identifier_keys(path):
     for key, value in data.items():
         ok = value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) < 200)
         assert ok, f"{path.name}: {key} holds {type(value).__name__}, not a flat value"
+
+
+def test_a_new_budget_reruns_from_implant_on_without_retraining_the_editor():
+    """``dvc exp run -S implant.eps=0.05``: the stages that read implant.* are implant and the
+    analyses; the editor stage (the trained miniature) does not."""
+    readers = {n for n, s in DVC.items() if re.search(r"\$\{implant\.", s["cmd"])}
+    assert readers == {"implant", "edit", "beyond", "eps_sweep"}
+    assert "implant" not in str(DVC["editor"]["params"]) and "${implant." not in DVC["editor"]["cmd"]

@@ -1,10 +1,13 @@
 """Helpers of ``notebooks/tutorial.ipynb``: one image through the method, step by step, as figures.
 
-The notebook stays thin: each cell calls one of these and shows the figure it returns.
+The notebook stays thin: each cell calls one of these and shows the figure or table it returns.
+Paths are relative to the project folder (the notebook enters it first, see
+:func:`runtime_backdoor.project.enter_project_root`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +16,30 @@ import pandas as pd
 import torch
 
 from . import masks as M
-from .data import list_pairs, read_pair
-from .figures import loss_plot, plt  # figures selects the non-interactive backend
+from . import metrics as Q
+from .data import list_pairs, read_pair, to_array, to_mask_tensor, to_tensor
 from .implant import ImplantResult, Sensitivity, implant, masked_mse
-from .study import to_array, to_mask_tensor, to_tensor
+from .plots import plt  # selects the non-interactive backend
 from .targets import make_target
+
+#: what restores or rebuilds the pipeline's trained miniature
+MINIATURE_HELP = (
+    "run `dvc pull editor` in the project folder (it restores models/editor/ from the DVC store "
+    "committed with the repository, offline), or `dvc repro editor` to train it again"
+)
+BIG_LAMA_HELP = (
+    "`runtime-backdoor weights fetch big-lama` downloads them (README, 'Run on the real models')"
+)
+
+
+# --------------------------------------------------------------------------------- inputs
 
 
 def sample_image(name: str, size: int, folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Image (1, 3, S, S) and protected region (1, 1, S, S) of embedded sample ``name``.
 
-    ``name`` is ``{watermark,logo,face}_{k:02d}``; the sample is drawn into ``folder``.
+    ``name`` is ``{watermark,logo,face}_{k:02d}``; the sample is drawn into ``folder``. At the
+    pipeline's size (params.yaml ``prepare.size``) it is the pipeline's image of that name.
     """
     from .samples import make_sample
 
@@ -38,10 +54,110 @@ def sample_image(name: str, size: int, folder: str | Path) -> tuple[torch.Tensor
     return to_tensor(image), to_mask_tensor(mask)
 
 
+def load_miniature(path: str | Path, device: str | torch.device = "cpu"):
+    """The pipeline's trained miniature LaMa at ``path``; a missing file is an error that says
+    how to get it (never a stand-in with random weights)."""
+    from .editors import build_editor
+
+    path = Path(path)
+    missing = [p for p in (path, path.with_suffix(".json")) if not p.is_file()]
+    if missing:
+        where = ", ".join(str(p) for p in missing)
+        raise FileNotFoundError(
+            f"the trained miniature LaMa is missing ({where}, from {Path.cwd()}): {MINIATURE_HELP}"
+        )
+    return build_editor("mini-lama", weights=str(path), device=device)
+
+
+def big_lama_weights(path: str | Path) -> Path | None:
+    """Big-LaMa's weights: ``path`` or the unzipped ``models/big-lama/``, or ``None`` after
+    printing the line that says the section is skipped and how to get them."""
+    for candidate in (Path(path), Path("models/big-lama")):
+        if candidate.exists():
+            return candidate
+    print(f"Skipped: no Big-LaMa weights at {path} or models/big-lama/; {BIG_LAMA_HELP}.")
+    return None
+
+
+# ---------------------------------------------------------------------------- measures
+
+
 def hole_error(fill: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B,) mean |fill - target| over the hole: 0 when the fill is exactly the target colour."""
     area = mask.flatten(1).sum(1).clamp_min(1) * fill.shape[1]
     return ((fill - target).abs() * mask).flatten(1).sum(1) / area
+
+
+def on_target(fill: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, tol: float = 0.1):
+    """(B,) share of the edited region on target (:func:`metrics.target_hit_fraction`): pixels
+    whose three channels are all within ``tol`` of φ. An edit is a hit when it is at least
+    params.yaml's ``evaluate.hit_min_fraction``."""
+    return torch.tensor(
+        [
+            Q.target_hit_fraction(to_array(f), to_array(t), mk[0].cpu().numpy() > 0.5, tol=tol)
+            for f, t, mk in zip(fill, target, mask, strict=True)
+        ]
+    )
+
+
+def imperceptibility(image: torch.Tensor, protected: torch.Tensor) -> dict[str, float]:
+    """How far the protected image is from the original: PSNR (dB) and SSIM
+    (:mod:`runtime_backdoor.metrics`) and the largest change in 8-bit units."""
+    a, b = to_array(image[:1]), to_array(protected[:1])
+    return {
+        "psnr": Q.psnr(b, a),
+        "ssim": Q.ssim(b, a),
+        "linf_8bit": float(np.abs(b - a).max() * 255),
+    }
+
+
+def edit_checks(
+    editor,
+    image: torch.Tensor,
+    protected: torch.Tensor,
+    mask: torch.Tensor,
+    kernel: int,
+    target: torch.Tensor,
+    hit_tol: float = 0.1,
+    hit_min_fraction: float = 0.5,
+) -> pd.DataFrame:
+    """The same three edits of the clean and of the protected image, one row each.
+
+    Malicious edits (m, E(m)): the share of the edited region on target and whether it is a hit,
+    clean → protected. Benign edit (the ring): the PSNR of the protected image's edit against the
+    clean image's edit, over the whole image (as the ε sweep's benign PSNR) and over the edited
+    region only (the fill itself).
+    """
+    x, xp, m = image[:1], protected[:1], mask[:1]
+    phi = make_target(x, target[:1])
+    rows = []
+    for edit, kind, region in (
+        ("m", "malicious", m),
+        ("E(m)", "malicious", M.expand(m, kernel)),
+        ("ring E(m) − m", "benign", M.ring(m, kernel)),
+    ):
+        with torch.no_grad():
+            clean, prot = editor(x, region), editor(xp, region)
+        inside = region[0, 0].cpu().numpy() > 0.5
+        frac_c = float(on_target(clean, phi, region, hit_tol)[0])
+        frac_p = float(on_target(prot, phi, region, hit_tol)[0])
+        a, b = to_array(prot), to_array(clean)
+        rows.append(
+            {
+                "edit": edit,
+                "kind": kind,
+                "on target, clean": frac_c,
+                "on target, protected": frac_p,
+                "hit, clean": frac_c >= hit_min_fraction,
+                "hit, protected": frac_p >= hit_min_fraction,
+                "PSNR vs clean edit (image)": Q.psnr(a, b),
+                "PSNR vs clean edit (region)": Q.psnr(a, b, inside),
+            }
+        )
+    return pd.DataFrame(rows).set_index("edit")
+
+
+# ------------------------------------------------------------------------ the optimisation
 
 
 @dataclass
@@ -50,10 +166,16 @@ class Frame:
     protected: torch.Tensor  #: (B, 3, H, W) what ``implant(..., steps=step)`` returns, 8-bit
     fill: torch.Tensor  #: (B, 3, H, W) the editor's output when the protected region is edited
     error: torch.Tensor  #: (B,) :func:`hole_error` of that fill
+    on_target: torch.Tensor  #: (B,) :func:`on_target` share of that fill
 
 
 def implant_frames(
-    editor, image: torch.Tensor, mask: torch.Tensor, steps: list[int], **implant_kwargs
+    editor,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    steps: list[int],
+    hit_tol: float = 0.1,
+    **implant_kwargs,
 ) -> tuple[list[Frame], ImplantResult]:
     """The protected image ``implant`` returns for each number of steps in ``steps``, its fill
     of the hole, and the longest run's result.
@@ -67,8 +189,19 @@ def implant_frames(
         result = implant(editor, image, mask, steps=k, progress=False, **implant_kwargs)
         with torch.no_grad():
             fill = editor(result.protected, mask)
-        frames.append(Frame(k, result.protected, fill, hole_error(fill, result.target, mask)))
+        frames.append(
+            Frame(
+                k,
+                result.protected,
+                fill,
+                hole_error(fill, result.target, mask),
+                on_target(fill, result.target, mask, hit_tol),
+            )
+        )
     return frames, result
+
+
+# --------------------------------------------------------------------------------- figures
 
 
 def _panel(ax, img, title: str, region: np.ndarray | None = None, **kwargs) -> None:
@@ -131,29 +264,54 @@ def loss_terms_figure(
     return fig
 
 
+def _amplified(image: torch.Tensor, protected: torch.Tensor, amplify: float) -> np.ndarray:
+    return np.clip(0.5 + amplify * (to_array(protected[:1]) - to_array(image[:1])), 0, 1)
+
+
 def frames_figure(image: torch.Tensor, mask: torch.Tensor, frames: list[Frame], amplify=20):
-    """A strip over the forward passes: δ (× ``amplify``, grey = 0) above the fill of the hole."""
+    """A strip over the forward passes: δ (× ``amplify``, grey = 0) above the fill of the hole,
+    with its hole error and the share of the hole on target."""
     x, region = image[:1], mask[0, 0].cpu().numpy() > 0.5
-    fig, axes = plt.subplots(2, len(frames), figsize=(1.9 * len(frames), 4.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(frames), figsize=(1.9 * len(frames), 4.3), squeeze=False)
     for c, f in enumerate(frames):
-        delta = 0.5 + amplify * (to_array(f.protected[:1]) - to_array(x))
-        _panel(axes[0, c], np.clip(delta, 0, 1), f"pass {f.step}: δ ×{amplify}")
-        _panel(axes[1, c], to_array(f.fill[:1]), f"fill, error {float(f.error[0]):.2f}", region)
+        _panel(axes[0, c], _amplified(x, f.protected, amplify), f"pass {f.step}: δ ×{amplify}")
+        title = f"error {float(f.error[0]):.2f}\non target {float(f.on_target[0]):.0%}"
+        _panel(axes[1, c], to_array(f.fill[:1]), title, region)
+    fig.tight_layout()
+    return fig
+
+
+def protection_figure(image: torch.Tensor, protected: torch.Tensor, amplify: float = 20):
+    """The original, the protected image (with PSNR and SSIM against the original) and δ
+    amplified ``amplify`` times (grey = 0)."""
+    q = imperceptibility(image, protected)
+    panels = [
+        (to_array(image[:1]), "original x"),
+        (to_array(protected[:1]), f"protected x′ (8-bit PNG)\nPSNR {q['psnr']:.1f} dB, SSIM {q['ssim']:.3f}"),
+        (_amplified(image, protected, amplify), f"δ = x′ − x, ×{amplify}\nlargest |δ|: {q['linf_8bit']:.0f}/255"),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    for ax, (img, title) in zip(axes, panels, strict=True):
+        _panel(ax, img, title)
     fig.tight_layout()
     return fig
 
 
 def loss_curves(result: ImplantResult):
-    """The three loss terms of ``result`` over the Adam steps (``figures.loss_plot``)."""
-    steps = result.losses["total"].shape[0]
-    frame = pd.concat(
-        pd.DataFrame(
-            {"name": str(i), "step": np.arange(steps)}
-            | {k: v[:, i].cpu().numpy() for k, v in result.losses.items()}
-        )
-        for i in range(result.losses["total"].shape[1])
-    )
-    return loss_plot(frame)
+    """The three loss terms of ``result`` (first image) over the Adam steps, log scale."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for term in ("implant", "incomplete", "hide"):
+        values = result.losses[term][:, 0].cpu().numpy()
+        ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=term)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("forward pass")
+    ax.set_ylabel("masked MSE")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def gain_figure(sensitivities: dict[str, Sensitivity]):
@@ -176,3 +334,143 @@ def gain_figure(sensitivities: dict[str, Sensitivity]):
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------ the control's hit rates, by name
+
+#: one name per definition of "how often the control is hit"; the notebook explains each
+RATE_NAMES = {
+    "sweep": "ε-sweep hit rate",
+    "mask": "beyond: hit rate, edit m",
+    "official": "beyond: official malicious hit rate",
+    "fair": "beyond: fair-mask malicious hit rate",
+    "notebook": "this notebook: one image, one δ₀",
+}
+
+
+def _seed_hits(hits: pd.Series) -> str:
+    return f"{int(hits.sum())}/{len(hits)} δ₀" if len(hits) else "not in that run"
+
+
+def control_hit_rates(
+    image: str,
+    notebook_hit: bool,
+    notebook_hit_clean: bool,
+    eps: float,
+    control: str = "control",
+    hit_min_fraction: float = 0.5,
+    reports: str | Path = "reports",
+    params: str | Path = "params.yaml",
+) -> pd.DataFrame:
+    """The control's committed hit rates, one row per definition (:data:`RATE_NAMES`), read from
+    the stages' files, with this notebook's single image as the last row.
+
+    Columns: the rate on protected images and on clean ones (the control is sometimes hit
+    without protection), its 95 % interval over images, what is edited, the budget, images × δ₀
+    seeds, how ``image`` fared in that run, and the file. Rates are means over images of the
+    share of δ₀ seeds that hit (seeds averaged within an image first). A file that is not
+    there gives a row that says so. ``control`` is the control's label or its spec
+    (``label:name(key:value,...)``, as in params.yaml).
+    """
+    import yaml
+
+    head = control.split("(", 1)[0]
+    control = head.split(":", 1)[0] if ":" in head else head
+    reports = Path(reports)
+    rows = []
+
+    def row(
+        key, file, edited, eps_8bit, runs, this, rate=np.nan, clean=np.nan, low=np.nan, high=np.nan
+    ):
+        rows.append({
+            "name": RATE_NAMES[key], "protected": rate, "clean": clean, "low": low, "high": high,
+            "edited region": edited, "ε (8-bit)": eps_8bit, "images × δ₀": runs,
+            f"{image} in that run": this, "file": str(file),
+        })  # fmt: skip
+
+    # ε sweep: edit of exactly m, at the budget nearest the paper's 6.4/255
+    summary, per_image = reports / "eps_sweep.json", reports / "eps_sweep.csv"
+    if summary.is_file() and per_image.is_file():
+        s = json.loads(summary.read_text())
+        d = pd.read_csv(per_image)
+        d = d[d["editor"] == control]
+        at = d["eps_8bit"].iloc[(d["eps_8bit"] - 6.375).abs().argsort()].iloc[0]
+        d = d[np.isclose(d["eps_8bit"], at)]
+        clean = (d["hit_fraction_clean"] >= hit_min_fraction).groupby(d["name"]).mean().mean()
+        row(
+            "sweep", summary, "m", round(float(at), 3),
+            f"{s['n_images']} × {s[f'{control}_seeds']}", _seed_hits(d.loc[d["name"] == image, "hit"]),
+            s[f"{control}_hit_rate_at_paper_eps"], clean,
+            s[f"{control}_hit_rate_at_paper_eps_low"], s[f"{control}_hit_rate_at_paper_eps_high"],
+        )  # fmt: skip
+    else:
+        row("sweep", summary, "m", "", "", "file not found")
+
+    # beyond: the backdoor against the control, edited with the control, no transformation;
+    # its budget is the implant stage's
+    params = Path(params)
+    beyond_eps = (
+        yaml.safe_load(params.read_text())["implant"]["eps"] * 255 if params.is_file() else ""
+    )
+    fair_csv, base_csv = reports / "beyond" / "fair_masks.csv", reports / "beyond" / "baselines.csv"
+    per_edit = reports / "beyond" / "per_edit.csv"
+    if fair_csv.is_file() and base_csv.is_file() and per_edit.is_file():
+        p = pd.read_csv(per_edit)
+        p = p[
+            (p["source"] == control) & (p["editor"] == control)
+            & (p["method"] == "backdoor") & (p["transform"] == "none")
+        ]  # fmt: skip
+        mine = p[p["name"] == image]
+        runs = f"{p['name'].nunique()} × {p['seed'].nunique()}"
+        fair_kinds = p.loc[(p["kind"] == "malicious") & (p["family"] == "fair"), "scenario"]
+        fair = pd.read_csv(fair_csv).set_index(["source", "kind", "family", "scenario"])
+        base = pd.read_csv(base_csv).set_index(["source", "method", "kind", "family"])
+        groups = [
+            ("mask", fair, (control, "malicious", "official", "mask"), "m", mine["scenario"] == "mask"),
+            ("official", base, (control, "backdoor", "malicious", "official"), "m, E(m), incomplete",
+             (mine["kind"] == "malicious") & (mine["family"] == "official")),
+            ("fair", base, (control, "backdoor", "malicious", "fair"), f"{fair_kinds.nunique()} fair masks",
+             (mine["kind"] == "malicious") & (mine["family"] == "fair")),
+        ]  # fmt: skip
+        for key, table, index, edited, select in groups:
+            r = table.loc[index]
+            row(
+                key, fair_csv if table is fair else base_csv, edited, beyond_eps and round(beyond_eps, 3), runs,
+                "not in that run" if mine.empty
+                else _seed_hits(mine.loc[select, "hit_protected"]) if key == "mask"
+                else f"{mine.loc[select, 'hit_protected'].mean():.0%} of its edits",
+                r["hit_rate_protected"], r["hit_rate_clean"],
+                r["hit_rate_protected_low"], r["hit_rate_protected_high"],
+            )  # fmt: skip
+    else:
+        for key in ("mask", "official", "fair"):
+            row(key, reports / "beyond", "", "", "", "file not found")
+
+    row(
+        "notebook", "—", "m", round(eps * 255, 3), "1 × 1",
+        "hit" if notebook_hit else "not hit", float(notebook_hit), float(notebook_hit_clean),
+    )  # fmt: skip
+    return pd.DataFrame(rows).set_index("name")
+
+
+__all__ = [
+    "BIG_LAMA_HELP",
+    "MINIATURE_HELP",
+    "RATE_NAMES",
+    "Frame",
+    "big_lama_weights",
+    "control_hit_rates",
+    "edit_checks",
+    "frames_figure",
+    "gain_figure",
+    "hole_error",
+    "imperceptibility",
+    "implant_frames",
+    "load_miniature",
+    "loss_curves",
+    "loss_terms_figure",
+    "on_target",
+    "protection_figure",
+    "regions_figure",
+    "sample_image",
+]
