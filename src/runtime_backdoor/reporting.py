@@ -1,19 +1,22 @@
 """The ``beyond`` stage's report: flat tables, ``results.md`` and ``metrics.json``.
 
 Every function reads the stage's ``per_edit`` table (one row per source editor, editor,
-method, image, transformation and scenario, as :func:`runtime_backdoor.beyond.run` returns
+method, image, transformation and scenario, as :func:`runtime_backdoor.pipeline.beyond.measure` returns
 it) and, where costs enter, its ``protection`` table. A rate or mean is over the rows of its
 group: images, and scenarios where a table pools them (``n_images`` counts the images).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .stats import Estimate, compare, group_estimates, paired_frames
+from .stats import MIN_N, Estimate, compare, group_estimates, paired_frames
 
 #: Per-image columns of ``per_edit`` and the names of their means in the tables.
 MEANS = {
@@ -193,22 +196,97 @@ README_BEGIN, README_END = "<!-- conclusions:begin -->", "<!-- conclusions:end -
 
 def readme_block(found: dict[str, list[dict]]) -> str:
     """The README's list of conclusions, from the stages' ``conclusions.json`` (file -> list):
-    every directional one, then how many comparisons showed no detectable difference."""
+    every directional one, then how many comparisons showed no detectable difference, and
+    how many had too few images for any direction (``n`` below :data:`stats.MIN_N`)."""
     lines = [README_BEGIN, ""]
-    quiet = 0
+    quiet = too_few = 0
     for source, items in found.items():
         for c in items:
-            if c["verdict"] == "no difference":
-                quiet += 1
-            else:
+            if c["verdict"] != "no difference":
                 lines.append(f"- {c['sentence']} (`{source}`: `{c['id']}`).")
+            elif 0 < c.get("n", MIN_N) < MIN_N:
+                too_few += 1
+            else:
+                quiet += 1
     lines += [
         "",
         f"{quiet} further comparisons show no detectable difference (listed in the same files).",
-        "",
-        README_END,
     ]
+    if too_few:
+        lines.append(
+            f"{too_few} more had fewer than {MIN_N} images, too few to show a direction at all."
+        )
+    lines += ["", README_END]
     return "\n".join(lines)
+
+
+#: The stages' conclusions, in the order the README lists them.
+CONCLUSION_FILES = ("reports/conclusions.json", "reports/beyond/conclusions.json")
+
+
+def committed_text(root: str | Path, relative: str) -> str | None:
+    """``relative`` (a path under ``root``) as committed: ``git show HEAD:./relative`` when
+    ``root`` is in a git checkout whose HEAD has the file; otherwise the working-tree file;
+    None when neither exists."""
+    root = Path(root)
+    try:
+        got = subprocess.run(
+            ["git", "-C", str(root), "show", f"HEAD:./{relative}"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    except OSError:  # no git
+        got = None
+    if got is not None and got.returncode == 0:
+        return got.stdout
+    path = root / relative
+    return path.read_text() if path.exists() else None
+
+
+def readme_matches_committed(root: str | Path = ".") -> list[str]:
+    """Problems (none: ``[]``) with the README's generated block of conclusions.
+
+    The committed README's block must be :func:`readme_block` of the committed conclusions
+    files (:func:`committed_text`: ``git show HEAD:...`` in a git checkout, else the
+    files). A local pipeline run rewrites the working-tree conclusions (on another CPU, in
+    their last digits) but not what the README states; and a README refreshed from new
+    conclusions (``python -m runtime_backdoor.reporting``) is checked once both are
+    committed, together.
+    """
+    root = Path(root)
+    problems: list[str] = []
+    found = {}
+    for f in CONCLUSION_FILES:
+        text = committed_text(root, f)
+        if text is None:
+            problems.append(f"{f}: missing")
+        else:
+            found[f] = json.loads(text)
+    text = committed_text(root, "README.md")
+    if text is None:
+        return [*problems, "README.md: missing"]
+    if README_BEGIN not in text or README_END not in text:
+        return [*problems, f"README.md: no {README_BEGIN} ... {README_END} block"]
+    if problems:
+        return problems
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    stated, expected = text[start:end].splitlines(), readme_block(found).splitlines()
+    for i, (a, b) in enumerate(zip(stated, expected, strict=False)):
+        if a != b:
+            problems.append(
+                f"README.md block line {i + 1} states {a!r}; the committed conclusions give {b!r}"
+            )
+            break
+    if not problems and len(stated) != len(expected):
+        problems.append(
+            f"README.md block has {len(stated)} lines; the committed conclusions give "
+            f"{len(expected)}"
+        )
+    if problems:
+        problems.append(
+            "refresh it with `python -m runtime_backdoor.reporting` and commit it together "
+            "with the conclusions files"
+        )
+    return problems
 
 
 def update_readme(readme: str | Path, found: dict[str, list[dict]]) -> bool:
@@ -222,34 +300,50 @@ def update_readme(readme: str | Path, found: dict[str, list[dict]]) -> bool:
     return new != text
 
 
+def metric_key(*parts) -> str:
+    """A flat ``metrics.json`` key from ``parts``: joined by "_", "-" made "_", ":" dropped
+    (``jpeg:75`` -> ``jpeg75``), anything else outside ``[A-Za-z0-9_.]`` made "_"."""
+    joined = "_".join(str(p).replace("-", "_").replace(":", "") for p in parts)
+    return re.sub(r"[^A-Za-z0-9_.]", "_", joined)
+
+
 def summarize(per_edit: pd.DataFrame, protection: pd.DataFrame) -> dict:
-    """The flat ``reports/beyond/metrics.json``."""
+    """The flat ``reports/beyond/metrics.json``.
+
+    Rows are read by column (``r["transform"]``), never as attributes: ``r.transform`` is
+    the method ``Series.transform``, not the column, and any column name may clash so.
+    """
     out: dict = {"n_edits": int(len(per_edit))}
     if not len(per_edit):
         return out
-    key = lambda *parts: "_".join(str(p).replace("-", "_").replace(":", "") for p in parts)  # noqa: E731
+    key = metric_key
 
     def put(name: str, row, col: str) -> None:
         for suffix in ("", "_low", "_high"):
             out[name + suffix] = float(row[col + suffix])
 
     for _, r in fair_mask_table(per_edit).iterrows():
-        put(key(r.source, "backdoor", r.scenario, "hit_rate"), r, "hit_rate_protected")
-        put(key(r.source, "backdoor", r.scenario, "ssim_region"), r, "ssim_region_vs_clean_edit")
+        put(key(r["source"], "backdoor", r["scenario"], "hit_rate"), r, "hit_rate_protected")
+        put(
+            key(r["source"], "backdoor", r["scenario"], "ssim_region"),
+            r,
+            "ssim_region_vs_clean_edit",
+        )
     for _, r in robustness_table(per_edit, methods=list(per_edit["method"].unique())).iterrows():
-        put(key(r.source, r.method, r.kind, r.transform, "hit_rate"), r, "hit_rate_protected")
+        put(
+            key(r["source"], r["method"], r["kind"], r["transform"], "hit_rate"),
+            r,
+            "hit_rate_protected",
+        )
     for _, r in baseline_table(per_edit, protection).iterrows():
-        if r.status == "ok":
-            put(key(r.source, r.method, r.kind, r.family, "hit_rate"), r, "hit_rate_protected")
-            put(
-                key(r.source, r.method, r.kind, r.family, "ssim_region"),
-                r,
-                "ssim_region_vs_clean_edit",
-            )
+        if r["status"] == "ok":
+            where = (r["source"], r["method"], r["kind"], r["family"])
+            put(key(*where, "hit_rate"), r, "hit_rate_protected")
+            put(key(*where, "ssim_region"), r, "ssim_region_vs_clean_edit")
     for _, r in transfer_table(per_edit).iterrows():
-        if r.source != r.editor:
+        if r["source"] != r["editor"]:
             put(
-                key("transfer", r.method, r.source, "to", r.editor, r.kind, "hit_rate"),
+                key("transfer", r["method"], r["source"], "to", r["editor"], r["kind"], "hit_rate"),
                 r,
                 "hit_rate_protected",
             )
@@ -305,7 +399,8 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
         "## What the numbers support",
         "",
         "Generated from the per-image values (`reporting.conclusions`): a direction is stated",
-        "only where the paired 95 % interval of the difference excludes 0.",
+        "only where the paired 95 % interval of the difference excludes 0, and never on fewer",
+        f"than {MIN_N} images (`stats`).",
         "",
     ]
     found = conclusions(per_edit)
@@ -323,7 +418,7 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
     )
     for _, r in fair_mask_table(per_edit).iterrows():
         lines.append(
-            f"| {r.source} | {r.kind} | {r.family} | {r.scenario} | {r.n_images} | "
+            f"| {r['source']} | {r['kind']} | {r['family']} | {r['scenario']} | {r['n_images']} | "
             f"{_ci(r, 'hit_rate_clean', True)} → {_ci(r, 'hit_rate_protected', True)} | {_ci(r, 'ssim_region_vs_clean_edit')} |"
         )
     lines += _section(
@@ -399,13 +494,17 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
 
 
 __all__ = [
+    "CONCLUSION_FILES",
     "baseline_table",
+    "committed_text",
     "conclusions",
     "scenario_conclusions",
     "eot_table",
     "fair_mask_table",
     "markdown",
+    "metric_key",
     "readme_block",
+    "readme_matches_committed",
     "update_readme",
     "robustness_table",
     "summarize",
@@ -414,12 +513,11 @@ __all__ = [
 
 
 if __name__ == "__main__":  # python -m runtime_backdoor.reporting: refresh README's conclusions
-    import json
     import sys
 
+    # From the working-tree files: run it when about to commit new conclusions files.
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
-    files = ("reports/conclusions.json", "reports/beyond/conclusions.json")
-    found = {f: json.loads((root / f).read_text()) for f in files if (root / f).exists()}
+    found = {f: json.loads((root / f).read_text()) for f in CONCLUSION_FILES if (root / f).exists()}
     print(
         "README.md updated" if update_readme(root / "README.md", found) else "README.md unchanged"
     )

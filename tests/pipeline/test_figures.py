@@ -28,6 +28,9 @@ def test_results_table_states_each_scenario_with_its_interval():
     table = figures.results_table(summary, [{"sentence": "a stated comparison"}])
     rows = [line for line in table.splitlines() if line.startswith("| malicious") or line.startswith("| benign")]
     assert len(rows) == 6
-    rate = summary["malicious_mask_hit_rate_protected"]
-    assert f"→ {rate:.0%} [" in table
+    from runtime_backdoor.stats import Estimate
+
+    key = "malicious_mask_hit_rate_protected"
+    rate = Estimate(summary[key], summary[f"{key}_low"], summary[f"{key}_high"], summary["n_images"])
+    assert f"→ {rate.format(True)} |" in table or f"→ {rate.format(True)} " in table
     assert "- a stated comparison." in table

@@ -150,7 +150,7 @@ def results_table(summary: dict, conclusions: list[dict] | None = None) -> str:
     if conclusions:
         lines += [
             "",
-            "What the numbers support (a direction only where the paired 95 % interval excludes 0):",
+            "What the numbers support (a direction only where the paired 95 % interval excludes 0, and never from fewer than 6 images):",
             "",
         ]
         lines += [f"- {c['sentence']}." for c in conclusions]

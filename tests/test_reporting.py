@@ -1,0 +1,159 @@
+"""The reports' machine-readable side: flat metrics files, and the README's conclusions
+checked against the conclusions files as committed."""
+
+import itertools
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from runtime_backdoor import reporting
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
+SHORT = 64  # the longest string value a metrics file may hold
+
+
+def small_per_edit() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A per_edit table in the beyond stage's layout: one source, its own editor and a
+    transfer editor, two methods, three transformations (with ``:`` and ``.``), 3 images."""
+    rng = np.random.default_rng(0)
+    scenarios = (("mask", "malicious", "official"), ("ring", "benign", "official"),
+                 ("fair_box", "malicious", "fair"))  # fmt: skip
+    rows = []
+    for editor, method, transform, (scenario, kind, family), name in itertools.product(
+        ("control", "lama-s1"), ("backdoor", "untargeted"), ("none", "jpeg:75", "resize:0.5"),
+        scenarios, ("a", "b", "c"),
+    ):  # fmt: skip
+        if editor != "control" and transform != "none":
+            continue  # the transfer is untransformed
+        rows.append({
+            "source": "control", "editor": editor, "method": method, "transform": transform,
+            "scenario": scenario, "kind": kind, "family": family, "name": name, "seed": 0,
+            "hit_clean": False, "hit_protected": bool(rng.random() < 0.5),
+            "hit_fraction_protected": rng.random(), "ssim_vs_clean_edit": rng.random(),
+            "ssim_region_vs_clean_edit": rng.random(), "target_mse_clean": 0.3,
+            "target_mse_protected": 0.3 - 0.01 * rng.random(),
+        })  # fmt: skip
+    protection = pd.DataFrame([
+        {"source": "control", "method": m, "name": n, "status": "ok", "seconds": 1.0,
+         "linf_8bit": 6.0}
+        for m in ("backdoor", "untargeted") for n in "abc"
+    ] + [{"source": "control", "method": "encoder", "name": "a", "status": "n/a: SD only",
+          "seconds": math.nan, "linf_8bit": math.nan}])  # fmt: skip
+    return pd.DataFrame(rows), protection
+
+
+def test_summary_keys_are_flat_identifiers():
+    per_edit, protection = small_per_edit()
+    summary = reporting.summarize(per_edit, protection)
+    bad = [k for k in summary if not KEY.match(k)]
+    assert not bad, bad[:3]
+    # The transform column, not the pandas method ``Series.transform``, names the keys.
+    for t in ("none", "jpeg75", "resize0.5"):
+        assert f"control_backdoor_malicious_{t}_hit_rate" in summary
+        assert f"control_untargeted_benign_{t}_hit_rate_high" in summary
+    assert "transfer_backdoor_control_to_lama_s1_malicious_hit_rate" in summary
+    assert all(isinstance(v, int | float) for v in summary.values())
+    assert reporting.metric_key("a b", "c/d", "x:y-z") == "a_b_c_d_xy_z"
+
+
+def metrics_files() -> list[str]:
+    """Every json file under ``metrics:`` in dvc.yaml, and the three the reports name."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = set()
+    for stage in stages.values():
+        for entry in stage.get("metrics", []):
+            listed.update([entry] if isinstance(entry, str) else entry)
+    named = {"reports/metrics.json", "reports/beyond/metrics.json", "reports/eps_sweep.json"}
+    assert named <= listed, named - listed
+    return sorted(f for f in listed if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("path", metrics_files())
+def test_committed_metrics_files_are_flat(path):
+    """Flat keys that `dvc metrics` and a reader can use; scalar values."""
+    data = json.loads((ROOT / path).read_text())
+    assert isinstance(data, dict) and data
+    bad_keys = [k for k in data if not KEY.match(k)]
+    assert not bad_keys, f"{len(bad_keys)} keys such as {bad_keys[0][:80]!r}"
+    for k, v in data.items():
+        if isinstance(v, float):
+            assert math.isfinite(v), k
+        else:
+            assert (
+                v is None or isinstance(v, bool | int) or (isinstance(v, str) and len(v) <= SHORT)
+            ), (k, repr(v)[:80])
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "-c", "user.name=test", "-c", "user.email=test@example.org",
+         "-c", "commit.gpgsign=false", *args],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+
+
+def perturb(path: Path) -> None:
+    """Every comparison's numbers changed in the last digits, verdicts kept (another CPU)."""
+    found = json.loads(path.read_text())
+    for c in found:
+        c["sentence"] = re.sub(r"\d(?=[\],)])", "9", c["sentence"])
+    path.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_readme_check_follows_the_committed_conclusions(tmp_path):
+    repo = tmp_path / "repo"
+    files = ["README.md", *reporting.CONCLUSION_FILES]
+    for f in files:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    # The copies are the working tree's: make the README state them, as a commit would.
+    found = {f: json.loads((repo / f).read_text()) for f in reporting.CONCLUSION_FILES}
+    reporting.update_readme(repo / "README.md", found)
+    git(repo, "init", "-q")
+    git(repo, "add", *files)
+    git(repo, "commit", "-q", "-m", "reports")
+    assert reporting.readme_matches_committed(repo) == []
+
+    # (i) A local pipeline run rewrites the working-tree numbers: still the committed ones.
+    target = repo / reporting.CONCLUSION_FILES[1]
+    before = target.read_text()
+    perturb(target)
+    assert target.read_text() != before
+    assert reporting.readme_matches_committed(repo) == []
+
+    # (ii) Committing the rewritten file without refreshing the README: the check fails.
+    git(repo, "commit", "-q", "-am", "new numbers, README not refreshed")
+    problems = reporting.readme_matches_committed(repo)
+    assert problems and "README.md block line" in problems[0]
+
+    # Refreshing the README and committing it too settles it.
+    found[reporting.CONCLUSION_FILES[1]] = json.loads(target.read_text())
+    reporting.update_readme(repo / "README.md", found)
+    assert reporting.readme_matches_committed(repo) != []  # not yet committed
+    git(repo, "commit", "-q", "-am", "README refreshed")
+    assert reporting.readme_matches_committed(repo) == []
+
+
+def test_readme_check_without_git_reads_the_files(tmp_path):
+    for f in ["README.md", *reporting.CONCLUSION_FILES]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, tmp_path / f)
+    found = {f: json.loads((tmp_path / f).read_text()) for f in reporting.CONCLUSION_FILES}
+    reporting.update_readme(tmp_path / "README.md", found)
+    assert reporting.readme_matches_committed(tmp_path) == []
+    perturb(tmp_path / reporting.CONCLUSION_FILES[0])
+    assert reporting.readme_matches_committed(tmp_path)
+    (tmp_path / reporting.CONCLUSION_FILES[0]).unlink()
+    assert f"{reporting.CONCLUSION_FILES[0]}: missing" in reporting.readme_matches_committed(
+        tmp_path
+    )
