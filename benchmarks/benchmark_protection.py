@@ -93,11 +93,15 @@ SD15_VAE = dict(
     sample_size=512,
     scaling_factor=0.18215,
 )
+#: UNet and VAE configs of the SD editors (registry names): sd-inpainting is measured with
+#: the architecture of its default weights, SD-1.5 inpainting
 SD_STACKS = {
-    "sd-tiny": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
-    "sd15": (SD15_UNET, SD15_VAE),
+    "tiny-sd": (TINY_UNET_CONFIG, TINY_VAE_CONFIG),
+    "sd-inpainting": (SD15_UNET, SD15_VAE),
 }
-EDITOR_KINDS = ("mini", "big-lama", "mat", "sd-tiny", "sd15")
+#: the editors measured, named as in ``runtime_backdoor.editors.EDITORS``: mini-lama is the
+#: training recipe's miniature, lama the Big-LaMa architecture, all with random weights
+EDITOR_KINDS = ("mini-lama", "lama", "mat", "tiny-sd", "sd-inpainting")
 
 
 # --------------------------------------------------------------------------- cases
@@ -108,7 +112,7 @@ class Case:
     """One benchmark row: an editor, an image size and the speed switches."""
 
     name: str
-    editor: str  #: one of EDITOR_KINDS
+    editor: str  #: one of EDITOR_KINDS (a registry name)
     size: int  #: square images, px
     sampler_steps: int | None = None  #: SD editors only
     batch_passes: bool = True
@@ -149,20 +153,20 @@ def _cases() -> list[Case]:
 
     cases: list[Case] = []
     # smoke: seconds on CPU, through every code path the CPU runs
-    mini32 = Case("smoke-mini-32", "mini", 32, groups=smoke)
-    tiny32 = Case("smoke-sd-tiny-32-s1", "sd-tiny", 32, 1, groups=smoke)
+    mini32 = Case("smoke-mini-32", "mini-lama", 32, groups=smoke)
+    tiny32 = Case("smoke-tiny-sd-32-s1", "tiny-sd", 32, 1, groups=smoke)
     cases += [
         mini32,
         variant(mini32, "-separate", smoke, batch_passes=False),
         variant(mini32, "-unfolded", smoke, fast=False),
         tiny32,
         replace(
-            tiny32, name="smoke-photoguard-sd-tiny-32-s1", photoguard=True, compare_to=tiny32.name
+            tiny32, name="smoke-photoguard-tiny-sd-32-s1", photoguard=True, compare_to=tiny32.name
         ),
     ]
     # the embedded miniature (the training recipe's generator)
     for size in (128, 256):
-        base = Case(f"mini-{size}", "mini", size, groups=cpu_gpu)
+        base = Case(f"mini-{size}", "mini-lama", size, groups=cpu_gpu)
         cases += [
             base,
             variant(base, "-unfolded", cpu, fast=False),
@@ -172,8 +176,8 @@ def _cases() -> list[Case]:
             # the pipeline's implant stage protects 6 images per call
             cases.append(variant(base, "-x6", cpu, images=6))
     # the Big-LaMa architecture
-    cases.append(Case("big-lama-256", "big-lama", 256, groups=cpu_gpu))
-    big = Case("big-lama-512", "big-lama", 512, groups=cpu_gpu)
+    cases.append(Case("big-lama-256", "lama", 256, groups=cpu_gpu))
+    big = Case("big-lama-512", "lama", 512, groups=cpu_gpu)
     big_bf16 = variant(big, "-bf16", gpu, bf16=True)
     cases += [
         big,
@@ -192,12 +196,12 @@ def _cases() -> list[Case]:
         variant(mat, "-separate", gpu, batch_passes=False),
     ]
     # the tiny SD stack: the switches the CPU can compare, and the baseline's ratio
-    tiny = Case("sd-tiny-64-s4", "sd-tiny", 64, 4, groups=cpu)
+    tiny = Case("tiny-sd-64-s4", "tiny-sd", 64, 4, groups=cpu)
     cases += [
         tiny,
         variant(tiny, "-separate", cpu, batch_passes=False),
         variant(tiny, "-ckpt", cpu, checkpointing=True),
-        replace(tiny, name="photoguard-sd-tiny-64-s4", photoguard=True, compare_to=tiny.name),
+        replace(tiny, name="photoguard-tiny-sd-64-s4", photoguard=True, compare_to=tiny.name),
     ]
     # SD-1.5 inpainting at 512 px: fp32 and bf16, 1/2/4 sampler steps, with and without
     # gradient checkpointing, and the PhotoGuard-style baseline on the 4-step chain
@@ -206,7 +210,9 @@ def _cases() -> list[Case]:
         for steps in (1, 2, 4):
             # the GPU group runs fp32 only for the 4-step chain, to fit a short GPU session
             groups = cpu_gpu if bf16 or steps == 4 else cpu
-            base = Case(f"sd15-512-s{steps}{tag}", "sd15", 512, steps, bf16=bf16, groups=groups)
+            base = Case(
+                f"sd15-512-s{steps}{tag}", "sd-inpainting", 512, steps, bf16=bf16, groups=groups
+            )
             cases += [base, variant(base, "-ckpt", groups, checkpointing=True)]
             if steps == 4:
                 cases.append(
@@ -286,8 +292,8 @@ def build_editor(case: Case, device: torch.device) -> torch.nn.Module:
     from runtime_backdoor.editors.lama import PRESETS, FFCResNetGenerator, LamaEditor, load_lama
     from runtime_backdoor.training import DEFAULT_RECIPE
 
-    if case.editor in ("mini", "big-lama"):
-        config = DEFAULT_RECIPE.config() if case.editor == "mini" else PRESETS["big-lama"]
+    if case.editor in ("mini-lama", "lama"):
+        config = DEFAULT_RECIPE.config() if case.editor == "mini-lama" else PRESETS["big-lama"]
         if device.type == "meta":  # FLOPs and memory estimates: the official layout
             with torch.device("meta"):
                 return LamaEditor(FFCResNetGenerator(config), fast=False)

@@ -41,7 +41,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIATURE = ROOT / "models" / "editor" / "mini-lama.safetensors"
+
+
+def miniature() -> Path:
+    """Where the pipeline's editor stage leaves the trained miniature (the registry says)."""
+    from runtime_backdoor.editors import default_weights
+
+    return default_weights("mini-lama", ROOT / "models")
 
 
 def free_port() -> int:
@@ -87,9 +93,10 @@ def editor_files(args, tmp: Path) -> str:
         save_file({k: v.contiguous() for k, v in state.items()}, args.weights)
         return "random Big-LaMa (cost does not depend on weight values)"
     if args.editor == "mini-lama" and not args.weights:
-        if MINIATURE.is_file():
-            args.weights = str(MINIATURE)
-            return f"trained miniature ({MINIATURE.relative_to(ROOT)}, from `dvc pull editor`)"
+        trained = miniature()
+        if trained.is_file():
+            args.weights = str(trained)
+            return f"trained miniature ({trained.relative_to(ROOT)}, from `dvc pull editor`)"
         from runtime_backdoor.editors.lama import load_lama
         from runtime_backdoor.editors.mini import save_miniature
 
@@ -101,7 +108,9 @@ def editor_files(args, tmp: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--editor", default="mini-lama")
+    parser.add_argument(
+        "--editor", default="mini-lama", help="a registry name (`runtime-backdoor editors`)"
+    )
     parser.add_argument("--weights", default=None)
     parser.add_argument("--random-big-lama", action="store_true")
     parser.add_argument("--images", type=int, default=24)

@@ -1,13 +1,15 @@
 """Rehearsal of the paper's path: every pipeline stage on the real architectures, random weights.
 
 The GPU image has no papermill or DVC, so this runs the stage functions the notebooks call
-(``runtime_backdoor.study``, ``figures``), in pipeline order, on a few images:
+(``runtime_backdoor.pipeline.<stage>``), in pipeline order, on a few images:
 
-- ``big-lama``: prepare -> editor -> implant -> edit -> evaluate -> figures with the Big-LaMa
+- ``lama``: prepare -> editor -> implant -> edit -> evaluate -> figures with the Big-LaMa
   architecture loaded through the editor stage's record (``lama``, ``preset: big-lama``);
-- ``sd15``: implant -> edit -> evaluate -> figures with the SD-1.5 inpainting architecture
-  (diffusers UNet + VAE with SD-1.5's configs, built in memory: there is no folder to load),
-  bf16 autocast and gradient checkpointing, one image per call.
+- ``sd-inpainting``: implant -> edit -> evaluate -> figures with the SD-1.5 inpainting
+  architecture (diffusers UNet + VAE with SD-1.5's configs, built in memory: there is no
+  folder to load), bf16 autocast and gradient checkpointing, one image per call.
+
+The two are named as in the editor registry (``runtime_backdoor.editors.EDITORS``).
 
 Cost does not depend on weight values, so the seconds and the peak GPU memory of each stage
 are those of the real models; the hit rates are meaningless. The JSON is rewritten after
@@ -40,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_protection: one SD-1.5 config
 SCHEMA = 1
 STAGES = ("prepare", "editor", "implant", "edit", "evaluate", "figures")
-EDITORS = ("big-lama", "sd15")
+EDITORS = ("lama", "sd-inpainting")  #: registry names
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Settings:
     steps: int = 20  #: Adam iterations (the paper's)
     lama_preset: str = "big-lama"
     lama_batch: int = 3  #: images per implant call (the pipeline's default is 6)
-    sd_stack: str = "sd15"  #: benchmark_protection.SD_STACKS
+    sd_stack: str = "sd-inpainting"  #: benchmark_protection.SD_STACKS (SD-1.5's)
     sd_images: int = 2
     sd_sampler_steps: int = 4
     sd_bf16: bool = True  #: autocast; fp32 SD-1.5 at 512 px needs about 67 GiB per image
@@ -64,7 +66,7 @@ class Settings:
 
 
 DRY_RUN = Settings(
-    size=64, images=2, steps=2, lama_preset="mini", lama_batch=2, sd_stack="sd-tiny",
+    size=64, images=2, steps=2, lama_preset="mini", lama_batch=2, sd_stack="tiny-sd",
     sd_images=1, sd_sampler_steps=2, sd_bf16=True, sd_checkpointing=True,
 )  # fmt: skip
 
@@ -114,7 +116,7 @@ class Recorder:
         self.write()
         gib = "" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:7.2f} GiB"
         secs = "" if row["seconds"] is None else f"{row['seconds']:8.2f} s"
-        echo(f"{editor:9s} {stage:9s} {secs:>10s} {gib:>11s}  {row['status']}")
+        echo(f"{editor:13s} {stage:9s} {secs:>10s} {gib:>11s}  {row['status']}")
         return row["status"] == "ok"
 
     def write(self, complete: bool = False) -> None:
@@ -132,17 +134,22 @@ class Recorder:
 
 def clip_fid(prepared: Path, edited: Path, device) -> dict:
     """The evaluate stage's CLIP-FID, recorded as unavailable where open_clip is not installed."""
-    from runtime_backdoor import study
+    from runtime_backdoor.pipeline.evaluate import clip_fid_by_scenario
 
     if importlib.util.find_spec("open_clip") is None:
         return {"available": False, "reason": "open_clip is not installed"}
-    return study.clip_fid_by_scenario(prepared, edited, None, device=device)
+    return clip_fid_by_scenario(prepared, edited, None, device=device)
 
 
 def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *, prepared: Path,
                batch_size: int, echo=print, **implant_kwargs) -> None:  # fmt: skip
     """implant -> edit -> evaluate -> figures against the editor ``editor_fn()`` returns."""
-    from runtime_backdoor import figures, study
+    from runtime_backdoor.data import load_prepared, read_folder, write_csv, write_json
+    from runtime_backdoor.pipeline import edit as edit_stage
+    from runtime_backdoor.pipeline import evaluate as evaluate_stage
+    from runtime_backdoor.pipeline import figures
+    from runtime_backdoor.pipeline import implant as implant_stage
+    from runtime_backdoor.plots import save_figure
 
     dev = rec.device
     root = work / label
@@ -154,7 +161,7 @@ def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *,
 
         state["editor"] = editor_fn()
         # what the editor stage records next to the editor: its sensitivity (one image)
-        _, x, m = study.load_prepared(prepared, study.read_folder(prepared)["name"][:1])
+        _, x, m = load_prepared(prepared, read_folder(prepared)["name"][:1])
         dtype = implant_kwargs.get("autocast_dtype")
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             gain = sensitivity(state["editor"], x.to(dev), m.to(dev)).gain
@@ -164,12 +171,12 @@ def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *,
         }
 
     def implant():
-        manifest = study.implant_folder(
+        manifest = implant_stage.implant_folder(
             state["editor"], prepared, protected, batch_size=batch_size, device=dev,
             steps=s.steps, expand_kernel=s.kernel, progress=False, **implant_kwargs,
         )  # fmt: skip
         losses = pd.read_csv(protected / "losses.csv")
-        figures.save_figure(figures.loss_plot(losses), reports / "figures" / "loss_curves.png")
+        save_figure(implant_stage.loss_plot(losses), reports / "figures" / "loss_curves.png")
         return {
             "images": len(manifest),
             "seconds_per_image": float(manifest["seconds"].mean()),
@@ -177,29 +184,29 @@ def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *,
         }
 
     def edit():
-        edits = study.edit_folder(
+        edits = edit_stage.edit_folder(
             state["editor"], prepared, protected, edited, kernel=s.kernel,
             batch_size=batch_size, device=dev, progress=False,
         )  # fmt: skip
         return {"edits": len(edits)}
 
     def evaluate():
-        per_edit, imperceptibility = study.evaluate_folder(prepared, protected, edited)
+        per_edit, imperceptibility = evaluate_stage.evaluate_folder(prepared, protected, edited)
         clip = clip_fid(prepared, edited, dev)
-        summary = study.summarize(per_edit, imperceptibility, clip)
-        study.write_csv(reports / "per_edit.csv", per_edit)
-        study.write_json(reports / "clip_fid.json", clip)
-        study.write_json(reports / "metrics.json", summary)
+        summary = evaluate_stage.summarize(per_edit, imperceptibility, clip)
+        write_csv(reports / "per_edit.csv", per_edit)
+        write_json(reports / "clip_fid.json", clip)
+        write_json(reports / "metrics.json", summary)
         return {"protection_psnr": summary["protection_psnr"], "clip_fid": clip.get("reason", "ok")}
 
     def make_figures():
         per_edit = pd.read_csv(reports / "per_edit.csv")
         summary = json.loads((reports / "metrics.json").read_text())
-        names = study.read_folder(prepared)["name"].tolist()
+        names = read_folder(prepared)["name"].tolist()
         grid = figures.example_grid(names, prepared, protected, edited)
         written = [
-            figures.save_figure(grid, reports / "figures" / "grid.png", dpi=60),
-            figures.save_figure(figures.scenario_plot(per_edit), reports / "figures" / "scenarios.png"),
+            save_figure(grid, reports / "figures" / "grid.png", dpi=60),
+            save_figure(figures.scenario_plot(per_edit), reports / "figures" / "scenarios.png"),
         ]  # fmt: skip
         (reports / "results.md").write_text(figures.results_table(summary))
         return {"figures": len(written)}
@@ -214,12 +221,13 @@ def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *,
 
 
 def lama_editor(rec: Recorder, work: Path, s: Settings):
-    """The editor stage as the pipeline runs it: a record, then ``study.load_editor``."""
-    from runtime_backdoor import study
+    """The editor stage as the pipeline runs it: a record, then ``load_recorded_editor``."""
+    from runtime_backdoor.data import write_json
+    from runtime_backdoor.editors import editor_record, load_recorded_editor
 
-    record = study.editor_record("lama", None, preset=s.lama_preset, seed=0)
-    path = study.write_json(work / "big-lama" / "editor" / "editor.json", record)
-    return study.load_editor(path, device=rec.device)
+    record = editor_record("lama", None, preset=s.lama_preset, seed=0)
+    path = write_json(work / "lama" / "editor" / "editor.json", record)
+    return load_recorded_editor(path, device=rec.device)
 
 
 def sd_editor(rec: Recorder, s: Settings):
@@ -248,13 +256,15 @@ def run(
     ``work``: folder for the stage outputs (a temporary one by default, removed after);
     ``keep``: copy each editor's reports (metrics, results table, figures) there.
     """
-    from runtime_backdoor import study
+    from runtime_backdoor.data import read_folder
+    from runtime_backdoor.pipeline.prepare import prepare as prepare_stage
+    from runtime_backdoor.project import resolve_device
     from runtime_backdoor.samples import make_sample
 
     unknown = set(editors) - set(EDITORS)
     if unknown:
         raise ValueError(f"--editors: unknown {sorted(unknown)}; choose from {EDITORS}")
-    dev = study.resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     rec = Recorder(Path(out) if out else None, dev, settings, deadline)
@@ -267,21 +277,21 @@ def run(
         def prepare():
             # the embedded sample drawn at the rehearsal's size, then the prepare stage
             make_sample(raw, n_per_type=math.ceil(s.images / 3), size=max(s.size, 64))
-            manifest = study.prepare(raw, prepared, size=s.size, limit=s.images)
+            manifest = prepare_stage(raw, prepared, size=s.size, limit=s.images)
             return {"images": len(manifest)}
 
         if rec.stage("data", "prepare", prepare, echo):
-            if "big-lama" in editors:
+            if "lama" in editors:
                 run_stages(
-                    rec, "big-lama", lambda: lama_editor(rec, work, s), work, s,
+                    rec, "lama", lambda: lama_editor(rec, work, s), work, s,
                     prepared=prepared, batch_size=s.lama_batch, echo=echo,
                 )  # fmt: skip
-            if "sd15" in editors:
+            if "sd-inpainting" in editors:
                 sd_prepared = work / "prepared-sd"
-                names = study.read_folder(prepared)["name"].tolist()[: s.sd_images]
-                rec.stage("sd15", "prepare", lambda: _subset(prepared, sd_prepared, names), echo)
+                names = read_folder(prepared)["name"].tolist()[: s.sd_images]
+                rec.stage("sd-inpainting", "prepare", lambda: _subset(prepared, sd_prepared, names), echo)  # fmt: skip
                 run_stages(
-                    rec, "sd15", lambda: sd_editor(rec, s), work, s, prepared=sd_prepared,
+                    rec, "sd-inpainting", lambda: sd_editor(rec, s), work, s, prepared=sd_prepared,
                     batch_size=1, echo=echo,
                     autocast_dtype=torch.bfloat16 if s.sd_bf16 else None,
                 )  # fmt: skip
@@ -300,14 +310,14 @@ def run(
 
 def _subset(prepared: Path, out: Path, names: list[str]) -> dict:
     """A prepared folder with the first images only (the SD rows protect fewer)."""
-    from runtime_backdoor import study
+    from runtime_backdoor.data import read_folder, write_csv
 
     out.mkdir(parents=True, exist_ok=True)
     for n in names:
         for suffix in (".png", "_mask.png"):
             shutil.copy2(prepared / f"{n}{suffix}", out / f"{n}{suffix}")
-    manifest = study.read_folder(prepared)
-    study.write_csv(out / "manifest.csv", manifest[manifest["name"].isin(names)])
+    manifest = read_folder(prepared)
+    write_csv(out / "manifest.csv", manifest[manifest["name"].isin(names)])
     return {"images": len(names)}
 
 
@@ -319,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which no new stage starts")  # fmt: skip
     parser.add_argument("--size", type=int, default=None, help="image side in px (default 512)")
-    parser.add_argument("--images", type=int, default=None, help="images for Big-LaMa (default 3)")
+    parser.add_argument("--images", type=int, default=None, help="images for lama (default 3)")
     parser.add_argument("--keep", default=None, help="copy each editor's reports and figures here")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU plumbing check: 64 px, miniature LaMa, tiny SD, 2 steps")  # fmt: skip

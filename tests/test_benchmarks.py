@@ -63,14 +63,14 @@ def test_flops_on_meta_match_a_real_run(bench):
 
 
 def test_checkpointing_estimate_keeps_less_but_recomputes_a_step(bench):
-    plain = bench.estimate_memory(bench.CASES["sd-tiny-64-s4"])
-    ckpt = bench.estimate_memory(bench.CASES["sd-tiny-64-s4-ckpt"])
+    plain = bench.estimate_memory(bench.CASES["tiny-sd-64-s4"])
+    ckpt = bench.estimate_memory(bench.CASES["tiny-sd-64-s4-ckpt"])
     assert plain.weight_bytes == ckpt.weight_bytes > 0
     assert 0 < ckpt.activation_bytes < plain.activation_bytes
 
 
 def test_counts_do_not_depend_on_which_cases_ran_before(bench):
-    plain, ckpt = bench.CASES["sd-tiny-64-s4"], bench.CASES["sd-tiny-64-s4-ckpt"]
+    plain, ckpt = bench.CASES["tiny-sd-64-s4"], bench.CASES["tiny-sd-64-s4-ckpt"]
 
     def fresh(fn, case):
         bench._count_flops.cache_clear()
@@ -92,6 +92,18 @@ def test_case_selection(bench):
     assert all(c.compare_to in bench.CASES for c in bench.CASES.values() if c.compare_to)
     with pytest.raises(SystemExit):
         bench.select_cases(["no-such-case"], "cpu")
+
+
+def test_cases_name_their_editors_as_the_registry_does(bench):
+    from runtime_backdoor.editors import EDITORS
+
+    editors = {name: case.editor for name, case in bench.CASES.items()}
+    assert set(editors.values()) == set(bench.EDITOR_KINDS) <= set(EDITORS)
+    assert editors["mini-128"] == "mini-lama" and editors["big-lama-512"] == "lama"
+    assert editors["tiny-sd-64-s4"] == "tiny-sd" and editors["sd15-512-s4"] == "sd-inpainting"
+    assert editors["mat-512"] == "mat"
+    with pytest.raises(ValueError, match="unknown editor kind 'sd-tiny'"):
+        bench.build_editor(bench.Case("old", "sd-tiny", 32), torch.device("meta"))
 
 
 def test_cases_that_cannot_run_here_are_skipped_with_their_floor(bench):
@@ -198,14 +210,15 @@ def test_rehearsal_dry_run_runs_every_stage_without_papermill_dvc_or_open_clip(t
     assert report["settings"]["size"] == 64 and report["settings"]["lama_preset"] == "mini"
     pipeline = ["editor", "implant", "edit", "evaluate", "figures"]
     order = [(r["editor"], r["stage"]) for r in report["stages"]]
-    expected = [("data", "prepare"), *(("big-lama", s) for s in pipeline)]
-    assert order == [*expected, ("sd15", "prepare"), *(("sd15", s) for s in pipeline)]
+    expected = [("data", "prepare"), *(("lama", s) for s in pipeline)]
+    sd = "sd-inpainting"
+    assert order == [*expected, (sd, "prepare"), *((sd, s) for s in pipeline)]
     rows = {(r["editor"], r["stage"]): r for r in report["stages"]}
     for row in rows.values():
         assert row["status"] == "ok" and row["seconds"] > 0
         assert row["peak_gpu_gib"] is None  # no GPU memory to report on the CPU
-    assert rows["data", "prepare"]["images"] == 2 and rows["sd15", "prepare"]["images"] == 1
-    for editor, images in (("big-lama", 2), ("sd15", 1)):
+    assert rows["data", "prepare"]["images"] == 2 and rows[sd, "prepare"]["images"] == 1
+    for editor, images in (("lama", 2), (sd, 1)):
         implant = rows[editor, "implant"]
         assert implant["images"] == images and implant["seconds_per_image"] > 0
         assert implant["linf_8bit_max"] <= 6.375 + 1e-6  # the paper's ε, 8-bit grid
@@ -217,7 +230,7 @@ def test_rehearsal_dry_run_runs_every_stage_without_papermill_dvc_or_open_clip(t
         for name in ("grid.png", "scenarios.png", "loss_curves.png"):
             assert (keep / editor / "figures" / name).stat().st_size > 5_000
         assert "| malicious | mask |" in (keep / editor / "results.md").read_text()
-    assert rows["big-lama", "editor"]["parameters"] > 100_000  # the miniature preset
+    assert rows["lama", "editor"]["parameters"] > 100_000  # the miniature preset
 
 
 def test_rehearsal_past_its_deadline_records_every_stage_as_skipped(tmp_path):
@@ -277,8 +290,8 @@ def test_rehearsal_records_a_failed_stage_and_keeps_the_json(tmp_path):
         spec.loader.exec_module(rehearse)
         out = tmp_path / "r.json"
         rec = rehearse.Recorder(out, torch.device("cpu"), rehearse.DRY_RUN, deadline=None)
-        assert rec.stage("big-lama", "editor", lambda: {"gain": 2.0}, echo=lambda _: None)
-        assert not rec.stage("big-lama", "implant", lambda: 1 / 0, echo=lambda _: None)
+        assert rec.stage("lama", "editor", lambda: {"gain": 2.0}, echo=lambda _: None)
+        assert not rec.stage("lama", "implant", lambda: 1 / 0, echo=lambda _: None)
     finally:
         sys.modules.pop(spec.name, None)
     report = json.loads(out.read_text())  # written after each stage, before the run completes

@@ -184,6 +184,32 @@ def test_an_editor_without_its_weights_says_which_file(files, capsys):
         code, _, err = run(capsys, *protect_args(files, editor=editor))
         assert code == 2 and len(err.splitlines()) == 1
         assert f"--editor {editor} needs --weights" in err and names in err, err
+    # where `runtime-backdoor weights fetch` puts them: the registry's default file
+    code, _, err = run(capsys, *protect_args(files, editor="mat"))
+    assert "`runtime-backdoor weights fetch mat-places512` puts them in models/mat/" in err
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "tpu9", "mps"])
+def test_a_device_that_is_not_here_is_refused_in_one_line(files, capsys, device):
+    folder = make_folder(files / "f") and ("check", files / "f", "--out", files / "checked")
+    for argv in (protect_args(files), folder):
+        code, out, err = run(capsys, *argv, "--editor", "blur-fill", "--device", device)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+        assert err.startswith("runtime-backdoor: error: --device: ") and repr(device) in err
+    assert not (files / "out.png").exists() and not (files / "checked").exists()
+    _, _, err = run(capsys, *protect_args(files), "--device", "cpu:1")
+    assert err == "runtime-backdoor: error: --device: 'cpu:1' does not exist (use cpu)\n"
+
+
+def test_editors_lists_the_registry_with_its_weight_files(capsys):
+    from runtime_backdoor.editors import EDITORS
+
+    code, out, _ = run(capsys, "editors")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[0] for line in lines] == list(EDITORS)
+    lama = next(line for line in lines if line.startswith("lama "))
+    assert lama.endswith("[`runtime-backdoor weights fetch big-lama`]")
+    assert "weights fetch" not in next(line for line in lines if line.startswith("tiny-sd "))
 
 
 # ------------------------------------------------------------------------------- edit

@@ -158,6 +158,37 @@ def test_editors_on_offer(tmp_path):
     assert [c.name for c in D.available_editors(tmp_path / "none")] == ["toy-control", "blur-fill"]
 
 
+def test_fetched_weights_are_offered_after_the_cheap_editors(tmp_path):
+    from runtime_backdoor.editors import EDITORS
+
+    models = tmp_path / "models"
+    (models / "mat").mkdir(parents=True)
+    (models / "mat" / "Places_512_FullData_G.pth").touch()
+    (models / "sd15-inpainting").mkdir()  # a diffusers folder counts once it is complete
+    choices = D.available_editors(models)
+    assert [(c.name, c.weights) for c in choices] == [
+        ("toy-control", None),
+        ("blur-fill", None),
+        ("mat", models / "mat" / "Places_512_FullData_G.pth"),
+    ]
+    assert choices[1].label == f"blur-fill: {EDITORS['blur-fill'].title}"
+    assert "mat-places512" in choices[2].label
+    (models / "sd15-inpainting" / "model_index.json").write_text("{}")
+    assert [c.weights for c in D.available_editors(models)[2:]] == [
+        models / "sd15-inpainting",  # in the registry's order
+        models / "mat" / "Places_512_FullData_G.pth",
+    ]
+
+
+def test_the_page_and_the_command_share_the_owners_code(tmp_path):
+    from runtime_backdoor import cli, owner
+
+    assert CliError is owner.CliError and D.owner is owner
+    assert cli.load_editor is owner.load_editor and cli.protect_image is owner.protect_image
+    with pytest.raises(CliError, match=r"^--device: 'cpu:1' does not exist"):
+        D.Demo(D.available_editors(tmp_path / "none"), tmp_path, device="cpu:1")
+
+
 def test_workspace_is_removed_and_holds_gradio_files():
     before = os.environ.get("GRADIO_TEMP_DIR")
     with pytest.raises(RuntimeError), D.workspace() as folder:

@@ -23,7 +23,7 @@ def project(tmp_path):
     for folder in ("notebooks", "src/runtime_backdoor", "data/raw", "reports"):
         (root / folder).mkdir(parents=True)
     (root / "notebooks" / "01_prepare.ipynb").write_text("{}")
-    (root / "src" / "runtime_backdoor" / "study.py").write_text("")
+    (root / "src" / "runtime_backdoor" / "owner.py").write_text("")
     (root / "data" / "raw" / "a_example.png").write_bytes(b"png")
     (root / "reports" / "metrics.json").write_text('{"n_images": 18}')
     (root / "models" / "clip" / "ViT-B-32").mkdir(parents=True)
@@ -69,7 +69,7 @@ def test_real_params_are_the_project_params_with_the_preset(project):
 
 def test_paper_params_follow_the_paper(project):
     (project / "models" / "sd15-inpainting").mkdir()
-    params = runs.run_params("paper", root=project, editor="sd15", clip="none")
+    params = runs.run_params("paper", root=project, editor="sd-inpainting", clip="none")
     assert params["prepare"]["size"] == 512 and params["prepare"]["limit"] == 0
     assert params["implant"]["expand_kernel"] == 17
     assert params["implant"]["eps"] == 0.025 and params["implant"]["steps"] == 20
@@ -80,7 +80,7 @@ def test_paper_params_follow_the_paper(project):
     first = params["editor"]["weights_id"]
     assert first.startswith("listing:")
     (project / "models" / "sd15-inpainting" / "model_index.json").write_text("{}")
-    again = runs.run_params("paper", root=project, editor="sd15", clip="none")
+    again = runs.run_params("paper", root=project, editor="sd-inpainting", clip="none")
     assert again["editor"]["weights_id"] != first  # a changed folder reruns the stages
 
 
@@ -89,7 +89,7 @@ def test_missing_weights_name_make_weights(project):
     with pytest.raises(RunError) as err:
         runs.run_params("real", root=project)
     assert str(err.value) == (
-        f"Big-LaMa weights missing at {project / 'models' / 'big-lama.pt'}: run `make weights` "
+        f"lama weights (big-lama) missing at {project / 'models' / 'big-lama.pt'}: run `make weights` "
         "(or `runtime-backdoor weights fetch big-lama`; WEIGHTS=PATH for another file)"
     )
     runs.run_params("real", root=project, weights=str(project / "models" / "clip"))  # any path
@@ -97,15 +97,17 @@ def test_missing_weights_name_make_weights(project):
         runs.run_params(
             "paper", root=project, weights=str(project / "models"), clip="elsewhere.safetensors"
         )
-    with pytest.raises(RunError, match=r"mat-places512"):
+    with pytest.raises(RunError, match=r"mat weights \(mat-places512\) missing at .*Places_512"):
         runs.run_params("paper", root=project, editor="mat")
 
 
 def test_bad_choices_are_one_line(project):
     with pytest.raises(
-        RunError, match=r"^EDITOR=sdxl: unknown editor; choose one of lama, mat, sd15$"
+        RunError, match=r"^EDITOR=sdxl: unknown editor; choose one of lama, sd-inpainting, mat$"
     ):
         runs.run_params("paper", root=project, editor="sdxl")
+    with pytest.raises(RunError, match=r"^EDITOR=blur-fill: unknown editor"):
+        runs.run_params("paper", root=project, editor="blur-fill")  # nothing to fetch for it
     with pytest.raises(RunError, match=r"^N=0: "):
         runs.run_params("real", root=project, n=0)
     (project / "params" / "real.yaml").write_text("implant:\n  expand_kernal: 9\n")
@@ -134,7 +136,7 @@ def test_setup_builds_a_separate_dvc_project(project, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == str(run_dir)
     params = yaml.safe_load((run_dir / "params.yaml").read_text())
     assert params == runs.run_params("real", root=project, n=2, clip="none")
-    for name in ("dvc.yaml", "notebooks/01_prepare.ipynb", "src/runtime_backdoor/study.py"):
+    for name in ("dvc.yaml", "notebooks/01_prepare.ipynb", "src/runtime_backdoor/owner.py"):
         assert (run_dir / name).read_bytes() == (project / name).read_bytes()
     assert (run_dir / "data" / "raw" / "a_example.png").read_bytes() == b"png"
     assert (run_dir / ".dvc").is_dir() and not (run_dir / "reports").exists()

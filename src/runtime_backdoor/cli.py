@@ -6,9 +6,9 @@
     runtime-backdoor editors
     runtime-backdoor demo            # the same in a browser page (runtime_backdoor.demo)
 
-The work of ``protect``, ``check`` and ``edit`` is done by :func:`read_inputs`,
-:func:`load_editor`, :func:`check_image`, :func:`protect_image` and :func:`edit_image`,
-which the browser demo calls too: one code path, the same bytes.
+The work of ``protect``, ``check`` and ``edit`` is done by :mod:`runtime_backdoor.owner`,
+which the browser demo calls too: one code path, the same bytes. This module reads the
+command line, walks folders and says every error in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +22,21 @@ import warnings
 from pathlib import Path
 
 from . import weights
+from .owner import (
+    DEFAULT_EPS,
+    CliError,
+    check_image,
+    check_options,
+    device_from_option,
+    edit_image,
+    load_editor,
+    one_line,
+    parse_eps,
+    protect_image,
+    read_inputs,
+    weights_reason,
+    write_output,
+)
 
 DESCRIPTION = """\
 Protect a region of an image (a watermark, a face, a logo) against inpainting.
@@ -51,34 +66,11 @@ def _positive_int(name: str, low: int, high: int):
     return parse
 
 
-DEFAULT_EPS = 0.025  # the paper's 6.4/255
-
-
-def parse_eps(text) -> float:
-    """ε as a fraction of the pixel range; values above 1 are 8-bit units (6.4 -> 6.4/255).
-
-    Raises ``ValueError`` ("eps must be ...") outside (0, 64/255].
-    """
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number, got {text!r}") from None
-    if value > 1:  # accept 8-bit units such as 6.4 for convenience
-        value = value / 255
-    if not 0 < value <= 64 / 255:  # also rejects NaN
-        raise ValueError(f"eps must be in (0, 0.25] (or (0, 64] in 8-bit units), got {text}")
-    return value
-
-
 def _eps(text: str) -> float:
     try:
         return parse_eps(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"--{err}") from None
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="mask threshold, fraction of full scale (default 0.5)",
         )
         p.add_argument(
-            "--device", default="auto", help="'auto' (GPU if available), 'cpu' or 'cuda'"
+            "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
         )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -233,69 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--editor", default=None, help="an editor to offer first (with --weights if it needs them)"
     )
     demo.add_argument("--weights", type=Path, default=None, help="weights for --editor")
-    demo.add_argument("--device", default="auto", help="'auto' (GPU if available), 'cpu' or 'cuda'")
+    demo.add_argument(
+        "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
+    )
     return parser
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device: unknown device {name!r} (use auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
-
-
-# Torch's message for a file that restricted unpickling cannot read ends in advice to
-# unpickle it without restriction; for a file from the internet that advice is wrong.
-_UNSAFE_ADVICE = ("weights_only", "Weights only load failed", "trust the source")
-
-
-def one_line(err: BaseException, limit: int = 400) -> str:
-    """An error's message on one line, at most ``limit`` characters."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _weights_reason(err: BaseException, path=None) -> str:
-    text = one_line(err, limit=10_000)
-    if any(marker in text for marker in _UNSAFE_ADVICE):
-        return "it is corrupt, truncated or not a PyTorch checkpoint; download it again"
-    if "refusing to unpickle" in text:  # code in the file: it stays unread, whatever the source
-        return text.split(". ")[0] + "; use weights from the model's official source"
-    if path is not None and str(path) not in text:  # a reader's own words: say what they mean
-        detail = text.split(". ")[0][:200]
-        return f"it is corrupt, truncated or in another format ({detail}); download it again"
-    return one_line(err).removeprefix(f"{path}: ")
-
-
-def load_editor(name: str, weights: Path | None, device):
-    """The editor registered as ``name``; every failure is a one-line :class:`CliError`."""
-    from .editors import EDITORS, build_editor
-
-    if name not in EDITORS:
-        raise CliError(f"--editor: unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
-    spec = EDITORS[name]
-    if spec.needs_weights and weights is None:
-        hint = spec.description
-        if name == "lama":
-            from .editors.lama import BIG_LAMA_HELP
-
-            hint = BIG_LAMA_HELP
-        raise CliError(f"--editor {name} needs --weights: {hint}")
-    try:
-        return build_editor(name, weights=weights, device=device)
-    except (FileNotFoundError, NotImplementedError) as err:
-        raise CliError(one_line(err)) from err
-    except Exception as err:  # a weight file of any format that does not load
-        raise CliError(
-            f"--weights {weights}: cannot load {name} weights: {_weights_reason(err, weights)}"
-        ) from err
 
 
 def _build_editor(args, device):
@@ -306,74 +239,8 @@ def _check_options(args) -> None:
     check_options(getattr(args, "expand", 1), args.threshold, getattr(args, "target", "solid"))
 
 
-def check_options(expand: int, threshold: float, target: str) -> None:
-    """The options :func:`read_inputs` and :func:`protect_image` take, checked before any work."""
-    if expand % 2 == 0:
-        raise CliError(f"--expand must be odd, got {expand}")
-    if not 0 < threshold <= 1:
-        raise CliError(f"--threshold must be in (0, 1], got {threshold}")
-    if target not in ("solid", "anti") and not Path(target).is_file():
-        raise CliError(
-            f"--target: {target!r} is neither 'solid', 'anti' nor an existing image file"
-        )
-
-
-def _read(path: Path, what: str, read, **kwargs):
-    """Read an image or mask; every failure names the file."""
-    from PIL import Image
-
-    if path.is_dir():
-        raise CliError(f"{what} {path} is a folder; expected a PNG or JPEG file")
-    try:
-        return read(path, **kwargs)
-    except Image.DecompressionBombError as err:
-        raise CliError(
-            f"{what} {path} is too large to read safely ({one_line(err)}); resize it first"
-        ) from err
-    except MemoryError as err:
-        raise CliError(f"{what} {path} is too large for this machine's memory") from err
-
-
 def _read_inputs(args, image_path: Path, mask_path: Path):
     return read_inputs(image_path, mask_path, args.threshold, getattr(args, "target", "solid"))
-
-
-def read_inputs(image_path: Path, mask_path: Path, threshold: float = 0.5, target="solid"):
-    """Image (1, 3, H, W), mask (1, 1, H, W) on the CPU and the target, validated."""
-    import torch
-
-    from .data import read_image, read_mask
-
-    image = _read(Path(image_path), "image", read_image)
-    mask = _read(Path(mask_path), "mask", read_mask, threshold=threshold)
-    if mask.shape != image.shape[:2]:
-        raise CliError(
-            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but image {image_path} is "
-            f"{image.shape[1]}x{image.shape[0]} (width x height): they must match"
-        )
-    if target not in ("solid", "anti"):
-        t = _read(Path(target), "--target image", read_image)
-        if t.shape != image.shape:
-            raise CliError(
-                f"--target image {target} is {t.shape[1]}x{t.shape[0]}, image is {image.shape[1]}x{image.shape[0]}"
-            )
-        target = torch.from_numpy(t).permute(2, 0, 1)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None]
-    m = torch.from_numpy(mask.astype("float32"))[None, None]
-    return x, m, target
-
-
-def write_output(path: Path, array, overwrite: bool) -> None:
-    """Write a PNG atomically; failures are one-line :class:`CliError` naming ``--out``."""
-    from .data import write_png
-
-    try:
-        write_png(path, array, overwrite=overwrite)
-    except FileExistsError:
-        raise CliError(f"--out {path} exists; pass --overwrite to replace it") from None
-    except OSError as err:
-        reason = err.strerror or one_line(err)
-        raise CliError(f"--out {path}: cannot write it ({reason})") from err
 
 
 def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
@@ -394,14 +261,6 @@ def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
         raise CliError(f"--out {out} exists; pass --overwrite to replace it")
 
 
-def eight_bit(t):
-    """(1, 3, H, W) or (3, H, W) tensor -> H x W x 3 array on the 8-bit grid, as written."""
-    import numpy as np
-
-    a = t.detach().float().cpu().reshape(3, *t.shape[-2:]).permute(1, 2, 0).numpy()
-    return np.round(np.clip(a, 0, 1) * 255) / 255
-
-
 def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
     report, protected = protect_image(
         editor,
@@ -418,76 +277,9 @@ def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
     return {"editor": args.editor, **report}, protected
 
 
-def protect_image(
-    editor, x, m, target, device, *, eps, steps, expand, seed, progress=False
-) -> tuple[dict, object]:
-    """Protect ``x`` (1, 3, H, W) in the region ``m``: a report and the H x W x 3 result.
-
-    The result is on the 8-bit grid, as :func:`write_output` writes it.
-    """
-    from .implant import implant
-
-    result = implant(
-        editor,
-        x.to(device),
-        m.to(device),
-        eps=eps,
-        steps=steps,
-        expand_kernel=expand,
-        target=target,
-        seed=seed,
-        progress=progress,
-    )
-    losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
-    report = {
-        "eps": eps,
-        "steps": steps,
-        "max_change_8bit": round((result.delta.abs().max() * 255).item(), 3),
-        "seconds": round(result.seconds, 3),
-        "final_losses": losses,
-    }
-    return report, eight_bit(result.protected[0])
-
-
 def _edit_one(args, editor, x, m, target, device, original=None):
     report, edited, panel = edit_image(editor, x, m, target, device, original)
     return {"editor": args.editor, **report}, edited, panel
-
-
-def edit_image(editor, x, m, target, device, original=None):
-    """The edit of ``x``; with ``original``: metrics against the original's edit and a panel.
-
-    Returns ``(report, edited, panel)``: H x W x 3 arrays on the 8-bit grid (``panel`` is
-    None without ``original``). ``target`` is the protection's, computed from ``original``.
-    """
-    import numpy as np
-    import torch
-
-    from . import metrics as Q
-    from .targets import make_target
-
-    with torch.no_grad():
-        edited = eight_bit(editor(x.to(device), m.to(device)))
-    report = {}
-    if original is None:
-        return report, edited, None
-    with torch.no_grad():
-        clean = eight_bit(editor(original.to(device), m.to(device)))
-    region = m[0, 0].numpy() > 0.5
-    # The target the protection was made for: computed from the original, as protect does.
-    phi = eight_bit(make_target(original, target))
-    report |= {
-        "hit_fraction": round(Q.target_hit_fraction(edited, phi, region), 4),
-        "hit_fraction_original": round(Q.target_hit_fraction(clean, phi, region), 4),
-        "psnr_region_vs_original_edit": round(Q.psnr(edited, clean, region), 3),
-        "ssim_region_vs_original_edit": round(Q.ssim(edited, clean, region), 4),
-    }
-    gap = np.ones((edited.shape[0], COMPARE_GAP, 3))
-    panel = np.concatenate([clean, gap, edited, gap, np.abs(edited - clean)], axis=1)
-    return report, edited, panel
-
-
-COMPARE_GAP = 4  # px of white between the panels of OUT_compare.png
 
 
 def compare_path(out: Path) -> Path:
@@ -505,7 +297,7 @@ def _single(args) -> dict:
         panel = compare_path(args.out)
         if panel.exists() and not args.overwrite:
             raise CliError(f"{panel} (the --compare panel) exists; pass --overwrite to replace it")
-    device = resolve_device(args.device)
+    device = device_from_option(args.device)
     x, m, target = _read_inputs(args, args.image, args.mask)
     editor = _build_editor(args, device)
     if args.command == "check":
@@ -528,20 +320,6 @@ def _single(args) -> dict:
 
 def _check_one(args, editor, x, m, target, device) -> dict:
     return {"editor": args.editor, **check_image(editor, x, m, target, device, eps=args.eps)}
-
-
-def check_image(editor, x, m, target, device, *, eps) -> dict:
-    """The first-order estimate of whether protection can work: gain against gain needed."""
-    from .implant import sensitivity
-
-    s = sensitivity(editor, x.to(device), m.to(device), eps=eps, target=target)
-    gain, needed = float(s.gain[0]), float(s.needed[0])
-    verdict = (
-        "likely protectable at this eps (first-order estimate)"
-        if gain >= needed
-        else "unlikely: the editor is not sensitive enough at this eps; protection will probably not trigger"
-    )
-    return {"eps": eps, "gain": round(gain, 3), "needed": round(needed, 3), "verdict": verdict}
 
 
 # ------------------------------------------------------------------------------- folders
@@ -573,7 +351,7 @@ def _folder_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[tupl
 
 
 def _settings(args, editor) -> str:
-    from .study import _code_hash, editor_fingerprint, settings_hash
+    from .launch import code_hash, editor_fingerprint, settings_hash
 
     options = {
         k: str(v)
@@ -581,7 +359,7 @@ def _settings(args, editor) -> str:
         if k in ("command", "eps", "steps", "seed", "target", "expand", "threshold", "compare")
     }
     return settings_hash(
-        {"editor": editor_fingerprint(editor), "code": _code_hash(editor), **options}
+        {"editor": editor_fingerprint(editor), "code": code_hash(editor), **options}
     )
 
 
@@ -590,7 +368,8 @@ def _folder(args) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from . import study
+    from .data import write_csv
+    from .launch import Ledger, finished_rows, launched_ranks
 
     folder, out = args.image, args.out
     if args.mask is not None:
@@ -612,9 +391,8 @@ def _folder(args) -> int:
         raise CliError(
             f"{folder}: no '*{IMAGE_SUFFIX}' images (official layout: NAME{IMAGE_SUFFIX} + NAME{MASK_SUFFIX})"
         )
-    if args.device != "auto":
-        resolve_device(args.device)
-    ranks = study.launched_ranks(args.device)
+    device_from_option(args.device)  # refused here in one line naming --device
+    ranks = launched_ranks(args.device)
     editor = _build_editor(args, ranks.device)
     tag = _settings(args, editor)
     outputs = args.command != "check"
@@ -623,13 +401,13 @@ def _folder(args) -> int:
         return out / f"{name}{IMAGE_SUFFIX}" if outputs else None
 
     try:
-        ledger = study.Ledger(out, ranks)
+        ledger = Ledger(out, ranks)
         previous = ledger.start()["manifest"]
     except OSError as err:
         raise CliError(
             f"--out {out}: cannot write there ({err.strerror or one_line(err)})"
         ) from err
-    done = study.finished_rows(previous, tag, output_of)
+    done = finished_rows(previous, tag, output_of)
     todo = [p for p in pairs if p[0] not in done]
     skipped = 0
     if ranks.main:
@@ -658,7 +436,7 @@ def _folder(args) -> int:
         rows = done | {r["name"]: r for r in new["manifest"].to_dict("records")}
         order = sorted(rows, key=lambda n: n)
         manifest = pd.DataFrame([rows[n] for n in order])
-        study.write_csv(out / "manifest.csv", manifest)
+        write_csv(out / "manifest.csv", manifest)
         n_skipped = int((manifest.get("status") == "skipped").sum())
         summary = {
             "manifest": str(out / "manifest.csv"),
@@ -726,6 +504,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
 
 
+def editor_listing() -> str:
+    """``runtime-backdoor editors``: every registered name, what it is, what weights it reads."""
+    from .editors import EDITORS
+
+    lines = []
+    for name, entry in EDITORS.items():
+        line = f"{name:14s} {entry.description}"
+        if entry.weights:
+            line += f" [`runtime-backdoor weights fetch {entry.weights[0]}`]"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -736,9 +527,7 @@ def _run(argv: list[str] | None) -> int:
 
         return serve(args.host, args.port, args.editor, args.weights, args.device)
     if args.command == "editors":
-        from .editors import EDITORS
-
-        _emit("\n".join(f"{name:14s} {spec.description}" for name, spec in EDITORS.items()))
+        _emit(editor_listing())
         return 0
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -781,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{where}{err.strerror or one_line(err)}"
         else:
             message = (
-                f"unexpected {type(err).__name__}: {_weights_reason(err)} "
+                f"unexpected {type(err).__name__}: {weights_reason(err)} "
                 "(rerun with --debug for the traceback)"
             )
         print(f"runtime-backdoor: error: {message}", file=sys.stderr)

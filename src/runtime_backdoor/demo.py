@@ -3,7 +3,7 @@
 Upload an image, paint the region to protect (or upload a mask), pick an editor and ε, read
 ``check``'s verdict, protect, compare the edits of the original and the protected image,
 download the protected PNG. Every step calls the functions ``runtime-backdoor check``,
-``protect`` and ``edit --compare`` call (:mod:`runtime_backdoor.cli`), so the download is,
+``protect`` and ``edit --compare`` call (:mod:`runtime_backdoor.owner`), so the download is,
 byte for byte, what ``protect`` writes for the same files, settings and seed.
 
 The app serves this machine only (no share link, no analytics, no font or script from the
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cli, weights
+from . import owner, weights
+from .editors import EDITORS, weight_paths
 
 DISPLAY_SIDE = 768  # px: larger images are shown downscaled (never protected downscaled)
 SMALL_SIDE = 256  # px: smaller images' results are shown enlarged (whole pixels, no smoothing)
@@ -46,45 +47,48 @@ class EditorChoice:
     weights: Path | None = None
 
 
-# Editors whose weights `runtime-backdoor weights fetch` puts in models/: (editor, registry name)
-_REAL_EDITORS = (
-    ("lama", "big-lama"),
-    ("lama", "big-lama-ckpt"),
-    ("mat", "mat-places512"),
-    ("sd-inpainting", "sd15-inpainting"),
-    ("sd-inpainting", "sd2-inpainting"),
-)
+#: registry editors without weights that the page offers to everybody (the others need a
+#: file in models/): the sensitive toy, to see protection work, and the insensitive fill
+WITHOUT_WEIGHTS = ("toy-control", "blur-fill")
+
+
+def _is_there(key: str, path: Path) -> bool:
+    """Whether the weights ``key`` (``""``: the pipeline's miniature) lie complete at ``path``."""
+    if not key:
+        return path.is_file()
+    spec = weights.REGISTRY[key]
+    marker = {"zip": path / spec.check, "hub": path / "model_index.json"}.get(spec.kind, path)
+    return marker.is_file()
 
 
 def available_editors(
     models: Path | None = None, editor: str | None = None, weights_path: Path | None = None
 ) -> list[EditorChoice]:
     """What the page offers: ``editor`` (``--editor``) first, then the miniature if trained,
-    the toy control, blur-fill, and every real editor whose weights are in ``models``."""
+    the toy control, blur-fill, and every real editor whose weights are in ``models``
+    (where ``runtime-backdoor weights fetch`` puts them): cheap choices come first."""
     root = Path(models) if models is not None else weights.models_dir()
+    found = [
+        (name, key, path)
+        for name in EDITORS
+        for key, path in weight_paths(name, root)
+        if _is_there(key, path)
+    ]
     choices = []
     if editor is not None:
         where = f" ({weights_path})" if weights_path is not None else ""
         choices.append(EditorChoice(f"{editor}{where}", editor, weights_path))
-    mini = root / "editor" / "mini-lama.safetensors"
-    if mini.is_file():
-        choices.append(EditorChoice("mini-lama: the embedded miniature LaMa", "mini-lama", mini))
-    choices.append(EditorChoice("toy-control: a TOY sensitive control, not an inpainter", "toy-control"))  # fmt: skip
-    choices.append(EditorChoice("blur-fill: classical fill (insensitive)", "blur-fill"))
-    for name, key in _REAL_EDITORS:
-        spec = weights.REGISTRY[key]
-        path = weights.primary_path(spec, root)
-        found = {"zip": path / spec.check, "hub": path / "model_index.json"}.get(spec.kind, path)
-        if found.is_file():
-            choices.append(EditorChoice(f"{name}: {key} ({path})", name, path))
+    choices += [EditorChoice(f"{n}: {EDITORS[n].title}", n, p) for n, k, p in found if not k]
+    choices += [EditorChoice(f"{n}: {EDITORS[n].title}", n) for n in WITHOUT_WEIGHTS]
+    choices += [EditorChoice(f"{n}: {k} ({p})", n, p) for n, k, p in found if k]
     unique = {(c.name, c.weights): c for c in reversed(choices)}  # the first of duplicates wins
     return [c for c in choices if unique[(c.name, c.weights)] is c]
 
 
 def page_message(err: BaseException, folder: Path | None = None) -> str:
     """One line for the page; files inside the temporary ``folder`` are named by file name."""
-    text = cli.one_line(err)
-    if not isinstance(err, PageError | cli.CliError | ValueError | OSError):
+    text = owner.one_line(err)
+    if not isinstance(err, PageError | owner.CliError | ValueError | OSError):
         text = f"unexpected {type(err).__name__}: {text}"
     if folder is not None:
         text = re.sub(re.escape(str(folder)) + r"/(?:[^/\s]+/)*", "", text)
@@ -179,7 +183,7 @@ class Demo:
     def __init__(self, choices: list[EditorChoice], folder: Path, device: str = "auto"):
         self.choices = {c.label: c for c in choices}
         self.folder = Path(folder)
-        self.device = cli.resolve_device(device)
+        self.device = owner.device_from_option(device)
         self._editors: dict[str, object] = {}
 
     def editor(self, label: str):
@@ -189,7 +193,7 @@ class Demo:
             raise PageError(f"unknown editor {label!r}; choose one of: {known}")
         if label not in self._editors:
             choice = self.choices[label]
-            editor = cli.load_editor(choice.name, choice.weights, self.device)
+            editor = owner.load_editor(choice.name, choice.weights, self.device)
             self._editors = dict(list(self._editors.items())[-1:]) | {label: editor}
         return self._editors[label]
 
@@ -270,20 +274,20 @@ class Demo:
             if region is None:
                 raise PageError("paint the region to protect (brush) or upload a mask")
             mask, note = folder / "painted_mask.png", "the painted region"
-            cli.write_output(mask, region, overwrite=True)
+            owner.write_output(mask, region, overwrite=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # `preview` has said what concerns the image
-            x, m, target = cli.read_inputs(image, mask)
+            x, m, target = owner.read_inputs(image, mask)
         share = float(m.mean())
         return Inputs(x, m, target, image, mask, f"{note}, {share:.1%} of the image")
 
     def check(self, image_file, mask_file, painted, label, eps) -> str:
         """``check``'s verdict (Markdown)."""
-        eps = cli.parse_eps(eps)
+        eps = owner.parse_eps(eps)
         folder = self.run_folder()
         try:
             got = self.inputs(image_file, mask_file, painted, folder)
-            report = cli.check_image(
+            report = owner.check_image(
                 self.editor(label), got.x, got.m, got.target, self.device, eps=eps
             )
         finally:
@@ -296,11 +300,11 @@ class Demo:
         Returns the page's panels (uint8 arrays), texts and the paths of the protected PNG and
         the mask, in a fresh folder of the workspace (removed at once if anything fails).
         """
-        eps = cli.parse_eps(eps)
+        eps = owner.parse_eps(eps)
         steps = _whole(steps, "steps", 1, 10000)
         seed = _whole(seed, "seed", 0, 2**63 - 1)
         expand = _whole(expand, "expansion kernel", 1, 255)
-        cli.check_options(expand, 0.5, "solid")
+        owner.check_options(expand, 0.5, "solid")
         folder = self.run_folder()
         try:
             return self._protect(image_file, mask_file, painted, label, folder, eps, steps, seed, expand)  # fmt: skip
@@ -312,27 +316,27 @@ class Demo:
         got = self.inputs(image_file, mask_file, painted, folder)
         editor = self.editor(label)
         name = self.choices[label].name
-        check = cli.check_image(editor, got.x, got.m, got.target, self.device, eps=eps)
-        report, protected = cli.protect_image(
+        check = owner.check_image(editor, got.x, got.m, got.target, self.device, eps=eps)
+        report, protected = owner.protect_image(
             editor, got.x, got.m, got.target, self.device,
             eps=eps, steps=steps, expand=expand, seed=seed, progress=True,
         )  # fmt: skip
         out = folder / f"{got.image.stem}_protected.png"
-        cli.write_output(out, protected, overwrite=False)
+        owner.write_output(out, protected, overwrite=False)
         mask = folder / f"{got.image.stem}_mask.png"
         if got.mask != mask:
             shutil.copyfile(got.mask, mask)
         # The edits run on the file as published, read back as `edit` reads it.
-        published, m, _ = cli.read_inputs(out, mask)
+        published, m, _ = owner.read_inputs(out, mask)
         from .masks import ring
 
         band = ring(m, expand)
         rows = {}
         for edit, region in (("malicious", m), ("benign", band)):
-            rows[edit], _, rows[edit + "_panel"] = cli.edit_image(
+            rows[edit], _, rows[edit + "_panel"] = owner.edit_image(
                 editor, published, region, got.target, self.device, original=got.x
             )
-        original = cli.eight_bit(got.x[0])
+        original = owner.eight_bit(got.x[0])
         k = max(1, SMALL_SIDE // max(original.shape[:2]))
         delta = np.clip(0.5 + AMPLIFY * (protected - original), 0, 1)
         command = (
@@ -475,7 +479,7 @@ def build_app(demo: Demo):
                     labels, value=labels[0], label="3. Editor to protect against", elem_id="editor"
                 )
                 eps = gr.Number(
-                    cli.DEFAULT_EPS,
+                    owner.DEFAULT_EPS,
                     label="ε: fraction of the range, or 8-bit units above 1 (0.025 = 6.4/255, the paper's)",
                     elem_id="eps",
                 )
@@ -536,12 +540,10 @@ def serve(
     device: str = "auto",
 ) -> int:
     """Serve the page until interrupted (Ctrl+C or SIGTERM); then remove the temporary folder."""
-    from .editors import EDITORS
-
     if editor is not None and editor not in EDITORS:
-        raise cli.CliError(f"--editor: unknown editor {editor!r}; known editors: {', '.join(EDITORS)}")  # fmt: skip
+        raise owner.CliError(f"--editor: unknown editor {editor!r}; known editors: {', '.join(EDITORS)}")  # fmt: skip
     if editor is None and weights_path is not None:
-        raise cli.CliError("--weights needs --editor: the editor they are for")
+        raise owner.CliError("--weights needs --editor: the editor they are for")
     signal.signal(signal.SIGTERM, _interrupt)
     with workspace() as folder:
         demo = Demo(available_editors(editor=editor, weights_path=weights_path), folder, device)

@@ -1,14 +1,16 @@
 """Real-model runs of the DVC pipeline, kept apart from the embedded default's results.
 
     python -m runtime_backdoor.runs real --n 6          # make reproduce-real
-    python -m runtime_backdoor.runs paper --editor lama # make reproduce-paper
+    python -m runtime_backdoor.runs paper --editor mat  # make reproduce-paper EDITOR=mat
     python -m runtime_backdoor.runs rehearsal-weights models/rehearsal/big-lama.pt
 
 A run is the project's own pipeline (``dvc.yaml``, the notebooks) in ``runs/<preset>/``: a
 git-ignored DVC project of its own whose ``params.yaml`` is the project's with the preset
 ``params/<preset>.yaml`` and the command-line choices laid over it. Its outputs
 (``runs/<preset>/reports``, ``data``, ``models/editor``) never touch the committed
-``reports/`` of the embedded default. Weights are checked before anything runs.
+``reports/`` of the embedded default. Weights are checked before anything runs. The editors
+are the registry's (:data:`runtime_backdoor.editors.EDITORS`) that read weights
+``runtime-backdoor weights fetch`` can download; their default file is the registry's too.
 """
 
 from __future__ import annotations
@@ -25,17 +27,13 @@ from pathlib import Path
 
 import yaml
 
-from .weights import REGISTRY, primary_path
+from .editors import EDITORS, weight_paths
 
 COPIED = ("dvc.yaml", "notebooks", "src", "data/raw")  # what the stages read from the project
 STAGE = "figures"  # prepare -> editor -> implant -> edit -> evaluate -> figures
 
-# editor choice -> (params editor.name, the registry entry holding its weights, label)
-EDITORS = {
-    "lama": ("lama", "big-lama", "Big-LaMa"),
-    "mat": ("mat", "mat-places512", "MAT"),
-    "sd15": ("sd-inpainting", "sd15-inpainting", "SD 1.5 inpainting"),
-}
+#: the editors a run can use: those whose weights `runtime-backdoor weights fetch` downloads
+RUN_EDITORS = tuple(name for name, entry in EDITORS.items() if entry.weights)
 
 
 class RunError(Exception):
@@ -81,17 +79,17 @@ def run_params(
     ``clip="none"`` runs without CLIP-FID. Missing files raise :class:`RunError` naming
     ``make weights``.
     """
-    if editor not in EDITORS:
-        raise RunError(f"EDITOR={editor}: unknown editor; choose one of {', '.join(EDITORS)}")
-    name, entry, label = EDITORS[editor]
+    if editor not in RUN_EDITORS:
+        raise RunError(f"EDITOR={editor}: unknown editor; choose one of {', '.join(RUN_EDITORS)}")
+    entry, default = weight_paths(editor, root / "models")[0]
     params = merge(read_yaml(root / "params.yaml"), read_yaml(root / "params" / f"{preset}.yaml"))
     if n is not None:
         if n < 1:
             raise RunError(f"N={n}: the number of images must be at least 1")
         params["prepare"]["limit"] = n
-    weights_path = _absolute(weights or primary_path(REGISTRY[entry], root / "models"), root)
-    _require(weights_path, f"{label} weights", entry, "WEIGHTS")
-    params["editor"]["name"] = name
+    weights_path = _absolute(weights or default, root)
+    _require(weights_path, f"{editor} weights ({entry})", entry, "WEIGHTS")
+    params["editor"]["name"] = editor
     params["editor"]["weights"] = str(weights_path)
     # DVC sees parameters, not files outside the run: the fingerprints make a stage rerun
     # when the file behind the same path changes (random rehearsal weights -> real ones)
@@ -241,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         p = sub.add_parser(preset, help=help_text)
         p.add_argument("--n", type=int, default=None, help="first N embedded images")
-        p.add_argument("--editor", default="lama", help=f"one of {', '.join(EDITORS)}")
+        p.add_argument("--editor", default="lama", help=f"one of {', '.join(RUN_EDITORS)}")
         p.add_argument("--weights", default=None, help="editor weights (default: models/...)")
         p.add_argument("--clip", default=None, help="CLIP ViT-B/32 file, or 'none'")
         p.add_argument("--force", action="store_true", help="paper: run without a GPU")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .. import reporting
 from ..baselines import METHODS, NotApplicable, protect
 from ..data import load_prepared, read_folder, read_image, to_tensor, write_csv, write_json
-from ..editors.specs import PIPELINE, EditorSpec, build_from_spec, parse_editor_specs
+from ..editors.specs import PIPELINE, ParsedSpec, build_from_spec, parse_editor_specs
 from ..masks import BENIGN as OFFICIAL_BENIGN
 from ..masks import MALICIOUS as OFFICIAL_MALICIOUS
 from ..masks import scenario_masks
@@ -257,7 +257,7 @@ def measure(
     }  # fmt: skip
     editors_built: dict[str, torch.nn.Module] = {}
 
-    def editor_of(spec: EditorSpec):
+    def editor_of(spec: ParsedSpec):
         if spec.label not in editors_built:
             editors_built[spec.label] = build_from_spec(spec, editor_record, device)
         return editors_built[spec.label]
@@ -300,7 +300,7 @@ def measure(
     x, m = x.to(device), m.to(device)
     order = list(read_folder(prepared_dir).query("name in @chosen")["name"])
 
-    def protect_against(spec: EditorSpec, editor, run_budget: dict, run_seed: int) -> None:
+    def protect_against(spec: ParsedSpec, editor, run_budget: dict, run_seed: int) -> None:
         protected, targets = {}, {}
         for method in methods:
             if spec.name == PIPELINE and method == "backdoor":
