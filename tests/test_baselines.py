@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime_backdoor import baselines as B
-from runtime_backdoor.beyond import hit_fraction
+from runtime_backdoor.pipeline.beyond import hit_fraction
 from runtime_backdoor.editors.simple import GlobalMixEditor
 from runtime_backdoor.implant import ImplantResult, implant
 from runtime_backdoor.masks import expand, ring

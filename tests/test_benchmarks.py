@@ -69,6 +69,7 @@ def test_checkpointing_estimate_keeps_less_but_recomputes_a_step(bench):
     assert 0 < ckpt.activation_bytes < plain.activation_bytes
 
 
+@pytest.mark.slow  # a subprocess or many benchmark cases: make test-all
 def test_counts_do_not_depend_on_which_cases_ran_before(bench):
     plain, ckpt = bench.CASES["tiny-sd-64-s4"], bench.CASES["tiny-sd-64-s4-ckpt"]
 
@@ -119,6 +120,7 @@ def test_cases_that_cannot_run_here_are_skipped_with_their_floor(bench):
     assert cuda_only.status == "skipped: needs a GPU"
 
 
+@pytest.mark.slow  # a subprocess or many benchmark cases: make test-all
 def test_smoke_run_writes_the_report(bench, tmp_path):
     out = tmp_path / "smoke.json"
     bench.run(
@@ -160,6 +162,7 @@ def test_deadline_skips_the_remaining_cases_and_still_writes_the_report(bench, t
     assert len(report["rows"]) == 3
 
 
+@pytest.mark.slow  # a subprocess or many benchmark cases: make test-all
 def test_device_checks_pass_on_the_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location(
         "device_checks", SCRIPT.parent / "device_checks.py"

@@ -43,6 +43,7 @@ def run_python(code_or_args, cbwr=None):
     )
 
 
+@pytest.mark.slow  # four subprocesses, one per MKL path: make test-all
 def test_positive_control_gives_the_same_bytes_on_every_blas_path():
     """Before the control summed in float64, MKL_CBWR=COMPATIBLE and AVX2 ended differently."""
     digests = {}
