@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -156,7 +156,7 @@ def optimise(
 
 
 def implant(
-    editor: torch.nn.Module,
+    editor: torch.nn.Module | Sequence[torch.nn.Module],
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -173,11 +173,20 @@ def implant(
     final_update: bool = False,
     batch_passes: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    editor_weights: Sequence[float] | None = None,
     progress: bool = True,
 ) -> ImplantResult:
     """Protect ``image`` (B, 3, H, W in [0, 1]) whose protected region is ``mask`` (B, 1, H, W).
 
-    ``editor`` follows :class:`runtime_backdoor.editors.base.Editor`'s interface.
+    ``editor`` follows :class:`runtime_backdoor.editors.base.Editor`'s interface; a list of
+    editors protects against all of them at once (an ensemble): each Adam step sums the
+    run-time backdoor loss of every editor, weighted by ``editor_weights`` (default equal,
+    1 each; losses are not normalised per editor, so an editor whose fill is far from the
+    target weighs more, as it would alone). Every editor gets the same [0, 1] image through
+    its own preprocessing (its ``forward``: padding, its input range). The editors run one
+    after another, each back-propagated before the next starts, so peak memory is that of
+    the largest editor, not the sum. A list of one editor is the single-editor optimisation,
+    bit for bit.
     ``batch_passes`` runs the three loss passes as one editor call of batch 3B
     (faster); False runs and back-propagates them one by one (a third of the
     activation memory). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs
@@ -203,6 +212,25 @@ def implant(
     x, m = check_inputs(image, mask, settings)
     if len(weights) != 3 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be three non-negative numbers, got {weights}")
+    if isinstance(editor, Sequence):
+        editors = list(editor)
+        if not editors:
+            raise ValueError("editor: give at least one editor")
+        if editor_weights is None:
+            editor_weights = [1.0] * len(editors)
+        editor_weights = [float(w) for w in editor_weights]
+        if len(editor_weights) != len(editors) or any(not w >= 0 for w in editor_weights):
+            raise ValueError(
+                f"editor_weights must be {len(editors)} non-negative numbers, got {editor_weights}"
+            )
+        if len(editors) > 1 or editor_weights[0] != 1.0:
+            return _implant_ensemble(
+                editors, editor_weights, x, m, settings, weights=weights,
+                expand_kernel=expand_kernel, target=target, autocast_dtype=autocast_dtype,
+            )  # fmt: skip
+        editor = editors[0]
+    elif editor_weights is not None:
+        raise ValueError("editor_weights is for a list of editors")
 
     big = expand(m, expand_kernel)
     band = ring(m, expand_kernel)
@@ -240,6 +268,66 @@ def implant(
         return terms
 
     result = optimise(x, loss, phi, desc="implant", **settings)
+    for k in LOSS_TERMS:
+        result.losses.setdefault(k, torch.zeros(0, b, device=x.device))
+    return result
+
+
+def _implant_ensemble(
+    editors: list[torch.nn.Module],
+    editor_weights: list[float],
+    x: torch.Tensor,
+    m: torch.Tensor,
+    settings: dict,
+    *,
+    weights: tuple[float, float, float],
+    expand_kernel: int,
+    target: str | torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+) -> ImplantResult:
+    """:func:`implant` against several editors: the weighted sum of their losses per step.
+
+    Records the summed terms (``implant``, ``incomplete``, ``hide``, ``total``) and each
+    editor's total as ``total/<i>``.
+    """
+    big = expand(m, expand_kernel)
+    band = ring(m, expand_kernel)
+    phi = make_target(x, target)
+    b = x.shape[0]
+    autocast = partial(
+        torch.autocast, x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+    )
+    with torch.no_grad(), autocast():
+        clean_rings = [e(x, band).float() for e in editors]
+
+    def loss(x_adv: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        terms = {k: torch.zeros(b, device=x.device) for k in (*TERMS, "total")}
+        grad = torch.zeros_like(x_adv)
+        for i, (e, ew, clean_ring) in enumerate(
+            zip(editors, editor_weights, clean_rings, strict=True)
+        ):
+            # Each editor on its own leaf, back-propagated at once: its graph is freed before
+            # the next editor runs, and the gradients add up on the shared x'.
+            leaf = x_adv.detach().requires_grad_(True)
+            with autocast():
+                out = e(torch.cat([leaf] * 3), torch.cat([m, big, band])).float()
+            out_m, out_e, out_r = out.split(b)
+            own = {
+                "implant": masked_mse(out_m, phi, m),
+                "incomplete": masked_mse(out_e, phi, big),
+                "hide": masked_mse(out_r, clean_ring, band),
+            }
+            total = sum(w * own[k] for w, k in zip(weights, TERMS, strict=True))
+            (g,) = torch.autograd.grad((ew * total).sum(), leaf)
+            grad += g
+            for k in TERMS:
+                terms[k] = terms[k] + ew * own[k].detach()
+            terms["total"] = terms["total"] + ew * total.detach()
+            terms[f"total/{i}"] = total.detach()
+        x_adv.backward(grad)  # through the straight-through clip into δ
+        return terms
+
+    result = optimise(x, loss, phi, desc="implant (ensemble)", **settings)
     for k in LOSS_TERMS:
         result.losses.setdefault(k, torch.zeros(0, b, device=x.device))
     return result
