@@ -4,6 +4,7 @@
     data/raw --prepare--> data/prepared --implant--> data/protected --edit--> data/edited
     editor --> models/editor/            evaluate --> reports/  figures --> reports/figures/
     beyond --> reports/beyond/           eps_sweep --> reports/eps_sweep.*
+    purify --> reports/purification/     ensemble --> reports/ensemble/
 
 Paths are relative to the project folder (:func:`runtime_backdoor.project.enter_project_root`).
 """
@@ -18,4 +19,6 @@ STAGES = {
     "figures": "notebooks/06_figures.ipynb",
     "beyond": "notebooks/07_beyond.ipynb",
     "eps_sweep": "notebooks/08_eps_sweep.ipynb",
+    "purify": "notebooks/09_purify.ipynb",
+    "ensemble": "notebooks/10_ensemble.ipynb",
 }

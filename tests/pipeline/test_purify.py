@@ -1,0 +1,174 @@
+"""Stage ``purify`` (runtime_backdoor.pipeline.purify) on a tiny setting: the table, the worst
+case, the unavailable diffusion purifiers, the adaptive defence, the outputs; and its notebook.
+
+The fixture builds the folders the stage reads with the earlier stages' functions; the editor
+stage's record is blur-fill (cheap), protected for 2 steps. No weights are present (the models
+folder is an empty temporary one), so the diffusion purifiers must be reported unavailable.
+"""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from runtime_backdoor import weights
+from runtime_backdoor.data import write_json
+from runtime_backdoor.editors import editor_record, load_recorded_editor
+from runtime_backdoor.pipeline import implant, prepare, purify
+
+EDITORS = "pipeline control:global-mix(gain:800,reach:3)"
+CLASSICAL = "jpeg:75 noise:0.05 crop:0.1 adverse-cleaner"
+DIFFUSION = "diffpure:0.1 noisy-upscale:20"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, raw):
+    d = tmp_path_factory.mktemp("purify")
+    prepare.prepare(raw, d / "prepared", size=48)
+    write_json(d / "editor" / "editor.json", editor_record("blur-fill"))
+    editor = load_recorded_editor(d / "editor" / "editor.json")
+    implant.implant_folder(
+        editor, d / "prepared", d / "protected", steps=2, expand_kernel=5, progress=False
+    )
+    (d / "models").mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def stage(folders):
+    d = folders
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(weights.MODELS_ENV, str(d / "models"))  # no weights here, whatever the machine
+        return purify.run(
+            d / "reports", prepared_dir=d / "prepared", protected_dir=d / "protected",
+            editor_record=d / "editor" / "editor.json", editors=EDITORS, purifiers=CLASSICAL,
+            diffusion=DIFFUSION, adaptive="control", steps=2, expand_kernel=5, batch_size=2,
+            device="cpu", progress=False,
+        )  # fmt: skip
+
+
+def test_one_row_per_editor_method_image_purifier_and_scenario(stage):
+    per_edit = stage["per_edit"]
+    methods = set(zip(per_edit["editor"], per_edit["method"], strict=True))
+    assert methods == {
+        ("blur-fill", "backdoor"), ("control", "backdoor"), ("control", "backdoor_adaptive")
+    }  # fmt: skip
+    purifiers = ["none", *CLASSICAL.split()]
+    assert list(dict.fromkeys(per_edit["purifier"])) == purifiers
+    assert len(per_edit) == 3 * 3 * len(purifiers) * 2  # methods x images x purifiers x scenarios
+    assert set(per_edit["scenario"]) == {"mask", "ring"}
+    assert set(per_edit["family"]) == {"reference", "classical"}
+    none = per_edit[per_edit["purifier"] == "none"]
+    assert (none["purified_psnr"] == purify.PSNR_CAP).all()  # the 8-bit image is itself
+    assert per_edit[["hit_fraction_protected", "ssim_vs_clean_edit"]].notna().all().all()
+    # the protection made here stays within the budget
+    assert (stage["protection"]["linf_8bit"] <= 0.025 * 255 + 0.51).all()
+
+
+def test_worst_case_is_the_attackers_best_purifier_per_image(stage):
+    per_edit = stage["per_edit"]
+    worst = purify.worst_case(per_edit)
+    assert set(worst["purifier"]) == {"worst:classical"}  # no diffusion purifier ran
+    classical = per_edit[per_edit["family"] == "classical"]
+    keys = ["editor", "method", "name", "scenario"]
+    best = classical.groupby(keys).agg(
+        hit=("hit_fraction_protected", "min"), psnr=("psnr_vs_clean_edit", "max"),
+        mse=("target_mse_protected", "max"),
+    )  # fmt: skip
+    w = worst.set_index(keys).loc[best.index]
+    assert (w["hit_fraction_protected"] == best["hit"]).all()
+    assert (w["psnr_vs_clean_edit"] == best["psnr"]).all()
+    assert (w["target_mse_protected"] == best["mse"]).all()
+    # the worst case never hits more often than any single purifier
+    hits = classical.groupby(keys)["hit_protected"].min()
+    assert (w["hit_protected"] == hits.loc[best.index]).all()
+
+
+def test_unavailable_diffusion_purifiers_are_reported_with_the_fetch_command(stage):
+    status = stage["status"].set_index("purifier")["status"]
+    assert status["diffpure:0.1"] == "unavailable: weights (runtime-backdoor weights fetch sd15)"
+    assert status["noisy-upscale:20"] == (
+        "unavailable: weights (runtime-backdoor weights fetch sd-x4-upscaler)"
+    )
+    table = stage["table"]
+    rows = table[table["purifier"] == "diffpure:0.1"]
+    assert len(rows) == 3 * 2 and set(rows["status"]) == {status["diffpure:0.1"]}
+    assert "unavailable: weights (runtime-backdoor weights fetch sd15)" in stage["markdown"]
+    assert stage["metrics"]["diffpure0.1_available"] is False
+
+
+def test_table_has_intervals_and_the_worst_case_rows(stage):
+    t = stage["table"]
+    ok = t[t["status"] == "ok"]
+    assert set(ok["purifier"]) == {"none", *CLASSICAL.split(), "worst:classical"}
+    assert (ok["n_images"] == 3).all()
+    for col in ("hit_protected", "psnr_vs_clean_edit"):
+        assert (ok[f"{col}_low"] <= ok[col] + 1e-9).all() and (
+            ok[col] <= ok[f"{col}_high"] + 1e-9
+        ).all()
+
+
+def test_outputs_are_written_flat_and_complete(stage, folders):
+    out = folders / "reports" / "purification"
+    for name in ("per_edit.csv", "table.csv", "conclusions.json", "results.md", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert (folders / "reports" / "figures" / "purification.png").stat().st_size > 10_000
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+", k) for k in metrics)
+    assert all(v is None or isinstance(v, bool | int | float) for v in metrics.values())
+    assert "control_backdoor_adaptive_worstclassical_mask_hit_rate" in metrics
+    assert "blur_fill_jpeg75_mask_hit_rate_low" in metrics
+    found = json.loads((out / "conclusions.json").read_text())
+    ids = {c["id"] for c in found}
+    assert {"control/backdoor/fires", "control/backdoor/jpeg:75/vs_none",
+            "control/backdoor/worst:classical/fires", "control/adaptive/worst:classical"} <= ids  # fmt: skip
+    # 3 images: fewer than stats.MIN_N, so no comparison may state a direction
+    assert {c["verdict"] for c in found} == {"no difference"}
+    assert pd.read_csv(out / "table.csv")["status"].str.startswith("unavailable").any()
+
+
+def test_conclusions_state_a_direction_only_where_the_interval_excludes_zero():
+    names = [f"i{k}" for k in range(12)]
+    rows = []
+    for n in names:
+        for purifier, hit in (("none", 1.0), ("jpeg:75", 0.0), ("noise:0.05", 1.0)):
+            family = "reference" if purifier == "none" else "classical"
+            rows.append({"editor": "e", "method": "backdoor", "name": n, "scenario": "mask",
+                         "purifier": purifier, "family": family, "hit_protected": hit,
+                         "hit_clean": 0.0, "hit_purified_clean": 0.0,
+                         "target_mse_protected": 0.1 + 0.2 * (1 - hit)})  # fmt: skip
+    found = {c["id"]: c for c in purify.conclusions(pd.DataFrame(rows))}
+    assert found["e/backdoor/fires"]["verdict"] == "higher"
+    assert found["e/backdoor/jpeg:75/vs_none"]["verdict"] == "lower"
+    assert "jpeg:75 before editing" in found["e/backdoor/jpeg:75/vs_none"]["sentence"]
+    assert found["e/backdoor/noise:0.05/vs_none"]["verdict"] == "no difference"
+    assert found["e/backdoor/noise:0.05/fires"]["verdict"] == "higher"
+    assert not any(k.endswith("target_mse") for k in found)  # distances: the table only
+
+
+def test_bad_settings_are_refused(folders):
+    d = folders
+    common = dict(prepared_dir=d / "prepared", protected_dir=d / "protected",
+                  editor_record=d / "editor" / "editor.json", device="cpu", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="classical"):
+        purify.run(d / "r", purifiers="diffpure:0.1", diffusion="", **common)
+    with pytest.raises(ValueError, match="diffusion"):
+        purify.run(d / "r", purifiers="jpeg:75", diffusion="jpeg:50", **common)
+    with pytest.raises(ValueError, match="adaptive"):
+        purify.run(d / "r", editors="pipeline", purifiers="jpeg:75", diffusion="",
+                   adaptive="nonesuch", **common)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_purify_notebook_on_a_tiny_setting(folders, run_notebook, monkeypatch):
+    d = folders
+    monkeypatch.setenv(weights.MODELS_ENV, str(d / "models"))
+    run_notebook(
+        "09_purify", d, prepared_dir="prepared", protected_dir="protected",
+        editor_record="editor/editor.json", reports_dir="nb-reports", editors=EDITORS,
+        purifiers="jpeg:75 crop:0.1", diffusion="diffpure:0.1", adaptive="", steps=2,
+        batch_size=3, device="cpu",
+    )  # fmt: skip
+    assert (d / "nb-reports" / "purification" / "results.md").is_file()
+    assert (d / "nb-reports" / "figures" / "purification.png").is_file()
