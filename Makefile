@@ -4,7 +4,7 @@
 # With internet (weights) and, for the paper's settings, a GPU:
 #   make weights            fetch the default weights into models/ (big-lama, clip-vit-b-32)
 #   make reproduce-real     Big-LaMa at 256 px on N=6 embedded images (GPU if any, else CPU)
-#   make reproduce-paper    512 px, expansion kernel 17, all images, GPU (EDITOR=mat|sd15)
+#   make reproduce-paper    512 px, expansion kernel 17, all images, GPU (EDITOR=mat|sd-inpainting)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,14 +16,14 @@ export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install reproduce test test-all lint clean-venv stability weights reproduce-real reproduce-paper
+.PHONY: install reproduce test test-all lint clean-venv stability weights reproduce-real reproduce-paper docs
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,mat,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,mat,demo,docs]'
 	# Keep notebook outputs out of git (cell tags such as `parameters` are kept).
 	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
 	touch $(STAMP)
@@ -67,6 +67,11 @@ test-all: install
 stability: install
 	$(BIN)/dvc pull --quiet data.dvc
 	$(BIN)/python benchmarks/stability.py
+
+# The study book (docs/about.md): docs/*.md, the tutorial and the executed stage notebooks of
+# reports/notebooks/ (it runs no stage: `make reproduce` first) -> _build/html/index.html, offline.
+docs: install
+	$(BIN)/python docs/build.py
 
 lint: install
 	$(BIN)/ruff check src tests

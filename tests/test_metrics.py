@@ -183,7 +183,7 @@ def no_default_weights(tmp_path, monkeypatch):
 
 
 def test_load_clip_without_weights_says_where_to_put_them(no_default_weights):
-    where = str(no_default_weights / "models" / "clip" / "ViT-B-32" / "open_clip_model.safetensors")
+    where = str(no_default_weights / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_model.safetensors")
     with pytest.raises(metrics.ClipUnavailable) as e:
         metrics.load_clip()
     msg = str(e.value)
@@ -202,11 +202,13 @@ def test_load_clip_errors(no_default_weights, tmp_path):
         metrics.load_clip(tmp_path / "nope.safetensors")
     with pytest.raises(metrics.ClipUnavailable, match="not a pretrained tag"):
         metrics.load_clip("no_such_tag")
-    with pytest.raises(metrics.ClipUnavailable, match="laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
-        metrics.load_clip("laion2b_s34b_b79k")
+    with pytest.raises(metrics.ClipUnavailable, match="timm/vit_base_patch32_clip_224.openai"):
+        metrics.load_clip("openai")
+    with pytest.raises(metrics.ClipUnavailable, match="CLIP-ViT-B-32-laion2B-s34B-b79K"):
+        metrics.load_clip("laion2b_s34b_b79k", model_name="ViT-B-32")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(
-        metrics.ClipUnavailable, match=r"cannot load ViT-B-32 weights from .*junk\.pt"
+        metrics.ClipUnavailable, match=r"cannot load ViT-B-32-quickgelu weights from .*junk\.pt"
     ):
         metrics.load_clip(tmp_path / "junk.pt")
 
@@ -259,12 +261,61 @@ def test_random_clip_loads_from_file_and_gives_512_features(random_clip):
 
 def test_clip_preprocess_normalises_constant_images(random_clip):
     model, _ = random_clip
-    x = torch.full((1, 3, 50, 70), 0.3)
+    x = torch.full((1, 3, 50, 70), 77 / 255)  # 8-bit values, as every evaluated PNG holds
     y = model.preprocess(x)
     assert y.shape == (1, 3, 224, 224)
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    assert torch.allclose(y, ((0.3 - mean) / std).expand_as(y), atol=1e-5)
+    assert torch.allclose(y, ((77 / 255 - mean) / std).expand_as(y), atol=1e-5)
+
+
+@pytest.fixture
+def cleanfid_clip(monkeypatch):
+    """clean-fid's own CLIP preprocessing; its module imports OpenAI's ``clip`` package at
+    import time (only to load the model, which these tests do not), so a stand-in is given."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "clip", types.ModuleType("clip"))
+    from cleanfid import clip_features
+
+    return clip_features
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 384), (128, 200), (100, 100)])
+def test_clip_preprocessing_is_clean_fids_bit_for_bit(random_clip, cleanfid_clip, size):
+    """The CLIP encoder's input equals clean-fid's clip_vit_b_32 input on real photos."""
+    import skimage.data
+    from PIL import Image
+    from torchvision import transforms
+
+    model, _ = random_clip
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size[::-1], Image.BICUBIC)
+        uint8 = np.asarray(photo)
+        theirs = cleanfid_clip.img_preprocess_clip(uint8)
+        assert np.array_equal(model.resize_uint8(uint8), theirs)
+        # Then CLIP_fx: ToTensor()*255 (ResizeDataset), /255, CLIP's Normalize.
+        t = transforms.ToTensor()(np.array(theirs)) * 255
+        norm = transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        expected = norm(t / 255.0)[None]
+        ours = model.preprocess(torch.from_numpy(uint8 / 255.0).permute(2, 0, 1)[None].float())
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def test_frechet_distance_matches_clean_fids():
+    from cleanfid.fid import frechet_distance as theirs
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(50, 8))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = theirs(mu_a, s_a, mu_b, s_b)
+    assert metrics.frechet_distance(mu_a, s_a, mu_b, s_b) == pytest.approx(ref, rel=1e-6)
+    assert metrics.fid_from_features(a, b) == pytest.approx(ref, rel=1e-6)
 
 
 def test_clip_fid_on_features(random_clip):

@@ -1,5 +1,5 @@
-"""The reports' machine-readable side: flat metrics files, and the README's conclusions
-checked against the conclusions files as committed."""
+"""The reports' machine-readable side: flat metrics files, and the text the README and
+docs/results.md generate from the reports, checked against the reports as committed."""
 
 import itertools
 import json
@@ -109,51 +109,110 @@ def perturb(path: Path) -> None:
     path.write_text(json.dumps(found, indent=2, sort_keys=True) + "\n")
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_readme_check_follows_the_committed_conclusions(tmp_path):
-    repo = tmp_path / "repo"
-    files = ["README.md", *reporting.CONCLUSION_FILES]
+def copy_project(dest: Path) -> list[str]:
+    """The generated documents and every file their blocks are made from, copied from this
+    checkout's working tree; the documents refreshed from those copies, as a commit would
+    have them. Returns the copied paths."""
+    files = [*dict.fromkeys(reporting.GENERATED.values()), *reporting.DATA_FILES]
+    files = [f for f in files if (ROOT / f).exists()]  # a stage may not have run yet
     for f in files:
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, repo / f)
-    # The copies are the working tree's: make the README state them, as a commit would.
-    found = {f: json.loads((repo / f).read_text()) for f in reporting.CONCLUSION_FILES}
-    reporting.update_readme(repo / "README.md", found)
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, dest / f)
+    reporting.update_docs(dest)
+    return files
+
+
+def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path):
+    copy_project(tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    results = (tmp_path / "docs/results.md").read_text()
+    found = {
+        f: json.loads((tmp_path / f).read_text())
+        for f in reporting.CONCLUSION_FILES
+        if (tmp_path / f).exists()
+    }
+    directional = sum(c["verdict"] != "no difference" for cs in found.values() for c in cs)
+    headline = readme[readme.index(reporting.HEADLINE_BEGIN) : readme.index(reporting.HEADLINE_END)]
+    assert f"**{directional} directional conclusions**" in headline
+    assert "[docs/results.md](docs/results.md)" in headline
+    for source in ("`reports/metrics.json`", "`reports/eps_sweep.json`"):
+        assert source in headline
+    # The control's rates: each named by its definition, with its file.
+    block = results[results.index(reporting.CONTROL_BEGIN) : results.index(reporting.CONTROL_END)]
+    for name, source in (
+        ("ε-sweep hit rate", "reports/eps_sweep.json"),
+        ("beyond: hit rate, edit *m*", "reports/beyond/fair_masks.csv"),
+        ("beyond: official malicious hit rate", "reports/beyond/baselines.csv"),
+    ):  # fmt: skip
+        row = next(ln for ln in block.splitlines() if ln.startswith(f"| {name} |"))
+        assert source in row
+    # The full list: one line per directional conclusion, none in the README.
+    listed = results[
+        results.index(reporting.CONCLUSIONS_BEGIN) : results.index(reporting.CONCLUSIONS_END)
+    ].count("\n- ")
+    assert listed == directional
+    assert reporting.CONCLUSIONS_BEGIN not in readme
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_docs_check_follows_the_committed_reports(tmp_path):
+    repo = tmp_path / "repo"
+    files = copy_project(repo)
     git(repo, "init", "-q")
     git(repo, "add", *files)
-    git(repo, "commit", "-q", "-m", "reports")
-    assert reporting.readme_matches_committed(repo) == []
+    git(repo, "commit", "-q", "-m", "reports and docs")
+    assert reporting.docs_match_committed(repo) == []
 
-    # (i) A local pipeline run rewrites the working-tree numbers: still the committed ones.
+    # (i) A local pipeline run rewrites the working-tree reports: the committed ones count.
     target = repo / reporting.CONCLUSION_FILES[1]
     before = target.read_text()
     perturb(target)
     assert target.read_text() != before
-    assert reporting.readme_matches_committed(repo) == []
+    assert reporting.docs_match_committed(repo) == []
 
-    # (ii) Committing the rewritten file without refreshing the README: the check fails.
-    git(repo, "commit", "-q", "-am", "new numbers, README not refreshed")
-    problems = reporting.readme_matches_committed(repo)
-    assert problems and "README.md block line" in problems[0]
+    # (ii) Refreshing the documents from reports that are not committed: the check fails.
+    assert reporting.update_docs(repo) == ["docs/results.md"]
+    problems = reporting.docs_match_committed(repo)
+    assert problems and problems[0].startswith("docs/results.md conclusions block line")
+    assert "commit them together" in problems[-1]
 
-    # Refreshing the README and committing it too settles it.
-    found[reporting.CONCLUSION_FILES[1]] = json.loads(target.read_text())
-    reporting.update_readme(repo / "README.md", found)
-    assert reporting.readme_matches_committed(repo) != []  # not yet committed
+    # (iii) Committing the reports with the refreshed documents settles it.
+    git(repo, "commit", "-q", "-am", "new numbers, docs refreshed")
+    assert reporting.docs_match_committed(repo) == []
+
+    # (iv) Committing new reports without refreshing the documents fails, in the README too.
+    metrics = repo / "reports/metrics.json"
+    data = json.loads(metrics.read_text())
+    data["protection_psnr"] += 1.0
+    metrics.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    git(repo, "commit", "-q", "-am", "new metrics, README not refreshed")
+    problems = reporting.docs_match_committed(repo)
+    assert problems and problems[0].startswith("README.md headline block line")
+
+    # (v) A block edited by hand fails at once.
+    reporting.update_docs(repo)
     git(repo, "commit", "-q", "-am", "README refreshed")
-    assert reporting.readme_matches_committed(repo) == []
+    readme = repo / "README.md"
+    readme.write_text(readme.read_text().replace("directional conclusions", "conclusions", 1))
+    assert reporting.docs_match_committed(repo)
 
 
-def test_readme_check_without_git_reads_the_files(tmp_path):
-    for f in ["README.md", *reporting.CONCLUSION_FILES]:
-        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, tmp_path / f)
-    found = {f: json.loads((tmp_path / f).read_text()) for f in reporting.CONCLUSION_FILES}
-    reporting.update_readme(tmp_path / "README.md", found)
-    assert reporting.readme_matches_committed(tmp_path) == []
+def test_docs_check_without_git_reads_the_files(tmp_path):
+    copy_project(tmp_path)
+    assert reporting.docs_match_committed(tmp_path) == []
     perturb(tmp_path / reporting.CONCLUSION_FILES[0])
-    assert reporting.readme_matches_committed(tmp_path)
+    assert reporting.docs_match_committed(tmp_path)
+    # A stage that has not run: its conclusions are named as not written yet.
     (tmp_path / reporting.CONCLUSION_FILES[0]).unlink()
-    assert f"{reporting.CONCLUSION_FILES[0]}: missing" in reporting.readme_matches_committed(
-        tmp_path
+    reporting.update_docs(tmp_path)
+    assert reporting.docs_match_committed(tmp_path) == []
+    text = (tmp_path / "docs/results.md").read_text()
+    assert f"Not written yet (its stage has not run): `{reporting.CONCLUSION_FILES[0]}`" in text
+    # The other reports must be there.
+    (tmp_path / "reports/metrics.json").unlink()
+    assert "reports/metrics.json: missing" in reporting.docs_match_committed(tmp_path)
+    (tmp_path / "docs/results.md").write_text("# Results\n")
+    assert (
+        "docs/results.md: no <!-- control-rates:begin --> ... <!-- control-rates:end --> block"
+        in (reporting.docs_match_committed(tmp_path))
     )

@@ -26,9 +26,9 @@ def project(tmp_path):
     (root / "src" / "runtime_backdoor" / "owner.py").write_text("")
     (root / "data" / "raw" / "a_example.png").write_bytes(b"png")
     (root / "reports" / "metrics.json").write_text('{"n_images": 18}')
-    (root / "models" / "clip" / "ViT-B-32").mkdir(parents=True)
+    (root / "models" / "clip" / "ViT-B-32-quickgelu").mkdir(parents=True)
     (root / "models" / "big-lama.pt").write_bytes(b"weights")
-    (root / "models" / "clip" / "ViT-B-32" / "open_clip_model.safetensors").write_bytes(b"clip")
+    (root / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_pytorch_model.bin").write_bytes(b"clip")
     return root
 
 
@@ -61,7 +61,7 @@ def test_real_params_are_the_project_params_with_the_preset(project):
         "implant.batch_size": 2,
         "edit.batch_size": 2,
         "evaluate.clip_weights": str(
-            project / "models" / "clip" / "ViT-B-32" / "open_clip_model.safetensors"
+            project / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_pytorch_model.bin"
         ),
     }
     assert got["device"] == "auto"

@@ -155,7 +155,7 @@ def test_group_estimates_average_seeds_within_an_image_first():
     assert a.tolist() == [2.0] and b.tolist() == [5.0]
 
 
-def test_readme_block_lists_directional_conclusions_and_counts_the_rest(tmp_path):
+def test_conclusions_block_lists_directional_conclusions_and_counts_the_rest(tmp_path):
     from runtime_backdoor import reporting
 
     found = {
@@ -164,29 +164,55 @@ def test_readme_block_lists_directional_conclusions_and_counts_the_rest(tmp_path
             {"id": "b", "verdict": "no difference", "sentence": "no detectable difference"},
         ]
     }
-    block = reporting.readme_block(found)
+    block = reporting.conclusions_block(found)
     assert "- hit rate is higher for A than for B (`reports/x.json`: `a`)." in block
     assert "1 further comparisons show no detectable difference" in block
     assert "too few" not in block
     few = {"reports/x.json": [*found["reports/x.json"], {"id": "c", "verdict": "no difference",
                                                            "n": 2, "sentence": "no direction"}]}  # fmt: skip
     assert "1 more had fewer than 6 images, too few to show a direction at all." in (
-        reporting.readme_block(few)
+        reporting.conclusions_block(few)
     )
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{reporting.README_BEGIN}\nold\n{reporting.README_END}\noutro\n")
-    assert reporting.update_readme(readme, found)
-    assert readme.read_text() == f"intro\n{block}\noutro\n"
-    assert not reporting.update_readme(readme, found)
+    page = tmp_path / "results.md"
+    begin, end = reporting.markers("conclusions")
+    page.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
+    new = reporting.replace_block(page.read_text(), "conclusions", block)
+    assert new == f"intro\n{block}\noutro\n"
+    assert reporting.replace_block(new, "conclusions", block) == new
+    with pytest.raises(ValueError, match="headline"):
+        reporting.replace_block(new, "headline", "x")
 
 
-def test_readme_states_exactly_the_committed_conclusions():
-    """README's conclusions are generated (`python -m runtime_backdoor.reporting`), not typed.
+def test_headline_states_rates_with_intervals_and_counts():
+    from runtime_backdoor import reporting
 
-    Against the conclusions files as committed in git, not as a local pipeline run rewrote
-    them (another CPU changes their last digits); tests/test_reporting.py checks both ways.
+    metrics = {"n_images": 18, "protection_linf_8bit_max": 6.000007}
+    for key, (m, lo, hi) in {
+        "malicious_mask_hit_rate_clean": (0.0, 0.0, 0.176),
+        "malicious_mask_hit_rate_protected": (0.5, 0.3, 0.7),
+        "protection_psnr": (32.78, 32.73, 32.84),
+    }.items():  # fmt: skip
+        metrics |= {key: m, f"{key}_low": lo, f"{key}_high": hi}
+    sweep = {"n_images": 18, "control_seeds": 3, "control_hit_rate_at_paper_eps": 0.389,
+             "control_hit_rate_at_paper_eps_low": 0.204, "control_hit_rate_at_paper_eps_high": 0.574}  # fmt: skip
+    found = {"a.json": [{"id": "x", "verdict": "lower", "n": 18, "sentence": "s"},
+                        {"id": "y", "verdict": "no difference", "n": 18, "sentence": "t"}]}  # fmt: skip
+    block = reporting.headline_block(metrics, sweep, found, 0.025)
+    assert "clean 0% [0, 18] → protected 50% [30, 70] over 18 images" in block
+    assert "3 δ₀ seeds: 39% [20, 57]" in block
+    assert "PSNR 32.8 [32.7, 32.8] dB" in block and "at most 6/255" in block
+    assert "**1 directional conclusions** and 1 comparisons with no detectable difference" in block
+    assert block.startswith(reporting.HEADLINE_BEGIN) and block.endswith(reporting.HEADLINE_END)
+
+
+def test_docs_state_exactly_the_committed_reports():
+    """The README's headline and docs/results.md's generated blocks are generated
+    (`python -m runtime_backdoor.reporting`), not typed.
+
+    Against the reports as committed in git, not as a local pipeline run rewrote them
+    (another CPU changes their last digits); tests/test_reporting.py checks both ways.
     """
     from runtime_backdoor import reporting
 
     root = Path(__file__).resolve().parents[1]
-    assert reporting.readme_matches_committed(root) == []
+    assert reporting.docs_match_committed(root) == []

@@ -50,7 +50,11 @@ CLIP_WEIGHTS_ENV = "RUNTIME_BACKDOOR_CLIP_WEIGHTS"
 # models/clip/<model_name>/ holds the weights file as named on the Hugging Face hub.
 DEFAULT_CLIP_DIR = PROJ_ROOT / "models" / "clip"
 _CLIP_FILENAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-_DEFAULT_TAG = "laion2b_s34b_b79k"
+_DEFAULT_TAG = "openai"
+#: clean-fid's ``clip_vit_b_32`` network: OpenAI's ViT-B/32, whose MLPs use QuickGELU; open_clip
+#: names that architecture ``ViT-B-32-quickgelu`` (its ``openai`` tag is the same weights)
+CLIP_MODEL = "ViT-B-32-quickgelu"
+_CLIP_HUB = "timm/vit_base_patch32_clip_224.openai"
 _RANGE_TOL = 1e-4  # float rounding slack on the [0, 1] range check
 
 
@@ -299,7 +303,8 @@ class ClipUnavailable(RuntimeError):
 def _place_hint(model_name: str) -> str:
     return (
         f"put the open_clip weights of {model_name} at {DEFAULT_CLIP_DIR / model_name / _CLIP_FILENAMES[0]} "
-        f"(the file '{_CLIP_FILENAMES[0]}' of huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K), "
+        f"(`runtime-backdoor weights fetch clip-vit-b-32`: the file '{_CLIP_FILENAMES[1]}' of "
+        f"huggingface.co/{_CLIP_HUB}), "
         f"or set {CLIP_WEIGHTS_ENV} / pass weights= to a local .safetensors/.bin/.pt state dict"
     )
 
@@ -343,7 +348,8 @@ def _build_from_file(model_name: str, path: Path, quick_gelu: bool):
     if not path.is_file():
         raise ClipUnavailable(
             f"weights file not found: {path}; save the open_clip weights of {model_name} there "
-            f"(the file '{_CLIP_FILENAMES[0]}' of huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K)"
+            f"(`runtime-backdoor weights fetch clip-vit-b-32`: the file '{_CLIP_FILENAMES[1]}' of "
+            f"huggingface.co/{_CLIP_HUB})"
         )
     if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
         raise ClipUnavailable(f"{path}: expected a .safetensors, .bin, .pt or .pth state dict")
@@ -365,18 +371,19 @@ def _build_from_file(model_name: str, path: Path, quick_gelu: bool):
 
 
 def load_clip(
-    weights: str | os.PathLike | None = None, model_name: str = "ViT-B-32", device="cpu"
+    weights: str | os.PathLike | None = None, model_name: str = CLIP_MODEL, device="cpu"
 ) -> ClipFeatures:
     """Load a pretrained open_clip image encoder as a ``ClipFeatures`` module (eval mode).
 
     ``weights``: a local state-dict file (``.safetensors``, or ``.bin``/``.pt``/``.pth`` read
     with ``torch.load(weights_only=True)``; TorchScript archives such as OpenAI's original
-    ``ViT-B-32.pt`` are refused), or an open_clip pretrained tag (``laion2b_s34b_b79k``,
-    ``openai``, ...) found in the local Hugging Face cache. ``None`` tries, in order, the
-    ``RUNTIME_BACKDOOR_CLIP_WEIGHTS`` environment variable, ``models/clip/<model_name>/`` in the
-    project (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``) and the cached
-    ``laion2b_s34b_b79k`` tag. OpenAI-trained weights in a local file need
-    ``model_name="ViT-B-32-quickgelu"``.
+    ``ViT-B-32.pt`` are refused), or an open_clip pretrained tag (``openai``, ...) found in the
+    local Hugging Face cache. ``None`` tries, in order, the ``RUNTIME_BACKDOOR_CLIP_WEIGHTS``
+    environment variable, ``models/clip/<model_name>/`` in the project
+    (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``) and the cached
+    ``openai`` tag. The default, :data:`CLIP_MODEL` with OpenAI's weights, is the network of
+    clean-fid's ``clip_vit_b_32`` (the paper's CLIP-FID); other weights (e.g. LAION's, with
+    ``model_name="ViT-B-32"``) give a different metric.
 
     Raises ``ClipUnavailable`` (never returns random weights) with the reason and the place
     to put the file.
@@ -412,7 +419,7 @@ def load_clip(
     return ClipFeatures(model, model_name=model_name, weights=source).to(device)
 
 
-def try_load_clip(weights=None, model_name: str = "ViT-B-32", device="cpu"):
+def try_load_clip(weights=None, model_name: str = CLIP_MODEL, device="cpu"):
     """``(ClipFeatures, None)`` or ``(None, reason)``: for callers that record CLIP-FID as unavailable."""
     try:
         return load_clip(weights, model_name, device), None
@@ -421,12 +428,17 @@ def try_load_clip(weights=None, model_name: str = "ViT-B-32", device="cpu"):
 
 
 class ClipFeatures(torch.nn.Module):
-    """CLIP image features: preprocessing + ``encode_image`` (unnormalised, as in clean-fid).
+    """CLIP image features exactly as clean-fid's ``clip_vit_b_32`` mode computes them.
 
-    ``forward(x)``: ``B x 3 x H x W`` float in [0, 1] -> ``B x D`` float32. Preprocessing
-    follows open_clip's: bicubic resize of the short side to the model's input size (224),
-    centre crop, clamp to [0, 1] (as a uint8 PIL round trip would), normalise with the model's
-    mean/std (CLIP's by default).
+    ``forward(x)``: ``B x 3 x H x W`` float in [0, 1] -> ``B x D`` float32, unnormalised
+    ``encode_image`` features. :meth:`preprocess` is clean-fid's
+    (``cleanfid/clip_features.py::img_preprocess_clip`` and its ``CLIP_fx``): the image as
+    8-bit RGB through PIL, torchvision's ``Resize(224, BICUBIC)`` (short side; PIL's
+    antialiased bicubic) and ``CenterCrop(224)``, kept as uint8, then divided by 255 and
+    normalised with CLIP's mean/std. The input is rounded to 8 bits first, as every image the
+    study evaluates is an 8-bit PNG (so the rounding loses nothing there). clean-fid loads
+    OpenAI's ViT-B/32 with the ``clip`` package; open_clip's ``ViT-B-32`` with the ``openai``
+    tag is the same network and weights. Not differentiable (a metric, not a loss).
     """
 
     def __init__(self, model, model_name: str = "ViT-B-32", weights: str = "unknown"):
@@ -448,19 +460,28 @@ class ClipFeatures(torch.nn.Module):
     def dim(self) -> int:
         return int(self.model.visual.output_dim)
 
+    def resize_uint8(self, image: np.ndarray) -> np.ndarray:
+        """``H x W x 3`` uint8 -> ``S x S x 3`` uint8: short side to S (bicubic), centre crop."""
+        from PIL import Image
+        from torchvision import transforms
+
+        s = self.input_size
+        resize = transforms.Compose(
+            [
+                transforms.Resize(s, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.CenterCrop(s),
+            ]
+        )
+        out = resize(Image.fromarray(image.astype(np.uint8)).convert("RGB"))
+        return np.asarray(out).clip(0, 255).astype(np.uint8)
+
     def preprocess(self, x):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected B x 3 x H x W images, got shape {tuple(x.shape)}")
-        s = self.input_size
-        h, w = x.shape[-2:]
-        scale = s / min(h, w)
-        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-        x = F.interpolate(
-            x.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True
-        )
-        top, left = (nh - s) // 2, (nw - s) // 2
-        x = x[:, :, top : top + s, left : left + s].clamp(0, 1)
-        return (x - self.mean) / self.std
+        eight_bit = torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8)
+        resized = [self.resize_uint8(img.permute(1, 2, 0).cpu().numpy()) for img in eight_bit]
+        t = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float().to(self.mean.device)
+        return (t / 255.0 - self.mean) / self.std
 
     def forward(self, x):
         return self.model.encode_image(self.preprocess(x)).float()

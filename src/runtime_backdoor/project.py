@@ -48,7 +48,9 @@ def resolve_device(name: str = "auto"):
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
-        raise ValueError(f"device: unknown device {text!r} (use auto, cpu, cuda or cuda:N)") from None
+        raise ValueError(
+            f"device: unknown device {text!r} (use auto, cpu, cuda or cuda:N)"
+        ) from None
     if device.type == "cpu":
         if device.index not in (None, 0):
             raise ValueError(f"device: {text!r} does not exist (use cpu)")

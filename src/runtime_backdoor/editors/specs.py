@@ -30,7 +30,6 @@ class ParsedSpec:
         return dict(self.options)
 
 
-
 def _literal(text: str):
     for cast in (int, float):
         try:

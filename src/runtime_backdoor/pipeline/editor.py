@@ -16,7 +16,9 @@ from ..project import resolve_device
 from ..samples import training_images
 
 
-def train_miniature(out_dir, *, steps: int, seconds: float, size: int, seed: int) -> tuple[str, dict]:
+def train_miniature(
+    out_dir, *, steps: int, seconds: float, size: int, seed: int
+) -> tuple[str, dict]:
     """Train the miniature LaMa with Big-LaMa's losses; its weights file and training record."""
     from ..editors.mini import save_miniature
     from ..training import DEFAULT_RECIPE, train_recipe
@@ -84,7 +86,9 @@ def run(
         "needed_mean": check["needed_mean"],
         "gain_over_needed_mean": check["gain_over_needed_mean"],
         "training": training,
-        "settings": getattr(editor, "record", {}),  # e.g. MAT: weight format, decoder noise, dropout
+        "settings": getattr(
+            editor, "record", {}
+        ),  # e.g. MAT: weight format, decoder noise, dropout
     }
     write_json(out / "editor.json", record)
     write_json(out / "summary.json", summary)

@@ -161,9 +161,11 @@ def run(
     columns = ["hit", "hit_fraction", "ring_psnr", "protection_psnr"]
     table = group_estimates(finite, ["editor", "eps_8bit"], columns)
     table = table.rename(
-        columns=lambda c: c.replace("hit", "hit_rate", 1)
-        if c.startswith("hit") and not c.startswith("hit_fraction")
-        else c
+        columns=lambda c: (
+            c.replace("hit", "hit_rate", 1)
+            if c.startswith("hit") and not c.startswith("hit_fraction")
+            else c
+        )
     )
     figure = save_figure(eps_sweep_plot(sweep), reports / "figures" / "eps_sweep.png")
     # Flat summary: the smallest budget at which at least 80 % of the images are hit, per editor.
@@ -173,7 +175,9 @@ def run(
     }
     for label, g in table.groupby("editor"):
         reached = g[g["hit_rate"] >= 0.8]["eps_8bit"]
-        summary[f"{label}_min_eps_8bit_for_80pct_hits"] = float(reached.min()) if len(reached) else None
+        summary[f"{label}_min_eps_8bit_for_80pct_hits"] = (
+            float(reached.min()) if len(reached) else None
+        )
         paper = g.iloc[(g["eps_8bit"] - 6.375).abs().argsort()[:1]].iloc[0]
         for suffix in ("", "_low", "_high"):
             summary[f"{label}_hit_rate_at_paper_eps{suffix}"] = float(paper[f"hit_rate{suffix}"])

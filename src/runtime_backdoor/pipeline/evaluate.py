@@ -75,10 +75,17 @@ def evaluate_folder(
     return per_edit, pd.DataFrame(imp)
 
 
-def clip_fid_by_scenario(prepared_dir, edited_dir, weights: str | None, device="cpu") -> dict:
+def clip_fid_by_scenario(
+    prepared_dir, edited_dir, weights: str | None, device="cpu", resamples: int = 200
+) -> dict:
     """CLIP-FID of edited outputs against the original images, per scenario and condition.
 
-    Needs pretrained CLIP ViT-B/32 weights; without them returns
+    The reference set is the prepared originals; both sets hold the same ``n_images`` images.
+    Features and the Fréchet distance are clean-fid's ``clip_vit_b_32`` (:class:`metrics.ClipFeatures`).
+    CLIP-FID is set-level and unstable with few images (n below the 512 feature dimensions makes
+    the covariances singular and biases it upwards): ``_low``/``_high`` are the 2.5/97.5
+    percentiles over ``resamples`` resamplings of the images (with replacement, the same images
+    in both sets, seeded). Needs pretrained CLIP ViT-B/32 weights; without them returns
     ``{"available": False, "reason": ...}`` — never a number from random weights.
     """
     try:
@@ -88,12 +95,24 @@ def clip_fid_by_scenario(prepared_dir, edited_dir, weights: str | None, device="
     prepared_dir, edited_dir = Path(prepared_dir), Path(edited_dir)
     edits = read_folder(edited_dir)
     names = sorted(edits["name"].unique())
-    originals = [read_image(prepared_dir / f"{n}.png") for n in names]
-    out: dict = {"available": True, "n_images": len(names)}
+    originals = Q.clip_features([read_image(prepared_dir / f"{n}.png") for n in names], model)
+    out: dict = {
+        "available": True, "n_images": len(names), "reference": "prepared originals",
+        "features": f"clean-fid clip_vit_b_32 preprocessing, open_clip {model.model_name} ({model.weights})",
+        "resamples": resamples,
+    }  # fmt: skip
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(names), len(names)) for _ in range(resamples)]
     for scenario in SCENARIOS:
         for label in ("clean", "protected"):
             imgs = [read_image(edited_dir / label / f"{n}__{scenario}.png") for n in names]
-            out[f"{scenario}_{label}"] = float(Q.clip_fid(imgs, originals, model=model))
+            feats = Q.clip_features(imgs, model)
+            key = f"{scenario}_{label}"
+            out[key] = Q.fid_from_features(feats, originals)
+            spread = [Q.fid_from_features(feats[d], originals[d]) for d in draws]
+            out[f"{key}_low"], out[f"{key}_high"] = (
+                float(v) for v in np.percentile(spread, [2.5, 97.5])
+            )
     return out
 
 
@@ -132,7 +151,7 @@ def summarize(per_edit: pd.DataFrame, imperceptibility: pd.DataFrame, clip: dict
     out["protection_seconds_per_image"] = float(imperceptibility["seconds"].mean())
     out["clip_fid_available"] = bool(clip.get("available", False))
     for k, v in clip.items():
-        if k not in ("available", "reason"):
+        if k not in ("available", "reason", "reference", "features"):
             out[f"clip_fid_{k}"] = v
     return out
 
@@ -161,4 +180,9 @@ def run(
     write_csv(reports / "imperceptibility.csv", imperceptibility)
     write_json(reports / "clip_fid.json", clip)
     write_json(reports / "metrics.json", summary)
-    return {"per_edit": per_edit, "imperceptibility": imperceptibility, "clip": clip, "summary": summary}
+    return {
+        "per_edit": per_edit,
+        "imperceptibility": imperceptibility,
+        "clip": clip,
+        "summary": summary,
+    }

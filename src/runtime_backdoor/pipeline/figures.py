@@ -155,17 +155,27 @@ def results_table(summary: dict, conclusions: list[dict] | None = None) -> str:
         ]
         lines += [f"- {c['sentence']}." for c in conclusions]
     if summary.get("clip_fid_available"):
-        lines.append("")
-        lines.append("| scenario | CLIP-FID clean | CLIP-FID protected |")
-        lines.append("|---|---|---|")
-        for s in SCENARIOS:
-            lines.append(
-                f"| {s} | {summary[f'clip_fid_{s}_clean']:.2f} | {summary[f'clip_fid_{s}_protected']:.2f} |"
-            )
+
+        def fid(key: str) -> str:
+            v, lo, hi = (summary.get(f"clip_fid_{key}{x}") for x in ("", "_low", "_high"))
+            return f"{v:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+        lines += [
+            "",
+            f"CLIP-FID (clean-fid's clip_vit_b_32: OpenAI ViT-B/32 features) of the {n} edited "
+            f"images against the {n} prepared originals; brackets: 2.5–97.5 % over resampled "
+            "images. With fewer images than the 512 feature dimensions the value is biased "
+            "upwards: compare only numbers computed on the same n.",
+            "",
+            "| scenario | CLIP-FID clean | CLIP-FID protected |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {s} | {fid(f'{s}_clean')} | {fid(f'{s}_protected')} |" for s in SCENARIOS]
     else:
         lines.append("")
         lines.append(
-            "CLIP-FID: not computed (no pretrained CLIP ViT-B/32 weights; see `reports/clip_fid.json`)."
+            "CLIP-FID: not computed (no pretrained CLIP ViT-B/32 weights: "
+            "`runtime-backdoor weights fetch clip-vit-b-32`; see `reports/clip_fid.json`)."
         )
     return "\n".join(lines) + "\n"
 
