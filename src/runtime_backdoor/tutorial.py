@@ -28,7 +28,7 @@ MINIATURE_HELP = (
     "committed with the repository, offline), or `dvc repro editor` to train it again"
 )
 BIG_LAMA_HELP = (
-    "`runtime-backdoor weights fetch big-lama` downloads them (README, 'Run on the real models')"
+    "`runtime-backdoor weights fetch big-lama` downloads them (docs/real-models.md)"
 )
 
 
