@@ -355,3 +355,54 @@ def test_load_clip_without_open_clip_is_unavailable_not_a_crash(no_default_weigh
         metrics.load_clip(no_default_weights / "w.safetensors")
     with pytest.raises(metrics.ClipUnavailable, match="open_clip is not installed"):
         metrics.load_clip()
+
+
+@pytest.fixture(scope="module")
+def random_alexnet(tmp_path_factory):
+    """A seeded random AlexNet saved as torchvision's state dict: tests the plumbing, not LPIPS."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path
+
+
+def test_lpips_is_the_packages_on_the_given_backbone(random_alexnet):
+    import lpips
+    import torchvision
+
+    model = metrics.load_lpips("alex", random_alexnet)
+    # The reference: the lpips package's own network with the same backbone copied in by
+    # parameter name order (slices keep torchvision's layer indices).
+    ref = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    tv = torchvision.models.alexnet(weights=None)
+    tv.load_state_dict(torch.load(random_alexnet, weights_only=True))
+    ours_backbone = [p for _, p in sorted(model.net.named_parameters())]
+    tv_convs = [m for m in tv.features if isinstance(m, torch.nn.Conv2d)]
+    assert len(ours_backbone) == 2 * len(tv_convs)
+    for k in range(1, 6):
+        for name, layer in getattr(ref.net, f"slice{k}").named_children():
+            layer.load_state_dict(tv.features[int(name)].state_dict())
+    rng = np.random.default_rng(0)
+    a, b = rng.random((64, 64, 3)), rng.random((64, 64, 3))
+    with torch.no_grad():
+        expected = float(ref(torch.from_numpy(a.transpose(2, 0, 1))[None].float() * 2 - 1,
+                             torch.from_numpy(b.transpose(2, 0, 1))[None].float() * 2 - 1))  # fmt: skip
+    assert metrics.lpips_distance(a, b, model) == pytest.approx(expected, rel=1e-5)
+    assert metrics.lpips_distance(a, a, model) == pytest.approx(0, abs=1e-7)
+    assert metrics.lpips_distance(a, b, model) == pytest.approx(metrics.lpips_distance(b, a, model), rel=1e-5)
+    region = np.zeros((64, 64), bool)
+    region[:32] = True
+    inside = metrics.lpips_distance(a, b, model, region)
+    assert inside > 0 and np.isnan(metrics.lpips_distance(a, b, model, np.zeros((64, 64), bool)))
+
+
+def test_lpips_without_a_backbone_is_unavailable_with_the_fetch_command(tmp_path):
+    with pytest.raises(metrics.LpipsUnavailable, match="weights fetch lpips-alex"):
+        metrics.load_lpips("alex", tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(metrics.LpipsUnavailable, match="not a torchvision alex state dict"):
+        metrics.load_lpips("alex", tmp_path / "junk.pth")
+    with pytest.raises(ValueError, match="lpips net"):
+        metrics.load_lpips("squeeze-me")

@@ -77,12 +77,14 @@ def test_registry_names_weight_kinds_and_default_files(tmp_path):
 
 def test_every_editor_weights_file_belongs_to_one_editor():
     """Each model file of weights.py is read by exactly one editor (CLIP is the evaluation's,
-    the diffusion purifiers' sets the purify stage's)."""
+    the diffusion purifiers' sets the purify stage's, LPIPS's backbones the metrics')."""
+    from runtime_backdoor.metrics import LPIPS_BACKBONES
     from runtime_backdoor.purifiers import WEIGHT_SETS
 
     readers = [key for entry in EDITORS.values() for key in entry.weights]
     assert len(readers) == len(set(readers))
-    assert set(readers) == set(weights.REGISTRY) - {"clip-vit-b-32", *WEIGHT_SETS}
+    lpips = {entry for entry, _ in LPIPS_BACKBONES.values()}
+    assert set(readers) == set(weights.REGISTRY) - {"clip-vit-b-32", *WEIGHT_SETS, *lpips}
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))

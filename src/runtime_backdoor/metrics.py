@@ -552,3 +552,80 @@ def clip_fid(
         dim=fa.shape[1],
         features=f"open_clip {model.model_name} ({model.weights})",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS (the ``lpips`` package: its calibrated linear layers ship with it; the ImageNet
+# backbone is torchvision's, which is fetched and checked like every other weight file)
+
+#: backbone -> (registry entry of ``runtime-backdoor weights``, file under models/lpips/)
+LPIPS_BACKBONES = {
+    "alex": ("lpips-alex", "alexnet-owt-7be5be79.pth"),
+    "vgg": ("lpips-vgg", "vgg16-397923af.pth"),
+}
+
+
+class LpipsUnavailable(RuntimeError):
+    """LPIPS cannot be computed; the message says why and the command that fetches the weights."""
+
+
+def load_lpips(net: str = "alex", backbone: str | os.PathLike | None = None, device="cpu"):
+    """The ``lpips`` package's LPIPS v0.1 (``net`` alex or vgg) with its ImageNet backbone read
+    from ``backbone`` (torchvision's state dict; default ``models/lpips/<torchvision file>``)
+    with ``torch.load(weights_only=True)``. Raises ``LpipsUnavailable`` when the file is
+    missing or unreadable — never LPIPS on a random backbone."""
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"lpips net must be one of {sorted(LPIPS_BACKBONES)}, got {net!r}")
+    entry, fname = LPIPS_BACKBONES[net]
+    path = Path(backbone) if backbone else PROJ_ROOT / "models" / "lpips" / fname
+    if not path.is_file():
+        raise LpipsUnavailable(
+            f"no LPIPS {net} backbone at {path} (`runtime-backdoor weights fetch {entry}`)"
+        )
+    try:
+        import lpips
+        import torchvision
+    except ImportError as e:
+        raise LpipsUnavailable(f"the lpips package is not installed ({e})") from e
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        reference = getattr(torchvision.models, "alexnet" if net == "alex" else "vgg16")(
+            weights=None
+        )
+        reference.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any failure: unavailable, with its reason
+        raise LpipsUnavailable(
+            f"{path}: not a torchvision {net} state dict ({type(e).__name__}: {str(e)[:120]}); "
+            f"`runtime-backdoor weights fetch {entry}`"
+        ) from e
+    model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+    # The package slices torchvision's ``features`` into net.slice1..5, keeping each layer's
+    # index as its name: copy the backbone layer by layer.
+    for k in range(1, model.net.N_slices + 1):
+        for name, layer in getattr(model.net, f"slice{k}").named_children():
+            layer.load_state_dict(reference.features[int(name)].state_dict())
+    model = model.eval().to(device)
+    model.requires_grad_(False)
+    model.backbone_file = str(path)
+    return model
+
+
+def lpips_distance(a, b, model, mask=None) -> float:
+    """LPIPS between two ``H x W x 3`` images in [0, 1] (the package expects [-1, 1]).
+    ``mask``: the mean of the spatial LPIPS map over the pixels where it is true."""
+    device = next(model.parameters()).device
+
+    def prep(x):
+        t = torch.from_numpy(np.ascontiguousarray(_as_hwc(x, "image").transpose(2, 0, 1)))
+        return t.float()[None].to(device) * 2 - 1
+
+    with torch.no_grad():
+        if mask is None:
+            return float(model(prep(a), prep(b)))
+        model.spatial = True
+        try:
+            d = model(prep(a), prep(b))[0, 0].cpu().numpy()
+        finally:
+            model.spatial = False
+        m = np.asarray(mask, dtype=bool)
+        return float(d[m].mean()) if m.any() else float("nan")

@@ -20,7 +20,13 @@ def _colour(text: str) -> np.ndarray:
 
 
 def evaluate_folder(
-    prepared_dir, protected_dir, edited_dir, *, hit_tol: float = 0.1, hit_min_fraction: float = 0.5
+    prepared_dir,
+    protected_dir,
+    edited_dir,
+    *,
+    hit_tol: float = 0.1,
+    hit_min_fraction: float = 0.5,
+    lpips_model=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per image and scenario metrics, and the protection's own imperceptibility.
 
@@ -31,6 +37,9 @@ def evaluate_folder(
     the edited region with the image's target colour. ``hit`` = at least
     ``hit_min_fraction`` of the edited region within ``hit_tol`` of the target in every
     channel. Imperceptibility compares the protected image with the original.
+    With ``lpips_model`` (:func:`runtime_backdoor.metrics.load_lpips`) the LPIPS columns are
+    added: ``lpips_vs_clean_edit`` (whole image), ``lpips_region_vs_clean_edit`` and the
+    protection's ``lpips`` against the original.
     """
     prepared_dir, protected_dir, edited_dir = map(Path, (prepared_dir, protected_dir, edited_dir))
     protected = read_folder(protected_dir).set_index("name")
@@ -50,6 +59,9 @@ def evaluate_folder(
         # The same comparison inside the edited region only, where the fill is.
         row["ssim_region_vs_clean_edit"] = Q.ssim(prot, clean, region)
         row["psnr_region_vs_clean_edit"] = Q.psnr(prot, clean, region)
+        if lpips_model is not None:
+            row["lpips_vs_clean_edit"] = Q.lpips_distance(prot, clean, lpips_model)
+            row["lpips_region_vs_clean_edit"] = Q.lpips_distance(prot, clean, lpips_model, region)
         for label, img in (("clean", clean), ("protected", prot)):
             row[f"ssim_vs_original_{label}"] = Q.ssim(img, original)
             row[f"target_mse_{label}"] = Q.masked_mse(img, target, region)
@@ -71,6 +83,7 @@ def evaluate_folder(
                 "linf_8bit": float(np.abs(b - a).max() * 255),
                 "seconds": float(protected.loc[name, "seconds"]),
             }
+            | ({"lpips": Q.lpips_distance(b, a, lpips_model)} if lpips_model is not None else {})
         )
     return per_edit, pd.DataFrame(imp)
 
@@ -144,9 +157,15 @@ def summarize(per_edit: pd.DataFrame, imperceptibility: pd.DataFrame, clip: dict
             f"{key}_psnr_region_vs_clean_edit",
             g["psnr_region_vs_clean_edit"].replace(np.inf, 100.0),
         )
+        for column in ("lpips_vs_clean_edit", "lpips_region_vs_clean_edit"):
+            if column in g:
+                put(f"{key}_{column}", g[column])
     put("protection_psnr", imperceptibility["psnr"])
     out["protection_psnr_min"] = float(imperceptibility["psnr"].min())
     put("protection_ssim", imperceptibility["ssim"])
+    out["lpips_available"] = "lpips" in imperceptibility
+    if out["lpips_available"]:
+        put("protection_lpips", imperceptibility["lpips"])
     out["protection_linf_8bit_max"] = float(imperceptibility["linf_8bit"].max())
     out["protection_seconds_per_image"] = float(imperceptibility["seconds"].mean())
     out["clip_fid_available"] = bool(clip.get("available", False))
@@ -165,16 +184,28 @@ def run(
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     clip_weights: str = "",
+    lpips_backbone: str = "",
     device: str = "auto",
 ) -> dict:
-    """The stage: ``per_edit.csv``, ``imperceptibility.csv``, ``clip_fid.json``, ``metrics.json``."""
+    """The stage: ``per_edit.csv``, ``imperceptibility.csv``, ``clip_fid.json``, ``metrics.json``.
+
+    ``lpips_backbone``: torchvision AlexNet weights for LPIPS-alex ("" = none); without them the
+    LPIPS columns are absent and ``metrics.json`` says why (``lpips_unavailable``)."""
+    dev = resolve_device(device)
+    lpips_model, lpips_reason = None, "no backbone given (evaluate.lpips_backbone)"
+    if lpips_backbone:
+        try:
+            lpips_model = Q.load_lpips("alex", lpips_backbone, device=dev)
+        except Q.LpipsUnavailable as err:
+            lpips_reason = str(err)
     per_edit, imperceptibility = evaluate_folder(
-        prepared_dir, protected_dir, edited_dir, hit_tol=hit_tol, hit_min_fraction=hit_min_fraction
-    )
-    clip = clip_fid_by_scenario(
-        prepared_dir, edited_dir, clip_weights or None, device=resolve_device(device)
-    )
+        prepared_dir, protected_dir, edited_dir, hit_tol=hit_tol,
+        hit_min_fraction=hit_min_fraction, lpips_model=lpips_model,
+    )  # fmt: skip
+    clip = clip_fid_by_scenario(prepared_dir, edited_dir, clip_weights or None, device=dev)
     summary = summarize(per_edit, imperceptibility, clip)
+    if lpips_model is None:
+        summary["lpips_unavailable"] = lpips_reason[:190]
     reports = Path(reports_dir)
     write_csv(reports / "per_edit.csv", per_edit)
     write_csv(reports / "imperceptibility.csv", imperceptibility)
