@@ -1,4 +1,4 @@
-"""What does protection cost? Seconds, memory and a FLOP floor per protected image.
+"""What does protection cost? Seconds, memory and model-FLOP utilisation per protected image.
 
 For each editor and size this measures the official schedule (20 Adam iterations, each one
 batched forward+backward of the three loss passes, plus one no-grad clean-ring pass) with
@@ -10,16 +10,24 @@ randomly initialised weights (cost does not depend on weight values):
   says so);
 - peak memory: the process's peak RSS on CPU (reset per case through ``/proc/self/clear_refs``),
   ``torch.cuda.max_memory_allocated`` on GPU;
-- a floor: the FLOPs of the editor passes (``FlopCounterMode`` on meta tensors, so even cases
-  that cannot run here are counted) divided by the matrix throughput measured on this device;
+- model-FLOP utilisation (MFU): the FLOPs of the editor passes as direct convolutions and
+  matmuls (``FlopCounterMode`` on meta tensors, so even cases that cannot run here are
+  counted) per measured second, over a stated peak: on CPU the higher of a large fp32 matmul's
+  and a representative 3x3 convolution's throughput measured at the start of the run, on a
+  known GPU its datasheet dense peak for the row's precision (``GPU_DATASHEET``), on an
+  unknown GPU the measured matmul throughput. MFU above 1 means fewer FLOPs were executed
+  than counted (Winograd/FFT convolution kernels), which the row's ``mfu_note`` says;
 - a PhotoGuard-style baseline on the same SD editor (200 iterations x 10 gradient repetitions
   through a 4-step chain = 2,000 batch-1 chain passes per image), its per-pass cost measured
   here and extrapolated to 2,000 passes;
+- ensembles: ``implant`` against 2 or 3 editors at once (each step sums their losses, the
+  editors run and are back-propagated one after another), compared with their members' rows
+  (time against the sum of the members', peak memory against the largest member's);
 - speed switches against the plain setting: separate vs batched loss passes, gradient
   checkpointing, channels-last, and on CUDA only bf16 autocast and ``torch.compile``.
 
-A case whose floor alone says it cannot finish a warm-up and one iteration within
-``--max-seconds-per-case`` is reported as "skipped: needs a GPU" with its floor.
+A case that would not finish a warm-up and one iteration within ``--max-seconds-per-case`` even
+at the peak is reported as "skipped: needs a GPU", with its FLOPs and memory estimate.
 Prints a table last and writes JSON::
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 nice python benchmarks/benchmark_protection.py \\
@@ -41,8 +49,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +59,7 @@ import torch
 from runtime_backdoor.editors.diffusion import SD_DDIM_SCHEDULE, TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = 1
+SCHEMA = 2  #: 2: model-FLOP utilisation and stated peaks replace the floor; ensembles
 
 ITERATIONS = 20  #: the official schedule
 GUIDANCE = 7.5  #: the SD editor's default, also PhotoGuard's
@@ -125,13 +133,56 @@ class Case:
     photoguard: bool = False  #: the PhotoGuard-style baseline instead of our schedule
     compare_to: str | None = None  #: the case this one differs from by one switch
     groups: tuple[str, ...] = ()
+    #: an ensemble: the other editors (EDITOR_KINDS) protected against with ``editor``, at
+    #: the same size and switches (``sampler_steps`` and ``checkpointing`` for SD members)
+    ensemble_with: tuple[str, ...] = ()
+    #: an ensemble's member rows (case names) to compare it with, measured in the same run
+    members: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.ensemble_with and self.photoguard:
+            raise ValueError("the PhotoGuard-style baseline attacks one editor")
 
     @property
     def cuda_only(self) -> bool:
         return self.bf16 or self.compile
 
+    @property
+    def editors(self) -> tuple[str, ...]:
+        """The editor kinds of this case: one, or an ensemble's members in order."""
+        return (self.editor, *self.ensemble_with)
+
+    @property
+    def label(self) -> str:
+        """``editor`` or, for an ensemble, its kinds joined by ``+`` (the JSON's ``editor``)."""
+        return "+".join(self.editors)
+
+    def member_cases(self) -> list[Case]:
+        """One single-editor case per editor kind (itself when it is not an ensemble).
+
+        Sampler steps and checkpointing are SD settings: other members get the defaults,
+        which are the same editor and the same counts.
+        """
+        if not self.ensemble_with:
+            return [self]
+        return [
+            replace(
+                self,
+                name=f"{self.name}[{i}]",
+                editor=kind,
+                sampler_steps=self.sampler_steps if kind in SD_STACKS else None,
+                checkpointing=self.checkpointing and kind in SD_STACKS,
+                ensemble_with=(),
+                members=(),
+                compare_to=None,
+                groups=(),
+            )
+            for i, kind in enumerate(self.editors)
+        ]
+
     def switches(self) -> str:
         on = [
+            f"ensemble of {len(self.editors)}" if self.ensemble_with else "",
             "unfolded" if not self.fast else "",
             f"{self.images} images per call" if self.images > 1 else "",
             "separate passes" if not self.batch_passes else "",
@@ -175,7 +226,8 @@ def _cases() -> list[Case]:
         if size == 128:
             # the pipeline's implant stage protects 6 images per call
             cases.append(variant(base, "-x6", cpu, images=6))
-    # the Big-LaMa architecture
+    # the Big-LaMa architecture (128 px: a member of the CPU ensembles below)
+    cases.append(Case("big-lama-128", "lama", 128, groups=cpu))
     cases.append(Case("big-lama-256", "lama", 256, groups=cpu_gpu))
     big = Case("big-lama-512", "lama", 512, groups=cpu_gpu)
     big_bf16 = variant(big, "-bf16", gpu, bf16=True)
@@ -202,6 +254,7 @@ def _cases() -> list[Case]:
         variant(tiny, "-separate", cpu, batch_passes=False),
         variant(tiny, "-ckpt", cpu, checkpointing=True),
         replace(tiny, name="photoguard-tiny-sd-64-s4", photoguard=True, compare_to=tiny.name),
+        Case("tiny-sd-128-s4", "tiny-sd", 128, 4, groups=cpu),  # an ensemble member below
     ]
     # SD-1.5 inpainting at 512 px: fp32 and bf16, 1/2/4 sampler steps, with and without
     # gradient checkpointing, and the PhotoGuard-style baseline on the 4-step chain
@@ -225,6 +278,39 @@ def _cases() -> list[Case]:
                 )
                 if bf16:
                     cases.append(variant(base, "-separate", gpu, batch_passes=False))
+    # ensembles: one implant call against 2 or 3 editors, last so that every member's row
+    # (named in ``members``) is measured before it in the same run
+    by_name = {c.name: c for c in cases}
+
+    def ensemble(name: str, members: tuple[str, ...], groups: tuple[str, ...]) -> Case:
+        first, *rest = (by_name[m] for m in members)
+        steps = next((m.sampler_steps for m in (first, *rest) if m.sampler_steps), None)
+        return replace(
+            first,
+            name=name,
+            sampler_steps=steps,
+            ensemble_with=tuple(m.editor for m in rest),
+            members=members,
+            compare_to=None,
+            groups=groups,
+        )
+
+    cases += [
+        ensemble("smoke-ensemble-mini+tiny-sd-32-s1", (mini32.name, tiny32.name), smoke),
+        ensemble("ensemble-mini+big-lama-128", ("mini-128", "big-lama-128"), cpu),
+        ensemble("ensemble-mini+big-lama-256", ("mini-256", "big-lama-256"), cpu),
+        ensemble(
+            "ensemble-mini+big-lama+tiny-sd-128-s4",
+            ("mini-128", "big-lama-128", "tiny-sd-128-s4"),
+            cpu,
+        ),
+        ensemble("ensemble-big-lama+mat-512", ("big-lama-512", "mat-512"), cpu_gpu),
+        ensemble(
+            "ensemble-big-lama+mat+sd15-512-s4-bf16",
+            ("big-lama-512-bf16", "mat-512-bf16", "sd15-512-s4-bf16"),
+            cpu_gpu,
+        ),
+    ]
     return cases
 
 
@@ -287,9 +373,17 @@ def _sd_components(kind: str, device: torch.device) -> tuple[Any, Any]:
     return _SD_CACHE[key]
 
 
+def build_editors(case: Case, device: torch.device) -> list[torch.nn.Module]:
+    """Every editor of ``case`` (one, or an ensemble's members), random weights, on ``device``."""
+    return [build_editor(member, device) for member in case.member_cases()]
+
+
 def build_editor(case: Case, device: torch.device) -> torch.nn.Module:
     """The frozen editor of ``case`` with random weights on ``device`` (``meta``: shapes only)."""
     from runtime_backdoor.editors.lama import PRESETS, FFCResNetGenerator, LamaEditor, load_lama
+
+    if case.ensemble_with:
+        raise ValueError(f"{case.name} is an ensemble: use build_editors")
     from runtime_backdoor.training import DEFAULT_RECIPE
 
     if case.editor in ("mini-lama", "lama"):
@@ -336,7 +430,7 @@ def make_inputs(size: int, batch: int = 1, device: torch.device | str = "cpu"):
     return image, mask, scaled_kernel(size)
 
 
-# --------------------------------------------------------------------------- FLOPs and floor
+# --------------------------------------------------------------------------- FLOPs and memory
 
 
 @dataclass
@@ -353,9 +447,17 @@ class Flops:
 
 
 def count_flops(case: Case) -> Flops:
-    """FLOPs of ``case``'s editor passes (precision and memory layout do not change them)."""
-    return _count_flops(
-        case.editor, case.size, case.sampler_steps, case.checkpointing, case.photoguard
+    """FLOPs of ``case``'s editor passes (precision and memory layout do not change them).
+
+    An ensemble's iteration runs every member's batched pass, and its clean-ring pass every
+    member's forward: the members' counts add up.
+    """
+    counts = [
+        _count_flops(m.editor, m.size, m.sampler_steps, m.checkpointing, m.photoguard)
+        for m in case.member_cases()
+    ]
+    return Flops(
+        sum(c.pass_flops for c in counts), sum(c.clean_flops for c in counts), counts[0].passes
     )
 
 
@@ -431,16 +533,22 @@ def estimate_memory(case: Case) -> MemoryEstimate:
     are added back: an upper bound, since backward recomputes one segment (a UNet step or
     a VAE block) at a time. Not counted: gradients in flight, allocator slack, cuDNN workspaces; bf16
     autocast stores most activations at half the size.
+
+    An ensemble holds every member's weights, and the activations of one member at a time
+    (each is back-propagated before the next runs): the weights add up, the activations are
+    the largest member's.
     """
     batch = 1 if case.photoguard else 3
-    weights, saved = _saved_bytes(
-        case.editor, case.size, case.sampler_steps, case.checkpointing, batch
-    )
-    if case.checkpointing:
-        _, full = _saved_bytes(case.editor, case.size, 1, False, batch)
-        _, kept = _saved_bytes(case.editor, case.size, 1, True, batch)
-        saved += full - kept
-    return MemoryEstimate(weights, saved)
+    weights, activations = 0, 0
+    for m in case.member_cases():
+        w, saved = _saved_bytes(m.editor, m.size, m.sampler_steps, m.checkpointing, batch)
+        if m.checkpointing:
+            _, full = _saved_bytes(m.editor, m.size, 1, False, batch)
+            _, kept = _saved_bytes(m.editor, m.size, 1, True, batch)
+            saved += full - kept
+        weights += w
+        activations = max(activations, saved)
+    return MemoryEstimate(weights, activations)
 
 
 @functools.cache
@@ -473,11 +581,75 @@ def _saved_bytes(
     return weights, sum(n for _, n in saved.values())
 
 
-def floor_seconds(flops: float, flops_per_second: float) -> float:
-    """Time the work would take at the device's measured matrix throughput."""
-    if flops_per_second <= 0:
-        raise ValueError("flops_per_second must be positive")
-    return flops / flops_per_second
+# --------------------------------------------------------------------------- peaks and MFU
+
+#: Dense (no sparsity) datasheet peaks in FLOP/s per precision, for the GPUs the project is
+#: lent, keyed by :func:`datasheet_gpu`'s names. fp32 is the CUDA-core rate; tf32 is what cuDNN
+#: convolutions (and matmuls under ``allow_tf32``) run at. H200 has H100 SXM's compute.
+GPU_DATASHEET: dict[str, dict[str, float]] = {
+    "H100 SXM": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "H200": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12},
+}
+
+
+def datasheet_gpu(name: str) -> str | None:
+    """The :data:`GPU_DATASHEET` entry of a GPU named ``name`` (``torch.cuda.get_device_name``).
+
+    "NVIDIA H100 80GB HBM3" is the SXM board. PCIe and NVL boards (lower clocks and power)
+    and GH200 are not in the table: their rows use the measured matmul throughput instead.
+    """
+    import re
+
+    n = name.upper()
+    if "NVL" in n or "PCIE" in n:
+        return None
+    if re.search(r"\bH200\b", n):
+        return "H200"
+    if re.search(r"\bH100\b", n) and ("SXM" in n or "HBM3" in n):
+        return "H100 SXM"
+    return None
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The FLOP/s a row's utilisation is measured against, and where it comes from."""
+
+    flops_per_second: float
+    source: str
+    measured: bool  #: measured on this machine (else a datasheet's)
+
+    def __post_init__(self) -> None:
+        if not self.flops_per_second > 0:
+            raise ValueError(f"a peak must be positive, got {self.flops_per_second}")
+
+
+def utilisation(flops: float, seconds: float, peak_flops_per_second: float) -> float:
+    """Model-FLOP utilisation: counted FLOPs per measured second over the peak."""
+    if not seconds > 0 or not peak_flops_per_second > 0:
+        raise ValueError("seconds and the peak must be positive")
+    return flops / seconds / peak_flops_per_second
+
+
+def mfu_note(mfu: float | None, peak: Peak) -> str:
+    """Why a utilisation is above 1 (empty otherwise): never faster than the peak."""
+    if mfu is None or mfu <= 1:
+        return ""
+    why = "fewer FLOPs executed than the direct-convolution count (Winograd/FFT kernels)"
+    if peak.measured:
+        why += " or a peak measured under load"
+    return f"MFU > 1: {why}, not faster than the peak"
+
+
+def _best_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocation, kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def matmul_throughput(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float:
@@ -488,36 +660,116 @@ def matmul_throughput(device: torch.device, dtype: torch.dtype, tf32: bool = Fal
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        best = math.inf
-        for _ in range(6 if device.type == "cpu" else 12):
-            _sync(device)
-            start = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
+        best = _best_seconds(lambda: a @ b, device, 6 if device.type == "cpu" else 12)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
     return 2 * n**3 / best
 
 
-def device_throughput(device: torch.device) -> dict[str, float]:
-    """Measured matmul FLOP/s: fp32 on CPU; fp32, tf32 and bf16 on CUDA."""
+#: the representative 3x3 convolution: batch 3 (the three loss passes), 256 channels in and
+#: out, 64 x 64 on CPU (a Big-LaMa residual block at 512 px has 64 x 64 and 384 local channels)
+CONV_SHAPE = {"cpu": (3, 256, 64), "cuda": (3, 512, 128)}
+
+
+def conv_throughput(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float:
+    """FLOP/s of a representative 3x3 convolution, counted as a direct convolution.
+
+    The best of both memory layouts (contiguous and channels-last), forward only, no grad.
+    """
+    import torch.nn.functional as F
+
+    batch, channels, size = CONV_SHAPE["cpu" if device.type == "cpu" else "cuda"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device, dtype)
+    w = torch.randn(channels, channels, 3, 3, generator=g).to(device, dtype) / channels
+    flops = 2 * batch * channels * channels * 9 * size * size
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    best = math.inf
+    try:
+        with torch.no_grad():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                conv = functools.partial(
+                    F.conv2d,
+                    x.contiguous(memory_format=layout),
+                    w.contiguous(memory_format=layout),
+                    padding=1,
+                )
+                best = min(best, _best_seconds(conv, device, 6 if device.type == "cpu" else 12))
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    return flops / best
+
+
+def measure_throughput(device: torch.device) -> dict[str, dict[str, float]]:
+    """Measured FLOP/s of a large matmul and a 3x3 convolution, per precision.
+
+    fp32 on CPU; fp32, tf32 and bf16 on CUDA.
+    """
     if device.type == "cpu":
-        return {"fp32": matmul_throughput(device, torch.float32)}
+        precisions = {"fp32": (torch.float32, False)}
+    else:
+        precisions = {
+            "fp32": (torch.float32, False),
+            "tf32": (torch.float32, True),
+            "bf16": (torch.bfloat16, False),
+        }
     return {
-        "fp32": matmul_throughput(device, torch.float32),
-        "tf32": matmul_throughput(device, torch.float32, tf32=True),
-        "bf16": matmul_throughput(device, torch.bfloat16),
+        "matmul": {k: matmul_throughput(device, d, tf32) for k, (d, tf32) in precisions.items()},
+        "conv3x3": {k: conv_throughput(device, d, tf32) for k, (d, tf32) in precisions.items()},
     }
 
 
-def throughput_key(case: Case, device: torch.device) -> str:
+def device_peaks(
+    device: torch.device, measured: dict[str, dict[str, float]], gpu_name: str | None = None
+) -> dict[str, Peak]:
+    """The peak per precision that rows' MFU is stated against.
+
+    CPU: the higher of the measured matmul and 3x3 convolution throughputs (no datasheet
+    number fits a shared, frequency-scaled machine). GPU: the datasheet's dense peak where
+    :func:`datasheet_gpu` knows the name, else the measured matmul throughput.
+    """
+    peaks: dict[str, Peak] = {}
+    if device.type == "cpu":
+        for key, mm in measured["matmul"].items():
+            conv = measured["conv3x3"][key]
+            what = "3x3 convolution" if conv > mm else "matmul"
+            other = f"matmul {mm / 1e12:.3g}" if conv > mm else f"3x3 convolution {conv / 1e12:.3g}"
+            source = f"measured: {what}, {key}; the higher of the two, {other} TFLOP/s"
+            peaks[key] = Peak(max(mm, conv), source, True)
+        return peaks
+    name = gpu_name if gpu_name is not None else torch.cuda.get_device_name(device)
+    entry = datasheet_gpu(name)
+    for key, mm in measured["matmul"].items():
+        if entry is not None:
+            peaks[key] = Peak(
+                GPU_DATASHEET[entry][key], f"datasheet: {entry} {key.upper()} dense", False
+            )
+        else:
+            peaks[key] = Peak(
+                mm, f"measured: matmul, {key} ({name!r} has no datasheet entry)", True
+            )
+    return peaks
+
+
+def peak_key(case: Case, device: torch.device) -> str:
     """The precision the bulk of the case's FLOPs run at (cuDNN convolutions use TF32 by default)."""
     if device.type == "cpu":
         return "fp32"
     if case.bf16:
         return "bf16"
     return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- timing
@@ -666,14 +918,25 @@ class Row:
     peak_memory_gib: float | None = None  #: process RSS / CUDA allocated, weights included
     working_memory_gib: float | None = None  #: peak minus the memory held before the run
     memory_kind: str = ""
-    gflop_per_image: float | None = None
+    gflop_per_image: float | None = None  #: counted as direct convolutions and matmuls
     gflop_per_pass: float | None = None
     estimate_gib: float | None = None  #: fp32 weights + activations from shapes (meta)
-    floor_seconds: float | None = None
-    floor_throughput: str = ""
-    measured_over_floor: float | None = None
+    tflop_per_second: float | None = None  #: counted FLOPs per image / measured seconds
+    mfu: float | None = None  #: model-FLOP utilisation: tflop_per_second / peak
+    mfu_note: str = ""  #: why an MFU is above 1
+    peak_precision: str = ""  #: fp32, tf32 or bf16: the peak the row is measured against
+    peak_flops_per_second: float | None = None
+    peak_source: str = ""  #: "measured: ..." or "datasheet: ..."
     load_average_1m: float | None = None
     compare_to: str | None = None
+    members: list[str] = field(default_factory=list)  #: an ensemble's member rows
+
+    @property
+    def seconds_at_peak(self) -> float | None:
+        """Per-image seconds if the counted FLOPs ran at the peak (a planning number only)."""
+        if self.gflop_per_image is None or not self.peak_flops_per_second:
+            return None
+        return self.gflop_per_image * 1e9 / self.peak_flops_per_second
 
 
 @dataclass(frozen=True)
@@ -742,16 +1005,20 @@ def _run_photoguard(
 def run_case(
     case: Case,
     device: torch.device,
-    throughput: dict[str, float],
+    peaks: Mapping[str, Peak | float],
     budget: Budget,
 ) -> Row:
-    """Measure one case (or explain why not) and return its row."""
+    """Measure one case (or explain why not) and return its row.
+
+    ``peaks``: per precision, the :class:`Peak` rows are measured against (a bare number is
+    taken as a measured peak of unstated source).
+    """
     passes = PHOTOGUARD_ITERS * PHOTOGUARD_REPS if case.photoguard else ITERATIONS
     one = "chain pass" if case.photoguard else "iteration"
     unit = "chain passes" if case.photoguard else "iterations"
     row = Row(
         case.name,
-        case.editor,
+        case.label,
         case.size,
         case.sampler_steps,
         case.switches(),
@@ -759,16 +1026,21 @@ def run_case(
         if case.photoguard
         else f"ours {ITERATIONS} it",
         compare_to=case.compare_to,
+        members=list(case.members),
         load_average_1m=round(os.getloadavg()[0], 2),
     )
     flops = count_flops(case)
-    key = throughput_key(case, device)
+    key = peak_key(case, device)
+    peak = peaks[key]
+    if not isinstance(peak, Peak):
+        peak = Peak(float(peak), "given", True)
     row.gflop_per_pass = flops.pass_flops / 1e9
     row.gflop_per_image = flops.per_image / 1e9
-    row.floor_seconds = floor_seconds(flops.per_image, throughput[key])
-    row.floor_throughput = key
+    row.peak_precision = key
+    row.peak_flops_per_second = peak.flops_per_second
+    row.peak_source = peak.source
     row.estimate_gib = estimate_memory(case).total_bytes / 2**30
-    estimate = floor_seconds(flops.pass_flops, throughput[key])  # per iteration / chain pass
+    estimate = flops.pass_flops / peak.flops_per_second  # per iteration / chain pass, at best
 
     if case.cuda_only and device.type != "cuda":
         row.status = "skipped: needs a GPU"
@@ -777,22 +1049,27 @@ def run_case(
     if 2 * estimate > budget.max_seconds:  # a warm-up and one measured iteration do not fit
         row.status = "skipped: needs a GPU" if device.type == "cpu" else "skipped: too slow"
         row.note = (
-            f"floor {estimate:.0f} s per {one} here, "
+            f"{estimate:.0f} s per {one} even at the peak "
+            f"({peak.flops_per_second / 1e12:.3g} TFLOP/s), "
             f"over half of --max-seconds-per-case {budget.max_seconds:g}"
         )
         return row
 
     memory = PeakMemory(device)
-    editor = None
+    editor = editors = None
     try:
-        editor = build_editor(case, device)
+        editors = build_editors(case, device)
         image, mask, kernel = make_inputs(case.size, case.images, device)
         if case.channels_last:
-            editor = editor.to(memory_format=torch.channels_last)
+            editors = [e.to(memory_format=torch.channels_last) for e in editors]
             image = image.contiguous(memory_format=torch.channels_last)
             mask = mask.contiguous(memory_format=torch.channels_last)
+        for e in editors:  # LaMa's folded copy is made at the first call: count it as weights
+            if hasattr(e, "inference_generator"):
+                e.inference_generator(image.device)
         if case.compile:
-            editor = torch.compile(editor)
+            editors = [torch.compile(e) for e in editors]
+        editor = editors if case.ensemble_with else editors[0]
         memory.reset()
         if case.photoguard:
             totals, loops, k = _run_photoguard(case, editor, image, mask, device, budget, estimate)
@@ -800,11 +1077,11 @@ def run_case(
             totals, loops, k = _run_ours(
                 case, editor, image, mask, kernel, device, budget, estimate
             )
-        peak = memory.peak_bytes()
-        if peak is not None:
-            row.peak_memory_gib = peak / 2**30
+        held = memory.peak_bytes()
+        if held is not None:
+            row.peak_memory_gib = held / 2**30
             if memory.baseline is not None:
-                row.working_memory_gib = max(0, peak - memory.baseline) / 2**30
+                row.working_memory_gib = max(0, held - memory.baseline) / 2**30
         row.memory_kind = memory.kind
     except torch.cuda.OutOfMemoryError as err:
         row.status = "failed: out of memory"
@@ -815,7 +1092,7 @@ def run_case(
         row.note = str(err).splitlines()[0][:160] if str(err) else ""
         return row
     finally:
-        del editor
+        del editor, editors
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -836,17 +1113,46 @@ def run_case(
     if row.extrapolated:
         notes.append(f"extrapolated from {k} {unit if k > 1 else one} (of {passes})")
     row.note = "; ".join(notes)
-    row.measured_over_floor = row.seconds_per_image / row.floor_seconds
+    row.tflop_per_second = flops.per_image / row.seconds_per_image / 1e12
+    row.mfu = utilisation(flops.per_image, row.seconds_per_image, peak.flops_per_second)
+    row.mfu_note = mfu_note(row.mfu, peak)
     return row
 
 
-def compare(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """Each case against its ``compare_to`` partner: time and memory ratios."""
-    by_name = {r.case: r for r in rows}
+def compare(rows: Sequence[Row], references: Sequence[Row] = ()) -> list[dict[str, Any]]:
+    """Each case against its ``compare_to`` partner: time and memory ratios.
+
+    An ensemble is compared with its members' rows: its time with the sum of theirs (it runs
+    every member each iteration), its peak and working memory with the largest member's (it
+    holds one member's activations at a time). Partners are looked up in ``rows``, then in
+    ``references`` (rows of an earlier run on the same machine, ``--compare-with``).
+    """
+    by_name = {r.case: r for r in (*references, *rows)}
     out = []
     for r in rows:
+        if r.seconds_per_image is None:
+            continue
+        if r.members:
+            members = [by_name.get(m) for m in r.members]
+            if any(m is None or m.seconds_per_image is None for m in members):
+                continue
+            entry = {
+                "case": r.case,
+                "reference": " + ".join(r.members),
+                "what": f"ensemble of {len(members)}: time / sum of members', "
+                "memory / largest member's",
+                "time_ratio": r.seconds_per_image / sum(m.seconds_per_image for m in members),
+            }
+            peaks = [m.peak_memory_gib for m in members]
+            if r.peak_memory_gib and all(peaks):
+                entry["peak_memory_ratio"] = r.peak_memory_gib / max(peaks)
+            works = [m.working_memory_gib for m in members]
+            if r.working_memory_gib and all(works):
+                entry["working_memory_ratio"] = r.working_memory_gib / max(works)
+            out.append(entry)
+            continue
         ref = by_name.get(r.compare_to or "")
-        if ref is None or r.seconds_per_image is None or ref.seconds_per_image is None:
+        if ref is None or ref.seconds_per_image is None:
             continue
         entry = {
             "case": r.case,
@@ -854,6 +1160,8 @@ def compare(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "what": "PhotoGuard-style / ours" if "PhotoGuard" in r.schedule else r.switches,
             "time_ratio": r.seconds_per_image / ref.seconds_per_image,
         }
+        if r.peak_memory_gib and ref.peak_memory_gib:
+            entry["peak_memory_ratio"] = r.peak_memory_gib / ref.peak_memory_gib
         if r.working_memory_gib and ref.working_memory_gib:
             entry["working_memory_ratio"] = r.working_memory_gib / ref.working_memory_gib
         out.append(entry)
@@ -866,7 +1174,8 @@ def compare(rows: Sequence[Row]) -> list[dict[str, Any]]:
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     info: dict[str, Any] = {
         "type": device.type,
-        "name": platform.processor() or platform.machine(),
+        "name": cpu_model(),
+        "cpu_model": cpu_model(),  #: the host's CPU, also on a GPU machine
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -903,9 +1212,10 @@ def table(rows: Sequence[Row], comparisons: Sequence[dict[str, Any]]) -> str:
         "work GiB",
         "est. GiB",
         "TFLOP/image",
-        "floor s",
-        "x floor",
+        "TFLOP/s",
+        "MFU",
         "status / note",
+        "MFU note",
     ]
     body = [
         [
@@ -917,23 +1227,27 @@ def table(rows: Sequence[Row], comparisons: Sequence[dict[str, Any]]) -> str:
             _fmt(r.working_memory_gib),
             _fmt(r.estimate_gib),
             f"{r.gflop_per_image / 1e3:.3g}" if r.gflop_per_image is not None else "",
-            _fmt(r.floor_seconds),
-            _fmt(r.measured_over_floor, 1),
+            f"{r.tflop_per_second:.3g}" if r.tflop_per_second is not None else "",
+            f"{r.mfu:.2g}" if r.mfu is not None else "",
             r.note if r.status == "ok" else f"{r.status} ({r.note})",
+            r.mfu_note,
         ]
         for r in rows
     ]
-    cmp_headers = ["case", "vs", "what", "time ratio", "work-memory ratio"]
+    cmp_headers = ["case", "vs", "what", "time ratio", "peak-memory ratio", "work-memory ratio"]
     cmp_body = [
         [
             c["case"],
             c["reference"],
             c["what"],
             _fmt(c["time_ratio"]),
+            _fmt(c.get("peak_memory_ratio")),
             _fmt(c.get("working_memory_ratio")),
         ]
         for c in comparisons
     ]
+    peaks = sorted({(r.peak_precision, r.peak_flops_per_second, r.peak_source) for r in rows
+                    if r.peak_flops_per_second})  # fmt: skip
     try:
         from tabulate import tabulate
 
@@ -946,11 +1260,25 @@ def table(rows: Sequence[Row], comparisons: Sequence[dict[str, Any]]) -> str:
             text += "\n\n" + "\n".join(
                 " | ".join(map(str, line)) for line in [cmp_headers, *cmp_body]
             )
-    return text + (
-        "\n(* extrapolated to the full schedule; work GiB: peak minus the memory held before "
+    return (
+        text
+        + "\n(* extrapolated to the full schedule; work GiB: peak minus the memory held before "
         "the run; est. GiB: fp32 weights + activations kept for backward, from shapes; "
-        "floor: FLOPs / measured matmul throughput)"
+        "TFLOP/s: FLOPs counted as direct convolutions and matmuls per measured second; "
+        "MFU: TFLOP/s over the peak)\n"
+        + "\n".join(f"peak {k}: {v / 1e12:.3g} TFLOP/s, {src}" for k, v, src in peaks)
     )
+
+
+def load_rows(paths: Sequence[str | Path]) -> list[Row]:
+    """The rows of earlier reports that exist (fields this version does not know are dropped)."""
+    known = {f.name for f in fields(Row)}
+    return [
+        Row(**{k: v for k, v in r.items() if k in known})
+        for path in paths
+        if Path(path).is_file()
+        for r in json.loads(Path(path).read_text()).get("rows", [])
+    ]
 
 
 def _json_safe(value: Any) -> Any:
@@ -971,12 +1299,19 @@ def run(
     threads: int | None = None,
     echo: Callable[[str], None] = print,
     deadline: float | None = None,
+    compare_with: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """Run the selected cases, write the JSON report to ``out`` and return it.
 
     ``deadline``: seconds after which no further case starts (they are reported as
     skipped), so that a time-limited GPU call ends with its JSON written.
+    ``compare_with``: earlier reports whose rows serve as comparison partners (an
+    ensemble's members measured in another call on the same machine).
     """
+    references = load_rows(compare_with)
+    for path in compare_with:
+        if not Path(path).is_file():
+            echo(f"--compare-with {path}: no such file; its rows are not compared")
     budget = budget or Budget()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -992,12 +1327,19 @@ def run(
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    throughput = device_throughput(dev)
+    measured = measure_throughput(dev)
+    peaks = device_peaks(dev, measured)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
     echo(
-        f"{device}: matmul throughput "
-        + ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in throughput.items())
-        + f"; load average {load_before[0]:.2f}"
+        f"{device} ({name}): measured "
+        + "; ".join(
+            f"{op} " + ", ".join(f"{k} {v / 1e12:.3g}" for k, v in by_key.items())
+            for op, by_key in measured.items()
+        )
+        + f" TFLOP/s; load average {load_before[0]:.2f}"
     )
+    for key, peak in peaks.items():
+        echo(f"  peak {key}: {peak.flops_per_second / 1e12:.4g} TFLOP/s ({peak.source})")
     settings = {
         "cases": [c.name for c in selected],
         "repeats": budget.repeats,
@@ -1013,6 +1355,7 @@ def run(
         "weights": "random",
         "image": "centred box mask of a quarter of the area; 1 image per call unless the row says",
         "deadline_seconds": deadline,
+        "compare_with": [str(p) for p in compare_with],
     }
     rows: list[Row] = []
 
@@ -1022,26 +1365,35 @@ def run(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             **environment(dev, torch.get_num_threads()),
             "settings": settings,
-            "matmul_flops_per_second": throughput,
+            "matmul_flops_per_second": measured["matmul"],
+            "conv3x3_flops_per_second": measured["conv3x3"],
+            "conv3x3_shape": dict(
+                zip(("batch", "channels", "size"), CONV_SHAPE[dev.type], strict=True)
+            ),
+            "peak_flops_per_second": {
+                k: {"value": p.flops_per_second, "source": p.source, "measured": p.measured}
+                for k, p in peaks.items()
+            },
             "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
             "wall_seconds": time.perf_counter() - started,
             "complete": len(rows) == len(selected),
             "rows": [asdict(r) for r in rows],
-            "comparisons": compare(rows),
+            "comparisons": compare(rows, references),
         }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     result = report()
     for case in selected:
         if deadline is not None and time.perf_counter() - started > deadline:
-            row = Row(case.name, case.editor, case.size, case.sampler_steps, case.switches(), "")
+            row = Row(case.name, case.label, case.size, case.sampler_steps, case.switches(), "")
             row.status, row.note = "skipped: out of time", f"--deadline-seconds {deadline:g}"
         else:
-            row = run_case(case, dev, throughput, budget)
+            row = run_case(case, dev, peaks, budget)
         echo(
             f"  {case.name}: {row.status}"
             + (f", {row.seconds_per_image:.3g} s/image" if row.seconds_per_image else "")
-            + (f", floor {row.floor_seconds:.3g} s" if row.floor_seconds else "")
+            + (f", MFU {row.mfu:.2g}" if row.mfu is not None else "")
+            + (f", peak {row.peak_memory_gib:.2f} GiB" if row.peak_memory_gib else "")
         )
         rows.append(row)
         # after every row: a run cut short (GPU time limit) keeps what it measured
@@ -1086,14 +1438,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default reports/benchmarks/DEVICE.json)"
     )
+    parser.add_argument(
+        "--compare-with",
+        nargs="*",
+        default=[],
+        help="earlier reports (same machine) whose rows are comparison partners, e.g. an "
+        "ensemble's members",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     args = parser.parse_args(argv)
     if args.list:
         for c in CASES.values():
-            print(f"{c.name:36s} {','.join(c.groups):14s} {c.switches()}")
+            print(f"{c.name:40s} {','.join(c.groups):14s} {c.switches()}")
         return
     budget = Budget(args.repeats, args.max_seconds_per_case, args.max_iterations)
-    run(args.cases, args.device, budget, args.out, args.threads, deadline=args.deadline_seconds)
+    run(
+        args.cases,
+        args.device,
+        budget,
+        args.out,
+        args.threads,
+        deadline=args.deadline_seconds,
+        compare_with=args.compare_with,
+    )
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@
 #     bash benchmarks/gpu_check.sh
 # Results land in $OUT (the device tool brings them back) or reports/benchmarks/ without it:
 # device_checks.json holds correctness checks on the GPU, gpu-key.json the issue's target
-# rows, gpu-rest.json the remaining switches, rehearsal.json (+ rehearsal/ with each editor's
+# rows, gpu-ensemble.json the ensemble rows (compared with gpu-key.json's member rows),
+# gpu-rest.json the remaining switches, rehearsal.json (+ rehearsal/ with each editor's
 # reports and figures) the pipeline rehearsal's per-stage seconds and peak GPU memory. Every JSON
-# is rewritten after each row or stage; DEADLINE (seconds, default 420) stops new rows in time,
-# TOTAL (default 520) bounds the whole call (the scale-out step gets what is left).
+# is rewritten after each row or stage; DEADLINE (seconds, default 420) stops new rows in time
+# (ENSEMBLE seconds of it, default 75, are kept for the ensemble rows), TOTAL (default 520)
+# bounds the whole call (the scale-out step gets what is left).
 # A dry run of the plumbing here: DEVICE=cpu DEADLINE=20 PYTHON=.venv/bin/python OUT=/tmp/gc bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,13 +54,27 @@ timeout -k 10 $((rehearsal + 60)) "$py" benchmarks/rehearse_pipeline.py --device
     "${dry[@]}" --deadline "$rehearsal" --out "$out/rehearsal.json" --keep "$out/rehearsal" 2>&1 |
     tee "$out/rehearsal.log"
 
-# 2. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness
-left=$((deadline - (SECONDS - start)))
+# 2. the issue's targets, in one run so that the PhotoGuard ratio comes from the same harness;
+#    ENSEMBLE seconds of the deadline are left for step 2b
+ensemble=${ENSEMBLE:-75}
+left=$((deadline - ensemble - (SECONDS - start)))
 left=$((left > 0 ? left : 0))
 timeout -k 10 $((left + 90)) "$py" benchmarks/benchmark_protection.py --device "$device" \
     --repeats 2 --max-seconds-per-case 20 --deadline-seconds "$left" --out "$out/gpu-key.json" --cases \
     big-lama-512 big-lama-512-bf16 mat-512 mat-512-bf16 sd15-512-s4-bf16 sd15-512-s4-bf16-ckpt \
     photoguard-sd15-512-s4-bf16 sd15-512-s4 sd15-512-s4-ckpt 2>&1 | tee "$out/gpu-key.log"
+
+# 2b. ensembles (issue 23): one implant call against Big-LaMa + MAT (fp32) and Big-LaMa + MAT +
+#     SD-1.5 4-step (bf16; estimated at most 67 GiB in fp32), one image at 512 px; seconds and peak
+#     GPU memory against their members' rows in gpu-key.json (time / sum, memory / largest)
+left=$((deadline - (SECONDS - start)))
+if ((left > 30)); then
+    timeout -k 10 $((left + 60)) "$py" benchmarks/benchmark_protection.py --device "$device" \
+        --repeats 1 --max-seconds-per-case 15 --deadline-seconds "$left" \
+        --out "$out/gpu-ensemble.json" --compare-with "$out/gpu-key.json" \
+        --cases ensemble-big-lama+mat-512 ensemble-big-lama+mat+sd15-512-s4-bf16 2>&1 |
+        tee "$out/gpu-ensemble.log"
+fi
 
 # 3. every other row of the gpu group, in the time left
 left=$((deadline - (SECONDS - start)))

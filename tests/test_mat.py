@@ -490,7 +490,7 @@ def test_benchmark_rows_count_mat_and_reach_the_gpu_script():
         assert 9 < flops.pass_flops / flops.clean_flops < 13
         budget = bench.Budget(repeats=1, max_seconds=1.0)
         row = bench.run_case(bench.CASES["mat-512"], torch.device("cpu"), {"fp32": 1e11}, budget)
-        assert row.status == "skipped: needs a GPU" and row.floor_seconds > 100
+        assert row.status == "skipped: needs a GPU" and row.seconds_at_peak > 100
     finally:
         sys.modules.pop(spec.name, None)
     gpu_script = (script.parent / "gpu_check.sh").read_text()
