@@ -3,9 +3,9 @@
 #
 # Here, once (needs the package registry): the GPU image has torch but not diffusers
 #     bash benchmarks/gpu_check.sh --fetch-wheels      # -> .whl/ (git-ignored, about 6 MB)
-# There, through the device tool, with carry [".whl"] and timeout_s 540:
-#     bash benchmarks/gpu_check.sh
-# Results land in $OUT (the device tool brings them back) or reports/benchmarks/ without it:
+# There, with .whl/ copied along and a wall-clock limit of about 9 minutes:
+#     OUT=gpu-results bash benchmarks/gpu_check.sh
+# Results land in $OUT, or reports/benchmarks/ without it:
 # device_checks.json holds correctness checks on the GPU, gpu-key.json the target
 # rows, gpu-ensemble.json the ensemble rows (compared with gpu-key.json's member rows),
 # gpu-rest.json the remaining switches, rehearsal.json (+ rehearsal/ with each editor's
@@ -91,7 +91,7 @@ fi
 #    sharing the GPU(s) -> gpu-scaleout.json. GPU only (the CPU rows come from running
 #    benchmark_scaleout.py directly); its own budget: SCALEOUT seconds (default 150; 0 skips
 #    it); needs accelerate (in .whl/ after --fetch-wheels, or installed).
-#    The whole call stays under TOTAL seconds (default 520, inside the device tool's 540): the
+#    The whole call stays under TOTAL seconds (default 520, inside a 9-minute slot): the
 #    scale-out gets what is left of it, and is skipped with under 30 s.
 scaleout=${SCALEOUT:-150}
 total=${TOTAL:-520}
