@@ -32,10 +32,13 @@ def sha256(data: bytes) -> str:
 
 
 class Server:
-    """Routes: path -> (status, body, headers); ``cuts[path]`` = how many GETs to cut half-way."""
+    """Routes: path -> (status, body, headers); ``cuts[path]`` = how many GETs to cut half-way,
+    ``stalls[path]`` = how many to stall half-way (until the test ends), ``unsized``: paths
+    served without Content-Length (the body ends when the connection closes)."""
 
     def __init__(self):
-        self.routes, self.cuts, self.hits = {}, {}, []
+        self.routes, self.cuts, self.stalls, self.hits = {}, {}, {}, []
+        self.unsized, self.sent, self.release = set(), {}, threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -55,9 +58,29 @@ class Server:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                if path in server.unsized:
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if not body:
+                    return
+                if server.stalls.get(path, 0) > 0:
+                    server.stalls[path] -= 1
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    server.release.wait(30)  # silent, connection open
+                    self.close_connection = True
+                    return
+                if path in server.unsized:
+                    sent = 0
+                    try:
+                        for i in range(0, len(data), 1 << 16):
+                            self.wfile.write(data[i : i + (1 << 16)])
+                            sent += len(data[i : i + (1 << 16)])
+                    except OSError:  # the client hung up
+                        pass
+                    server.sent[path] = sent
                     return
                 if body and server.cuts.get(path, 0) > 0:
                     server.cuts[path] -= 1
@@ -82,6 +105,7 @@ def server(monkeypatch, tmp_path):
     monkeypatch.setenv(weights.MIRROR_ENV, s.url)
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     yield s
+    s.release.set()
     s.httpd.shutdown()
     s.httpd.server_close()
 
@@ -252,15 +276,29 @@ def test_zip_with_unsafe_paths_is_refused(server):
 # ---------------------------------------------------------------- hub
 
 
+HUB_REPO = "test-org/tiny-hub-repo"
+
+
 @pytest.fixture
-def hub(server, monkeypatch):
+def hub_spec(monkeypatch):
+    """A hub entry of the tests' own (the registry's entries change with the study)."""
+    spec = WeightFile(
+        "tiny-hub", "test hub repo", "hub", HUB_REPO, "hub/tiny", "test licence",
+        hub_files=("open_clip_model.safetensors",),
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "tiny-hub", spec)
+    return spec
+
+
+@pytest.fixture
+def hub(server, monkeypatch, hub_spec):
     """The fake hub serves a two-file repo; returns the files."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_ENDPOINT", server.url)
-    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    repo = HUB_REPO
     files = {"open_clip_model.safetensors": PAYLOAD[:5000], "README.md": b"# readme\n"}
     siblings = [
         {
@@ -291,41 +329,39 @@ def hub(server, monkeypatch):
 
 
 def test_hub_fetch_takes_only_the_needed_files_and_records_the_commit(server, hub, tmp_path):
-    path, what = weights.fetch("clip-vit-b-32")
-    folder = tmp_path / "models" / "clip" / "ViT-B-32"
+    path, what = weights.fetch("tiny-hub")
+    folder = tmp_path / "models" / "hub" / "tiny"
     assert path == folder and COMMIT in what
     assert (folder / "open_clip_model.safetensors").read_bytes() == hub[
         "open_clip_model.safetensors"
     ]
     assert not (folder / "README.md").exists()  # not a file the study needs
-    record = json.loads((tmp_path / "models" / "weights.json").read_text())["clip-vit-b-32"]
+    record = json.loads((tmp_path / "models" / "weights.json").read_text())["tiny-hub"]
     assert record["commit"] == COMMIT
     assert record["files"] == {
         "open_clip_model.safetensors": {
             "size": 5000, "sha256": sha256(hub["open_clip_model.safetensors"])
         }
     }  # fmt: skip
-    assert weights.primary_path(REGISTRY["clip-vit-b-32"]) == folder / "open_clip_model.safetensors"
+    assert weights.primary_path(REGISTRY["tiny-hub"]) == folder / "open_clip_model.safetensors"
     # present and matching: no second download
-    downloads = server.gets(
-        f"/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/{COMMIT}/open_clip_model.safetensors"
-    )
-    _, what = weights.fetch("clip-vit-b-32")
+    downloads = server.gets(f"/{HUB_REPO}/resolve/{COMMIT}/open_clip_model.safetensors")
+    _, what = weights.fetch("tiny-hub")
     assert what.startswith("present") and downloads == 1
-    assert weights.verify("clip-vit-b-32") == (True, f"ok: {folder} (commit {COMMIT}, 1 files)")
+    assert weights.verify("tiny-hub") == (True, f"ok: {folder} (commit {COMMIT}, 1 files)")
 
 
 def test_hub_checksum_mismatch_deletes_the_file(server, hub, tmp_path):
-    repo = "laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
+    repo = HUB_REPO
     bad = b"tampered"
     server.routes[f"/{repo}/resolve/{COMMIT}/open_clip_model.safetensors"] = (
         200, bad, {"X-Repo-Commit": COMMIT, "ETag": '"x"'},
     )  # fmt: skip
     with pytest.raises(WeightsError) as err:
-        weights.fetch("clip-vit-b-32")
+        weights.fetch("tiny-hub")
     expected = sha256(hub["open_clip_model.safetensors"])
     assert f"expected sha256:{expected}, found sha256:{sha256(bad)}" in str(err.value)
-    assert not (tmp_path / "models/clip/ViT-B-32/open_clip_model.safetensors").exists()
+    assert not (tmp_path / "models/hub/tiny/open_clip_model.safetensors").exists()
 
 
 def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
@@ -342,7 +378,7 @@ def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
     assert "(HF_HUB_OFFLINE is set: unset it to download, as `make weights` does)" in message
 
 
-def test_hub_unreachable_is_one_line(monkeypatch, tmp_path):
+def test_hub_unreachable_is_one_line(monkeypatch, tmp_path, hub_spec):
     import socket
 
     import huggingface_hub.constants
@@ -354,12 +390,10 @@ def test_hub_unreachable_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     with pytest.raises(WeightsError) as err:
-        weights.fetch("clip-vit-b-32")
+        weights.fetch("tiny-hub")
     message = str(err.value)
-    assert message.startswith(
-        "clip-vit-b-32: cannot download laion/CLIP-ViT-B-32-laion2B-s34B-b79K"
-    )
-    assert "weights verify clip-vit-b-32" in message and "\n" not in message
+    assert message.startswith(f"tiny-hub: cannot download {HUB_REPO}")
+    assert "weights verify tiny-hub" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- CLI
@@ -372,7 +406,8 @@ def test_cli_list_shows_every_file(capsys):
         assert f"{spec.name}" in out and spec.source in out and spec.licence in out
     assert "205,669,692 bytes" in out and "md5:e3aa4aaa15225a33ec84f9f4bc47e500" in out
     assert "md5:8ca927835fa3f5e21d65ffcb165377ed" in out
-    assert "goes to  models/clip/ViT-B-32/open_clip_model.safetensors" in out
+    clip = weights.primary_path(REGISTRY["clip-vit-b-32"], Path("models"))
+    assert f"goes to  {clip}" in out and str(clip).startswith("models/clip/")
     assert out.count("[make weights]") == len(weights.DEFAULT_SET)
 
 
@@ -390,3 +425,97 @@ def test_cli_verify_and_fetch_exit_codes(server, tiny, capsys):
     assert capsys.readouterr().err.startswith(
         "runtime-backdoor weights: error: unknown weights 'nonesuch'; known: big-lama"
     )
+
+
+# ---------------------------------------------------------------- stalls and sizes
+
+
+def test_a_stall_mid_body_gives_up_within_the_stall_time_and_says_so(server, tiny, monkeypatch):
+    import time
+
+    monkeypatch.setattr(weights, "STALL_SECONDS", 1.0)
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    server.stalls["/tiny.bin"] = 2
+    target = weights.destination(tiny)
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=1, progress=False)  # two attempts, both stall
+    seconds = time.monotonic() - start
+    assert str(err.value) == (
+        f"tiny: cannot download {server.url}/tiny.bin (stalled: no data for 1 s after "
+        f"524,288 of 1,048,576 bytes); download it elsewhere, copy it to {target} by hand, "
+        "then run `runtime-backdoor weights verify tiny`"
+    )
+    assert server.gets("/tiny.bin") == 2 and seconds < 2 * 1.0 + 2, seconds
+    assert leftovers(target.parent) == []
+    # a stall that clears: the next attempt completes
+    server.stalls["/tiny.bin"] = 1
+    path, _ = weights.fetch("tiny", retries=1, progress=False)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_the_stall_time_is_30_seconds_per_attempt():
+    assert weights.STALL_SECONDS == 30
+
+
+def test_a_trickle_is_a_stall(server, tiny, monkeypatch):
+    monkeypatch.setattr(weights, "STALL_SECONDS", 0.3)
+    monkeypatch.setattr(weights, "STALL_MIN_BYTES", 2 * len(PAYLOAD))  # never reached in 0.3 s
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    server.stalls["/tiny.bin"] = 1  # half at once, then nothing: the window sees too little
+    with pytest.raises(WeightsError, match=r"\(stalled: "):
+        weights.fetch("tiny", retries=0, progress=False)
+
+
+def test_more_bytes_than_registered_are_refused(server, tiny):
+    too_much = PAYLOAD * 3
+    limit = weights.size_limit(tiny)
+    assert limit == len(PAYLOAD) + 64 * 1024  # 1 MiB registered: the 64 KiB margin
+    target = weights.destination(tiny)
+    # announced in Content-Length: refused before the body
+    server.routes["/tiny.bin"] = (200, too_much, {})
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=2, progress=False)
+    assert (
+        f"(it announced 3,145,728 bytes, more than the {limit:,} expected (registered size "
+        "plus margin); nothing was downloaded)" in str(err.value)
+    )
+    assert server.gets("/tiny.bin") == 1  # not retried: the file is not the registered one
+    # not announced: the transfer stops at the limit
+    server.unsized.add("/tiny.bin")
+    with pytest.raises(WeightsError) as err:
+        weights.fetch("tiny", retries=2, progress=False)
+    assert f"(it sent more than {limit:,} bytes (registered size plus margin); stopped there)" in str(err.value)  # fmt: skip
+    assert server.gets("/tiny.bin") == 2 and leftovers(target.parent) == []
+
+
+def test_an_unsized_download_of_the_right_size_is_fine(server, tiny):
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    server.unsized.add("/tiny.bin")
+    path, _ = weights.fetch("tiny", retries=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_the_big_lama_entry_is_capped_near_its_size():
+    spec = REGISTRY["big-lama"]
+    assert spec.size < weights.size_limit(spec) <= spec.size * 1.011
+    assert weights.size_limit(REGISTRY["mat-places512"]) == weights.MAX_UNREGISTERED_BYTES
+
+
+def test_a_refused_connection_is_named(monkeypatch, tiny, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
+    with pytest.raises(WeightsError, match=r"\(could not connect: Connection refused\)"):
+        weights.fetch("tiny", retries=0, progress=False)
+
+
+def test_a_server_error_is_retried_and_a_404_is_not(server, tiny):
+    server.routes["/tiny.bin"] = (503, b"busy", {})
+    with pytest.raises(WeightsError, match="answered HTTP 503"):
+        weights.fetch("tiny", retries=2, progress=False)
+    assert server.gets("/tiny.bin") == 3

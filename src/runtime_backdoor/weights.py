@@ -4,8 +4,9 @@
     runtime-backdoor weights fetch big-lama clip-vit-b-32
     runtime-backdoor weights verify
 
-Plain URLs are downloaded with ``pooch`` (streamed to a temporary file next to the
-destination, hash-checked, then renamed: a partial file never has the final name) and
+Plain URLs are streamed to a temporary file next to the destination, hash-checked, then
+renamed (a partial file never has the final name; a stall, or more bytes than the registered
+size, stops the download: :func:`_download`) and
 hub repositories with ``huggingface_hub`` (which lands files the same way). What was
 fetched, with its SHA-256 and, for hub repositories, the resolved commit, is recorded
 in ``models/weights.json``; files without a published checksum are verified against
@@ -124,12 +125,51 @@ REGISTRY: dict[str, WeightFile] = {
         ),
         WeightFile(
             "clip-vit-b-32",
-            "open_clip ViT-B/32 laion2b_s34b_b79k, for CLIP-FID (evaluate.clip_weights)",
+            "OpenAI CLIP ViT-B/32 (QuickGELU), the network of clean-fid's clip_vit_b_32 "
+            "CLIP-FID, as open_clip's `openai` tag (evaluate.clip_weights)",
             "hub",
-            "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
-            "clip/ViT-B-32",
-            "MIT (LAION / open_clip)",
-            hub_files=("open_clip_model.safetensors",),
+            "timm/vit_base_patch32_clip_224.openai",
+            "clip/ViT-B-32-quickgelu",
+            "MIT (OpenAI CLIP)",
+            hub_files=("open_clip_pytorch_model.bin",),
+        ),
+        WeightFile(
+            "sd15",
+            "Stable Diffusion 1.5 text-to-image, diffusers folder: DiffPure and GrIDPure "
+            "(purifiers.load_img2img, purify stage)",
+            "hub",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "sd15",
+            "CreativeML OpenRAIL-M (RunwayML / Stability AI)",
+            hub_files=_sd_files(),
+        ),
+        WeightFile(
+            "sd-x4-upscaler",
+            "Stable Diffusion x4 upscaler, diffusers folder: noisy upscaling "
+            "(purifiers.load_upscaler, purify stage)",
+            "hub",
+            "stabilityai/stable-diffusion-x4-upscaler",
+            "sd-x4-upscaler",
+            "CreativeML OpenRAIL++-M (Stability AI)",
+            hub_files=(*_sd_files(), "low_res_scheduler/scheduler_config.json"),
+        ),
+        # LPIPS: the package ships its calibrated linear layers; the ImageNet backbones are
+        # torchvision's (file names carry the first 8 hex digits of their SHA-256).
+        WeightFile(
+            "lpips-alex",
+            "torchvision AlexNet (ImageNet), the backbone of LPIPS-alex (evaluate.lpips_backbone)",
+            "file",
+            "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+            "lpips/alexnet-owt-7be5be79.pth",
+            "BSD-3-Clause (torchvision)",
+        ),
+        WeightFile(
+            "lpips-vgg",
+            "torchvision VGG-16 (ImageNet), the backbone of LPIPS-vgg",
+            "file",
+            "https://download.pytorch.org/models/vgg16-397923af.pth",
+            "lpips/vgg16-397923af.pth",
+            "BSD-3-Clause (torchvision)",
         ),
     )
 }
@@ -223,40 +263,150 @@ def _spec(name: str) -> WeightFile:
     return REGISTRY[name]
 
 
-def _download(spec: WeightFile, url: str, target: Path, known_hash, retries, progress) -> None:
-    """pooch: a temporary file next to ``target``, hash-checked, then renamed."""
-    import pooch
-    import requests
+#: a download that receives no data for this long is given up (one attempt; then retried)
+STALL_SECONDS = 30.0
+#: ... and so is one that receives less than this in any STALL_SECONDS (a trickle)
+STALL_MIN_BYTES = 16 << 10
+#: bytes accepted beyond a registered size: max(SIZE_MARGIN, 1 %)
+SIZE_MARGIN = 64 << 10
+#: the cap of an entry without a registered size
+MAX_UNREGISTERED_BYTES = 4 << 30
 
-    fetcher = pooch.create(
-        path=target.parent,
-        base_url="",
-        registry={target.name: known_hash},
-        urls={target.name: url},
-        retry_if_failed=retries,
-    )
-    downloader = pooch.HTTPDownloader(progressbar=progress, timeout=60)
-    pooch.get_logger().setLevel("WARNING")
+
+class _Failed(Exception):
+    """One attempt failed; ``retry``: whether another attempt may help."""
+
+    def __init__(self, reason: str, retry: bool = True):
+        super().__init__(reason)
+        self.retry = retry
+
+
+def size_limit(spec: WeightFile) -> int:
+    """The most bytes a download of ``spec`` may bring: its registered size plus a margin."""
+    if not spec.size:
+        return MAX_UNREGISTERED_BYTES
+    return spec.size + max(SIZE_MARGIN, spec.size // 100)
+
+
+def _connect_reason(err) -> str:
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(err))
+    return f"could not connect: {found.group(1).strip()}" if found else "could not connect"
+
+
+def _stalled(got: int, of: str) -> _Failed:
+    return _Failed(f"stalled: no data for {STALL_SECONDS:g} s after {got:,}{of} bytes")
+
+
+def _stream(url: str, out, limit: int, algorithm: str, progress: bool, label: str) -> str:
+    """One attempt: ``url`` into the open file ``out``; returns the hex digest. Gives up on a
+    stall (no data, or under STALL_MIN_BYTES, for STALL_SECONDS), a short body and more than
+    ``limit`` bytes, each as a :class:`_Failed` that says so."""
+    import time
+
+    import requests
+    from tqdm.auto import tqdm
+
     try:
-        fetcher.fetch(target.name, downloader=downloader)
-    except ValueError as err:  # pooch's hash mismatch; its temporary file is already deleted
-        found = re.search(r"expected (\S+) but got (\w+)", str(err))
-        expected, got = (found.group(1), found.group(2)) if found else (known_hash, "?")
-        algorithm = expected.split(":")[0]
-        raise WeightsError(
-            f"{spec.name}: checksum mismatch for {url}: expected {expected}, found "
-            f"{algorithm}:{got}; the download was deleted ({target} not written)"
-        ) from None
-    except requests.HTTPError as err:
-        status = err.response.status_code if err.response is not None else "?"
-        raise WeightsError(
-            f"{spec.name}: {url} answered HTTP {status}; {_by_hand(spec, target)}"
-        ) from None
-    except requests.RequestException as err:
-        reason = type(err).__name__
-        raise WeightsError(
-            f"{spec.name}: cannot download {url} ({reason}); {_by_hand(spec, target)}"
-        ) from None
+        response = requests.get(url, stream=True, timeout=(STALL_SECONDS, STALL_SECONDS))
+    except requests.ConnectTimeout:
+        raise _Failed(f"no answer within {STALL_SECONDS:g} s") from None
+    except requests.ReadTimeout:
+        raise _Failed(f"stalled: no response within {STALL_SECONDS:g} s") from None
+    except requests.ConnectionError as err:
+        raise _Failed(_connect_reason(err)) from None
+    with response:
+        if response.status_code >= 400:
+            raise _Failed(f"HTTP {response.status_code}", retry=response.status_code >= 500)
+        declared = response.headers.get("Content-Length")
+        declared = int(declared) if declared and declared.isdigit() else None
+        if declared is not None and declared > limit:
+            raise _Failed(
+                f"it announced {declared:,} bytes, more than the {limit:,} expected "
+                "(registered size plus margin); nothing was downloaded",
+                retry=False,
+            )
+        digest, got = hashlib.new(algorithm), 0
+        of = f" of {declared:,}" if declared is not None else ""
+        read1 = getattr(response.raw, "read1", None)
+        chunks = (
+            iter(lambda: read1(1 << 16, decode_content=True), b"")
+            if read1 is not None
+            else response.iter_content(1 << 16)
+        )
+        window, in_window = time.monotonic(), 0
+        bar = tqdm(total=declared, unit="B", unit_scale=True, desc=label, disable=not progress)
+        try:
+            for block in chunks:
+                got += len(block)
+                if got > limit:
+                    raise _Failed(
+                        f"it sent more than {limit:,} bytes (registered size plus margin); "
+                        "stopped there",
+                        retry=False,
+                    )
+                out.write(block)
+                digest.update(block)
+                bar.update(len(block))
+                in_window += len(block)
+                if time.monotonic() - window >= STALL_SECONDS:
+                    if in_window < STALL_MIN_BYTES:
+                        raise _Failed(
+                            f"stalled: {in_window:,} bytes in {STALL_SECONDS:g} s after "
+                            f"{got:,}{of} bytes"
+                        )
+                    window, in_window = time.monotonic(), 0
+        except _Failed:
+            raise
+        except Exception as err:  # requests or urllib3 errors of a broken or silent transfer
+            chain = f"{type(err).__name__} {err} {type(err.__context__).__name__}".lower()
+            if "timed out" in chain or "timeout" in chain:
+                raise _stalled(got, of) from None
+            raise _Failed(f"the connection broke after {got:,}{of} bytes") from None
+        finally:
+            bar.close()
+        if declared is not None and got < declared:
+            raise _Failed(f"the connection closed after {got:,}{of} bytes")
+    return digest.hexdigest()
+
+
+def _download(spec: WeightFile, url: str, target: Path, known_hash, retries, progress) -> None:
+    """Stream ``url`` to a temporary file next to ``target``, hash-checked, then renamed.
+
+    Each of the ``1 + retries`` attempts gives up on a stall within :data:`STALL_SECONDS`,
+    and no attempt brings more than :func:`size_limit` bytes. Every failure is one
+    :class:`WeightsError` line naming the cause; no partial file keeps the final name.
+    """
+    from .data import temp_file_for
+
+    algorithm, _, expected = (known_hash or "sha256:").partition(":")
+    limit = size_limit(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries + 1):
+        fd, tmp = temp_file_for(target, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                found = _stream(url, out, limit, algorithm, progress, spec.name)
+            if expected and found != expected:
+                raise WeightsError(
+                    f"{spec.name}: checksum mismatch for {url}: expected {known_hash}, found "
+                    f"{algorithm}:{found}; the download was deleted ({target} not written)"
+                )
+            os.replace(tmp, target)
+            return
+        except _Failed as err:
+            if err.retry and attempt < retries:
+                continue
+            reason = str(err)
+            if reason.startswith("HTTP "):
+                raise WeightsError(
+                    f"{spec.name}: {url} answered {reason}; {_by_hand(spec, target)}"
+                ) from None
+            raise WeightsError(
+                f"{spec.name}: cannot download {url} ({reason}); {_by_hand(spec, target)}"
+            ) from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _by_hand(spec: WeightFile, target: Path) -> str:
