@@ -197,7 +197,8 @@ def run(
         try:
             lpips_model = Q.load_lpips("alex", lpips_backbone, device=dev)
         except Q.LpipsUnavailable as err:
-            lpips_reason = str(err)
+            print(f"LPIPS unavailable: {err}")
+            lpips_reason = "no backbone: runtime-backdoor weights fetch lpips-alex"
     per_edit, imperceptibility = evaluate_folder(
         prepared_dir, protected_dir, edited_dir, hit_tol=hit_tol,
         hit_min_fraction=hit_min_fraction, lpips_model=lpips_model,
@@ -205,7 +206,7 @@ def run(
     clip = clip_fid_by_scenario(prepared_dir, edited_dir, clip_weights or None, device=dev)
     summary = summarize(per_edit, imperceptibility, clip)
     if lpips_model is None:
-        summary["lpips_unavailable"] = lpips_reason[:190]
+        summary["lpips_unavailable"] = lpips_reason  # short: metrics.json holds flat values
     reports = Path(reports_dir)
     write_csv(reports / "per_edit.csv", per_edit)
     write_csv(reports / "imperceptibility.csv", imperceptibility)
