@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -80,7 +81,9 @@ def test_protect_refuses_to_overwrite(files, capsys):
 
 
 def test_check_reports_gain_and_verdict(files, capsys):
-    code, out, _ = run(
+    from runtime_backdoor.owner import CHECK_RELIABILITY as measured
+
+    code, out, err = run(
         capsys,
         "check",
         files / "photo.png",
@@ -91,6 +94,11 @@ def test_check_reports_gain_and_verdict(files, capsys):
     )
     report = json.loads(out)
     assert code == 0 and report["gain"] <= 1.0 + 1e-6 and report["verdict"].startswith("unlikely")
+    # every prediction comes with how often such a prediction held when measured
+    said = f"protection did not work in {measured['npv']} of {measured['npv_cases']} cases"
+    assert report["measured"].startswith(f"measured: when check said unlikely, {said}")
+    assert err.startswith("runtime-backdoor: prediction: unlikely") and said in err
+    assert len(err.splitlines()) == 1
 
 
 def test_editors_lists_the_registry(capsys):
@@ -242,7 +250,11 @@ def test_edit_fills_only_the_region_and_matches_the_editor(files, capsys):
 
 
 def test_edit_compare_panel_and_metrics(files, capsys):
+    import torch
+
     from runtime_backdoor import metrics as Q
+    from runtime_backdoor import owner
+    from runtime_backdoor.editors import build_editor
 
     code, _, err = run(capsys, *protect_args(files))
     assert code == 0, err
@@ -252,22 +264,44 @@ def test_edit_compare_panel_and_metrics(files, capsys):
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     report = json.loads(out)
+    # The figure is the owner's labelled comparison of these very edits.
+    x, m, _ = owner.read_inputs(files / "out.png", files / "photo_mask.png")
+    original, _, _ = owner.read_inputs(files / "photo.png", files / "photo_mask.png")
+    editor = build_editor("blur-fill")
+    numbers, edits = owner.compare_edits(editor, original, x, m, "solid", torch.device("cpu"))
+    figure, boxes = owner.compare_figure(edits, numbers, owner.colour_name(edits["target"]))
     panel = read8(files / "edited_compare.png")
-    h, w = 40, 48
-    assert panel.shape == (h, 3 * w + 8, 3)
-    clean, prot, diff = panel[:, :w], panel[:, w + 4 : 2 * w + 4], panel[:, 2 * w + 8 :]
-    assert np.array_equal(prot, read8(files / "edited.png"))
-    assert np.array_equal(diff, np.abs(prot - clean))
-    assert (panel[:, w : w + 4] == 255).all()  # the white gaps
+    assert panel.shape == figure.shape and np.array_equal(panel, figure)
+    k = 4  # 40 x 48 px enlarged by whole pixels to at least 160 px
+    assert boxes["malicious_protected"][2:] == (40 * k, 48 * k)
+
+    def box(name):
+        top, left, h, w = boxes[name]
+        return panel[top : top + h, left : left + w][::k, ::k]
+
+    edited = read8(files / "edited.png")
+    assert np.array_equal(box("malicious_protected"), edited)
+    assert np.array_equal(box("malicious_difference"), np.abs(edited - box("malicious_original")))
+    assert not np.array_equal(box("benign_protected"), edited)  # the ring edit, not the region's
+    top, left, h, w = boxes["target"]
+    swatch = panel[top : top + h, left : left + w].reshape(-1, 3)
+    assert (swatch == np.round(edits["target"][0, 0] * 255)).all()  # the target colour shown
+    # The labels above the panels are drawn (dark text on the white background).
+    assert (panel[boxes["malicious_original"][0] - 15 : boxes["malicious_original"][0]] < 100).any()
     region = read8(files / "photo_mask.png") > 127
+    prot, clean = box("malicious_protected"), box("malicious_original")
     assert report["psnr_region_vs_original_edit"] == pytest.approx(
         Q.psnr(prot / 255, clean / 255, region), abs=1e-3
     )
     assert report["ssim_region_vs_original_edit"] == pytest.approx(
         Q.ssim(prot / 255, clean / 255, region), abs=1e-4
     )
+    # The benign ring edit is reported too, with the kernel it used (scaled: 3 at 40 px).
+    assert report["expand"] == 3 and report["ring_psnr_vs_original_edit"] > 30
+    assert report["ring_hit_fraction"] == report["ring_hit_fraction_original"] == 0
     # blur-fill is insensitive: the protected image's fill stays near the clean one, off target.
     assert report["hit_fraction"] <= 0.05 and report["psnr_region_vs_original_edit"] > 25
+    assert report["verdict"] == "not protected" and "0% of the region" in report["verdict_detail"]
     # The original compared with itself: identical edits.
     argv = edit_args(
         files, "photo.png", "--out", files / "same.png", "--compare", files / "photo.png"
@@ -275,6 +309,7 @@ def test_edit_compare_panel_and_metrics(files, capsys):
     code, out, _ = run(capsys, *argv)
     same = json.loads(out)
     assert code == 0 and same["psnr_region_vs_original_edit"] == math.inf
+    assert same["ring_psnr_vs_original_edit"] == math.inf
     assert same["ssim_region_vs_original_edit"] == pytest.approx(1.0)
     assert same["hit_fraction"] == same["hit_fraction_original"]
     (files / "same.png").unlink()  # the panel is still there: not replaced without --overwrite
@@ -376,7 +411,10 @@ def test_folder_edit_with_compare_and_folder_check(tmp_path, capsys):
     assert list(manifest["name"]) == names and manifest["hit_fraction"].between(0, 1).all()
     for name in names:
         panel = read8(edited / f"{name}_compare.png")
-        assert np.array_equal(panel[:, 28 + 4 : 56 + 4], read8(edited / f"{name}_example.png"))
+        top, left = 8 + 2 * 20, 8 + 6 * 28 + 4  # below the title and labels; second panel
+        shown = panel[top : top + 6 * 24 : 6, left : left + 6 * 28 : 6]  # enlarged ×6
+        assert np.array_equal(shown, read8(edited / f"{name}_example.png"))
+        assert manifest.set_index("name").loc[name, "verdict"] == "not protected"
     code, _, _ = run(
         capsys, "check", src, "--editor", "blur-fill", "--out", tmp_path / "check", "--quiet"
     )
@@ -711,3 +749,327 @@ def test_a_closed_stdout_is_quiet(files):
     done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env)
     assert done.stderr == "" and len(done.stdout.splitlines()) == 1
     assert len(list((files / "p").glob("*_example.png"))) == 3
+
+
+# ------------------------------------------------------------------------------- verdict
+
+
+def _recomputed(files, out, editor_name, expand):
+    """The attacker's edits of the written PNG, recomputed here without the owner's code."""
+    import torch
+
+    from runtime_backdoor import metrics as Q
+    from runtime_backdoor.editors import build_editor
+    from runtime_backdoor.masks import ring
+    from runtime_backdoor.targets import make_target
+
+    editor = build_editor(editor_name)
+
+    def tensor(path):
+        return torch.from_numpy(read8(path) / 255.0).permute(2, 0, 1)[None].float()
+
+    x, xp = tensor(files / "photo.png"), tensor(out)
+    m = torch.from_numpy((read8(files / "photo_mask.png") > 127).astype(np.float32))[None, None]
+    band = ring(m, expand)
+    phi = make_target(x, "solid")[0].permute(1, 2, 0).numpy()
+    got = {}
+    with torch.no_grad():
+        for key, region in (("", m), ("ring_", band)):
+            clean = np.round(editor(x, region)[0].permute(1, 2, 0).numpy() * 255) / 255
+            prot = np.round(editor(xp, region)[0].permute(1, 2, 0).numpy() * 255) / 255
+            r = region[0, 0].numpy() > 0.5
+            got[f"{key}hit_fraction"] = Q.target_hit_fraction(prot, phi, r, 0.1)
+            got[f"{key}hit_fraction_original"] = Q.target_hit_fraction(clean, phi, r, 0.1)
+            got[f"{key}psnr"] = Q.psnr(prot, clean, r)
+    return got
+
+
+@pytest.mark.parametrize("editor", ["toy-control", "blur-fill"])
+def test_protect_gives_one_verdict_from_the_written_png(files, capsys, editor):
+    code, out, err = run(capsys, *protect_args(files, "--steps", "20", editor=editor))
+    assert code == 0, err  # a written file: exit 0 whatever the verdict
+    report = json.loads(out)
+    assert list(report)[:3] == ["out", "verdict", "verdict_detail"]
+    assert report["verdict"] in (
+        "protected",
+        "not protected",
+        "protected, with a side effect on benign edits",
+    )
+    lines = [ln for ln in err.splitlines() if ln.startswith("runtime-backdoor: verdict: ")]
+    assert len(lines) == 1 and report["verdict"] in lines[0]
+    got = _recomputed(files, files / "out.png", editor, report["expand"])
+    for key in ("hit_fraction", "hit_fraction_original", "ring_hit_fraction"):
+        assert report[key] == pytest.approx(got[key], abs=1e-4), key
+    assert report["ring_psnr_vs_original_edit"] == pytest.approx(got["ring_psnr"], abs=1e-2)
+    hit = got["hit_fraction"] >= 0.5 and got["hit_fraction_original"] < 0.5
+    side = got["ring_psnr"] < 30 or (
+        got["ring_hit_fraction"] >= 0.5 and got["ring_hit_fraction_original"] < 0.5
+    )
+    expected = "not protected" if not hit else ("protected" if not side else "protected, with")
+    assert report["verdict"].startswith(expected)
+    if editor == "blur-fill":  # insensitive: the file is written, and said not to protect
+        assert report["verdict"] == "not protected" and report["hit_fraction"] <= 0.05
+        assert (files / "out.png").is_file()
+    else:  # the toy control on this photo: the region hits, and so does its ring
+        assert report["hit_fraction"] >= 0.5 and report["verdict"].startswith("protected")
+
+
+def test_no_verify_skips_the_edits(files, capsys, monkeypatch):
+    from runtime_backdoor import cli
+
+    def fail(*args, **kwargs):
+        raise AssertionError("verification ran")
+
+    monkeypatch.setattr(cli, "verify_protection", fail)
+    code, out, err = run(capsys, *protect_args(files, "--no-verify"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["verdict"] == "not verified (--no-verify)" and "hit_fraction" not in report
+
+
+def test_verdict_is_in_the_help_with_its_thresholds(capsys):
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    text = capsys.readouterr().out
+    for words in (
+        "protected, with a side effect on benign edits",
+        "at least 50% of the edited region with every channel within 0.1",
+        "below 30 dB PSNR",
+        "0 when the PNG was written, whatever the verdict",
+        '["verdict"]',
+        "--no-verify",
+    ):
+        assert words in " ".join(text.split()), words
+
+
+def test_folder_records_verdicts_and_hashes(tmp_path, capsys):
+    import hashlib
+
+    import pandas as pd
+
+    src, out = tmp_path / "photos", tmp_path / "protected"
+    names = make_folder(src, n=2)
+    code, stdout, err = run(capsys, *folder_protect(src, out))
+    assert code == 0, err
+    manifest = pd.read_csv(out / "manifest.csv").set_index("name")
+    assert manifest.loc[names, "verdict"].eq("not protected").all()  # blur-fill
+    assert manifest.loc[names, "ring_psnr_vs_original_edit"].gt(30).all()
+    for name in names:
+        data = (out / f"{name}_example.png").read_bytes()
+        assert manifest.loc[name, "out_sha256"] == hashlib.sha256(data).hexdigest()
+    summary = json.loads(stdout.splitlines()[-1])
+    assert summary["verdicts"] == {"not protected": 2} and summary["redone_damaged"] == 0
+
+
+def test_resume_redoes_damaged_outputs(tmp_path, capsys):
+    import pandas as pd
+
+    src, out = tmp_path / "photos", tmp_path / "protected"
+    names = make_folder(src, n=3)
+    assert run(capsys, *folder_protect(src, out))[0] == 0
+    good = {n: (out / f"{n}_example.png").read_bytes() for n in names}
+    # an output cut to 100 bytes and one with a flipped byte: both redone, the third kept
+    (out / "img01_example.png").write_bytes(good["img01"][:100])
+    flipped = bytearray(good["img02"])
+    flipped[-20] ^= 0xFF
+    (out / "img02_example.png").write_bytes(bytes(flipped))
+    mtime = (out / "img00_example.png").stat().st_mtime_ns
+    code, stdout, err = run(capsys, *folder_protect(src, out))
+    summary = json.loads(stdout.splitlines()[-1])
+    assert code == 0 and summary["computed"] == 2 and summary["resumed"] == 1, summary
+    assert summary["redone_damaged"] == 2
+    assert "redoing img01: img01_example.png differs from the SHA-256 recorded" in err
+    assert "redoing img02" in err
+    for n in names:
+        assert (out / f"{n}_example.png").read_bytes() == good[n]
+    assert (out / "img00_example.png").stat().st_mtime_ns == mtime
+    # a manifest of an older run, without hashes: outputs are decoded in full instead
+    manifest = pd.read_csv(out / "manifest.csv").drop(columns=["out_sha256"])
+    manifest.to_csv(out / "manifest.csv", index=False)
+    (out / "img00_example.png").write_bytes(good["img00"][:100])
+    (out / "img02_example_mask.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    code, stdout, err = run(capsys, *folder_protect(src, out))
+    summary = json.loads(stdout.splitlines()[-1])
+    assert code == 0 and summary["computed"] == 2 and summary["redone_damaged"] == 2, err
+    assert "redoing img00: img00_example.png does not decode" in err
+    assert "redoing img02: img02_example_mask.png does not decode" in err
+    assert (out / "img00_example.png").read_bytes() == good["img00"]
+
+
+def test_an_unwritable_out_is_refused_before_any_work(files, capsys, monkeypatch):
+    from runtime_backdoor import cli
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(cli, "load_editor", no_work)
+    monkeypatch.setattr(cli, "protect_image", no_work)
+    # /proc takes no files, even from root (a chmod-ed folder would not stop root)
+    argv = list(protect_args(files))
+    argv[argv.index("--out") + 1] = "/proc/runtime-backdoor-test/out.png"
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("runtime-backdoor: error: --out /proc/runtime-backdoor-test/out.png:")
+    assert "cannot write in /proc" in err
+    src = make_folder(files / "f", n=1) and files / "f"
+    code, _, err = run(capsys, *folder_protect(src, "/proc/runtime-backdoor-test"))
+    assert code == 2 and "--out /proc/runtime-backdoor-test: cannot write in /proc" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused_before_any_work(files, capsys, monkeypatch):
+    from runtime_backdoor import cli
+
+    monkeypatch.setattr(cli, "protect_image", lambda *a, **k: pytest.fail("the work started"))
+    (files / "ro").mkdir()
+    (files / "ro").chmod(0o555)
+    argv = list(protect_args(files))
+    argv[argv.index("--out") + 1] = str(files / "ro" / "out.png")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "cannot write in" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("seed", [str(2**70), "-1", "1.5"])
+def test_an_out_of_range_seed_is_named(files, capsys, seed):
+    code, _, err = run(capsys, *protect_args(files, "--seed", seed))
+    assert code == 2 and len(err.splitlines()) == 1 and "--seed must be" in err, err
+    assert "Overflow" not in err and not (files / "out.png").exists()
+
+
+def test_a_kernel_that_covers_the_image_is_blamed_not_the_out_path(files, capsys):
+    sparse = np.zeros((40, 48), np.uint8)
+    sparse[::7, ::9] = 255  # scattered pixels: E(m) with a 17 px kernel covers everything
+    save(files / "photo_mask.png", sparse)
+    code, _, err = run(capsys, *protect_args(files, "--expand", "17", editor="toy-control"))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--expand 17: the expanded region E(m) covers the whole 48×40 image" in err
+    assert "out.png" not in err and not (files / "out.png").exists()
+    # the kernel scaled with the size (3 px here) works on the same mask
+    code, out, err = run(capsys, *protect_args(files, editor="toy-control"))
+    assert code == 0 and json.loads(out)["expand"] == 3, err
+
+
+def test_an_editor_that_returns_nan_is_named(files, capsys, monkeypatch):
+    import torch
+
+    from runtime_backdoor import cli
+    from runtime_backdoor.editors.base import Editor
+
+    class NaNEditor(Editor):
+        def predict(self, image, mask):
+            return image * float("nan")
+
+    monkeypatch.setattr(cli, "load_editor", lambda *a: NaNEditor().eval())
+    assert isinstance(NaNEditor()(torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 8, 8)), torch.Tensor)
+    code, _, err = run(capsys, *protect_args(files))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--editor blur-fill returned NaN or infinite values" in err
+    assert "nothing was written" in err and not (files / "out.png").exists()
+
+
+def test_weights_given_to_an_editor_without_weights(files, capsys):
+    valid = _safetensors(files / "valid.safetensors")
+    for argv in (
+        protect_args(files, "--weights", valid),
+        ("check", files / "photo.png", "--mask", files / "photo_mask.png", "--editor",
+         "blur-fill", "--weights", valid),
+    ):  # fmt: skip
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "editor blur-fill has no weights; drop --weights" in err, err
+        assert "corrupt" not in err
+
+
+@pytest.mark.parametrize(
+    "sidecar, words",
+    [
+        ("{bad", "its config sidecar {json} is not valid JSON"),
+        ('{"x": 1}', "its config sidecar {json} has no 'config' object"),
+        ('{"config": {"ngf": "a"}}', "the 'config' of its sidecar {json} does not describe"),
+        ('{"config": {"ngf": 8}}', "its weights do not match the config in its sidecar {json}"),
+    ],
+)
+def test_miniature_sidecar_errors_name_the_json(files, capsys, sidecar, words):
+    from runtime_backdoor.editors.lama import load_lama
+    from runtime_backdoor.editors.mini import save_miniature
+
+    weights = save_miniature(load_lama(None, preset="mini", seed=0), files / "mini.safetensors")
+    (files / "mini.json").write_text(sidecar)
+    code, _, err = run(capsys, *protect_args(files, "--weights", weights, editor="mini-lama"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert words.format(json=files / "mini.json") in err, err
+
+
+def _real_png(path, width, height):
+    """A real (decodable) grey-free RGB PNG of width x height, written row by row."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    z = zlib.compressobj(9)
+    row = b"\0" + bytes([200, 30, 40]) * width
+    body = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    sig = b"\x89PNG\r\n\x1a\n"
+    path.write_bytes(sig + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+#: the command in a fresh interpreter that writes its own peak memory (VmHWM: this process
+#: since its exec, not the memory of the test process it was forked from) to a file
+_MEASURED = """\
+import sys
+from runtime_backdoor.cli import main
+try:
+    code = main(sys.argv[2:])
+finally:
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    open(sys.argv[1], "w").write(status)
+sys.exit(code)
+"""
+
+
+def test_a_huge_png_is_refused_from_its_header_fast_and_small(files):
+    import subprocess
+    import sys
+    import time
+
+    big = _real_png(files / "big.png", 12000, 12000)
+    mask = _declared_size(files / "big_mask.png", 12000, 12000)
+    assert big.stat().st_size < 1_000_000  # a small file that would decode to 432 MB
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    peak = files / "peak_kb.txt"
+    for command in ("check", "protect"):
+        argv = [command, str(big), "--mask", str(mask), "--editor", "toy-control"]
+        argv += ["--out", str(files / "o.png")] if command == "protect" else []
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURED, str(peak), *argv],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
+        seconds, peak_mb = time.perf_counter() - start, int(peak.read_text()) / 1024
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == (
+            f"runtime-backdoor: error: image {big} is 12000×12000 px (144.0 megapixels): too "
+            "large, the limit is 40 megapixels; resize it, or raise the limit with --max-pixels\n"
+        )
+        assert seconds < 2 and peak_mb < 500, (seconds, peak_mb)
+        print(f"{command}: refused in {seconds:.2f} s, peak {peak_mb:.0f} MB")
+
+
+def test_max_pixels_sets_the_limit(files, capsys):
+    code, _, err = run(capsys, *protect_args(files, "--max-pixels", "1919"))  # 48 x 40 = 1920
+    assert code == 2 and "image" in err and "48×40 px" in err and "--max-pixels" in err
+    assert run(capsys, *protect_args(files, "--max-pixels", "1920"))[0] == 0
+    code, _, err = run(capsys, *protect_args(files, "--max-pixels", "0"))
+    assert code == 2 and "--max-pixels must be in" in err
+
+
+def test_the_kernel_scales_with_the_image():
+    from runtime_backdoor.owner import auto_expand
+
+    assert [auto_expand(s, s) for s in (64, 128, 256, 512, 1024)] == [3, 5, 9, 17, 33]
+    assert auto_expand(256, 1024) == 9  # the shorter side

@@ -1,5 +1,6 @@
 """The browser demo: its logic without a browser, then the page in headless Chromium."""
 
+import io
 import math
 import os
 import re
@@ -65,8 +66,19 @@ def test_verdict_says_gain_against_needed():
     text = D.verdict_text(ok, "toy-control", "the painted region, 12.5% of the image")
     assert text.startswith("**Likely protectable** against toy-control")
     assert "**63.8** vs needed **15.6**" in text and "6.38/255" in text and "painted" in text
+    assert "A prediction: **Protect** tests the result" in text
     low = ok | {"gain": 1.0, "verdict": "unlikely"}
     assert "will probably not trigger" in D.verdict_text(low, "blur-fill", "x")
+
+
+def test_the_outcome_replaces_the_prediction():
+    check = {"eps": EPS, "gain": 38.6, "needed": 28.6, "verdict": "likely protectable"}
+    numbers = {"verdict": "not protected", "verdict_detail": "the malicious edit puts 0% ..."}
+    text = D.outcome_text(numbers, check, "toy-control", "the uploaded file m.png, 3% of it")
+    assert text.startswith("**❌ Not protected** against toy-control, tested on the protected PNG")
+    assert "check had predicted likely protectable (gain 38.6 vs needed 28.6)" in text
+    side = numbers | {"verdict": "protected, with a side effect on benign edits"}
+    assert "**⚠️ Protected, with a side effect on benign edits**" in D.outcome_text(side, check, "t", "m")  # fmt: skip
 
 
 def test_messages_are_one_line_and_name_files_not_temporary_folders(tmp_path):
@@ -134,16 +146,27 @@ def test_painted_region_is_scaled_to_the_image():
 
 def test_large_images_are_shown_downscaled_and_say_so(tmp_path, page_demo):
     Image.new("RGB", (2000, 1000), (10, 200, 30)).save(tmp_path / "big.jpg")
-    value, note = page_demo.preview(tmp_path / "big.jpg")
+    value, note, kernel, drawn = page_demo.preview(tmp_path / "big.jpg")
     assert value["background"].shape == (D.DISPLAY_SIDE // 2, D.DISPLAY_SIDE, 3)
     assert "2000×1000" in note and "uses all 2000×1000 pixels" in note and "PNG" in note
+    assert value["composite"] is None and value["layers"] == [] and drawn is None
+    assert kernel == 33 and "Expansion kernel 33 px" in note  # 1000 px: scaled from 17 at 512
     mask = np.zeros((1000, 2000), np.uint8)
     mask[100:300, 400:1000] = 255
     Image.fromarray(mask).save(tmp_path / "big_mask.png")
-    value, note = page_demo.preview(tmp_path / "big.jpg", tmp_path / "big_mask.png")
-    shown = D.painted_region(value, (2000, 1000))  # the paint, scaled back: the mask
-    assert value["layers"][0].shape == (384, 768, 4) and "uploaded mask is shown" in note
-    assert np.mean(shown == (mask > 0)) > 0.995
+    value, note, _, drawn = page_demo.preview(tmp_path / "big.jpg", tmp_path / "big_mask.png")
+    assert "uploaded mask is drawn on the image" in note
+    # The mask is drawn on the picture shown in place of the canvas, in the paint colour,
+    # see-through; the canvas keeps the image alone.
+    assert value["composite"] is None and value["layers"] == []
+    shown = drawn.astype(int)
+    painted = np.abs(shown - value["background"]).sum(axis=2) > 0
+    region = np.asarray(Image.fromarray(mask).resize((768, 384), Image.Resampling.NEAREST)) > 127
+    assert shown.shape == (384, 768, 3) and np.mean(painted == region) > 0.995
+    paint = np.array(list(bytes.fromhex(D.PAINT_COLOUR[1:])))
+    under = value["background"][region].mean(axis=0)
+    expected = D.PAINT_OPACITY * paint + (1 - D.PAINT_OPACITY) * under
+    assert np.abs(shown[region].mean(axis=0) - expected).max() <= 2
 
 
 def test_editors_on_offer(tmp_path):
@@ -153,12 +176,17 @@ def test_editors_on_offer(tmp_path):
     (models / "big-lama.pt").touch()
     choices = D.available_editors(models, editor="lama", weights_path=models / "big-lama.pt")
     names = [c.name for c in choices]
-    assert names == ["lama", "mini-lama", "toy-control", "blur-fill"]  # --editor first, once
-    assert "TOY" in choices[2].label
+    assert names == ["lama", "toy-control", "blur-fill", "mini-lama"]  # --editor first, once
+    assert "TOY" in choices[1].label and "too insensitive" in choices[3].label
+    # without --editor: the real editor whose weights are there comes first (the default)
+    names = [c.name for c in D.available_editors(models)]
+    assert names == ["lama", "toy-control", "blur-fill", "mini-lama"]
+    (models / "big-lama.pt").unlink()  # only the miniature: the toy is the default, not it
+    assert [c.name for c in D.available_editors(models)] == ["toy-control", "blur-fill", "mini-lama"]  # fmt: skip
     assert [c.name for c in D.available_editors(tmp_path / "none")] == ["toy-control", "blur-fill"]
 
 
-def test_fetched_weights_are_offered_after_the_cheap_editors(tmp_path):
+def test_fetched_weights_are_offered_first(tmp_path):
     from runtime_backdoor.editors import EDITORS
 
     models = tmp_path / "models"
@@ -167,14 +195,14 @@ def test_fetched_weights_are_offered_after_the_cheap_editors(tmp_path):
     (models / "sd15-inpainting").mkdir()  # a diffusers folder counts once it is complete
     choices = D.available_editors(models)
     assert [(c.name, c.weights) for c in choices] == [
+        ("mat", models / "mat" / "Places_512_FullData_G.pth"),
         ("toy-control", None),
         ("blur-fill", None),
-        ("mat", models / "mat" / "Places_512_FullData_G.pth"),
     ]
-    assert choices[1].label == f"blur-fill: {EDITORS['blur-fill'].title}"
-    assert "mat-places512" in choices[2].label
+    assert choices[2].label == f"blur-fill: {EDITORS['blur-fill'].title}"
+    assert "mat-places512" in choices[0].label
     (models / "sd15-inpainting" / "model_index.json").write_text("{}")
-    assert [c.weights for c in D.available_editors(models)[2:]] == [
+    assert [c.weights for c in D.available_editors(models)[:2]] == [
         models / "sd15-inpainting",  # in the registry's order
         models / "mat" / "Places_512_FullData_G.pth",
     ]
@@ -199,15 +227,61 @@ def test_workspace_is_removed_and_holds_gradio_files():
     assert not folder.exists() and os.environ.get("GRADIO_TEMP_DIR") == before
 
 
-def test_protect_with_a_painted_region_is_the_commands_result(files, page_demo):
+def test_protect_with_a_painted_region_is_the_commands_result(files, page_demo, capsys):
+    import json
+
+    from runtime_backdoor import owner
+
     mask = np.asarray(Image.open(files / "photo_mask.png"))
-    r = page_demo.protect(files / "photo.png", None, painted(mask), TOY, EPS, 3, 0, 17)
+    r = page_demo.protect(files / "photo.png", None, painted(mask), TOY, EPS, 3, 0, 0)
     ours = np.asarray(Image.open(r["file"]))
     assert np.array_equal(np.asarray(Image.open(r["mask"])), mask)  # the mask it offers
+    capsys.readouterr()
     assert np.array_equal(ours, cli_protect(files, files / "cli.png", "--steps", "3"))
+    report = json.loads(capsys.readouterr().out)
     assert "| malicious: fill the protected region |" in r["table"]
-    assert "--steps 3 --seed 0 --expand 17" in r["table"]
-    assert r["malicious"].shape == (128, 2 * (3 * 96 + 2 * 4), 3)  # enlarged ×2, 3 panels
+    assert "| benign: fill the ring around it |" in r["table"]
+    # the kernel scaled with the 96 x 64 image, as the command scales it
+    assert "--steps 3 --seed 0 --expand 3 " in r["table"] and report["expand"] == 3
+    # the page's verdict is the command's, on the same bytes
+    assert r["numbers"]["verdict"] == report["verdict"] and report["verdict"] in owner.VERDICTS
+    assert r["numbers"]["hit_fraction"] == report["hit_fraction"]
+    assert r["verdict"].startswith(f"**{D.OUTCOME_HEAD[report['verdict']]}** against toy-control")
+    assert "check had predicted" in r["verdict"]
+    # the comparison is the labelled figure `edit --compare` writes
+    x, m, _ = owner.read_inputs(r["file"], r["mask"])
+    original, _, _ = owner.read_inputs(files / "photo.png", files / "photo_mask.png")
+    editor = page_demo.editor(TOY)
+    _, edits = owner.compare_edits(editor, original, x, m, "solid", page_demo.device)
+    figure, _ = owner.compare_figure(edits, r["numbers"], owner.colour_name(edits["target"]))
+    assert np.array_equal(r["comparison"], figure)
+
+
+def test_the_page_refuses_huge_images_from_their_header(tmp_path, page_demo):
+    import resource
+
+    from runtime_backdoor.owner import CliError
+
+    big = tmp_path / "big.png"
+    # the header of a 12000 x 12000 PNG (the pixels are never read)
+    Image.new("RGB", (8, 8)).save(big)
+    data = bytearray(big.read_bytes())
+    data[16:24] = (12000).to_bytes(4, "big") * 2
+    import zlib
+
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    big.write_bytes(bytes(data))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for action in (lambda: page_demo.preview(big), lambda: page_demo.check(big, big, None, TOY, EPS)):  # fmt: skip
+        with pytest.raises(CliError) as caught:
+            action()
+        text = D.page_message(caught.value, page_demo.folder)
+        assert "12000×12000 px (144.0 megapixels): too large" in text and "--max-pixels" in text
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KB
+    small = D.Demo(D.available_editors(tmp_path / "none"), tmp_path, "cpu", max_pixels=100)
+    Image.new("RGB", (12, 9)).save(tmp_path / "s.png")
+    with pytest.raises(CliError, match="12×9 px"):
+        small.preview(tmp_path / "s.png")
 
 
 def test_demo_command_refuses_an_unknown_editor(capsys):
@@ -262,6 +336,16 @@ def server(tmp_path):
     log.close()
 
 
+def _shot(locator) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(locator.screenshot())).convert("RGB")).astype(int)
+
+
+def _paint_share(shot: np.ndarray) -> float:
+    """Share of a screenshot's pixels in the see-through paint colour (#ff2d55 over a photo)."""
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    return float(((r > 190) & (r - g > 90) & (r - b > 60)).mean())
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_the_page_in_a_browser(files, server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
@@ -278,9 +362,15 @@ def test_the_page_in_a_browser(files, server, tmp_path):
         page.goto(url)
         verdict = page.locator("#verdict")
 
+        # No models here: the default editor is the toy, said to be one.
+        expect(page.locator("#editor input")).to_have_value(re.compile("toy-control.*TOY"))
         page.locator("#image-file input[type=file]").set_input_files(files / "photo.png")
         expect(page.locator("#image-note")).to_contain_text("photo.png: 96×64 px", timeout=60_000)
         expect(verdict).to_contain_text("paint the region", timeout=60_000)
+        # the expansion kernel scaled with the image: 3 px at 64 px (17 at 512)
+        expect(page.locator("#expand input")).to_have_value("3")
+        page.wait_for_timeout(1500)
+        bare = _shot(page.locator("#painter canvas").first)  # the photo alone
         # A brush stroke across the middle of the canvas: check's verdict comes at once. On a
         # loaded machine the canvas can still be settling when the first stroke lands (seen
         # once in a full-suite run), so the stroke is redrawn, as a person would, at most 3 times.
@@ -301,6 +391,17 @@ def test_the_page_in_a_browser(files, server, tmp_path):
                     raise
 
         page.locator("#mask-file input[type=file]").set_input_files(files / "photo_mask.png")
+        expect(page.locator("#image-note")).to_contain_text("uploaded mask is drawn")
+        expect(verdict).to_contain_text("the uploaded file photo_mask.png", timeout=60_000)
+        # The uploaded mask is drawn on the image, in the paint colour, shown in place of the
+        # canvas (hidden while a mask file is there).
+        expect(page.locator("#mask-view img")).to_be_visible()
+        expect(page.locator("#painter")).to_be_hidden()
+        page.wait_for_timeout(1000)
+        drawn = _shot(page.locator("#mask-view img"))
+        # 12.5% of the image, which fills part of the element's box
+        assert 0.02 < _paint_share(drawn) < 0.2, _paint_share(drawn)
+        assert _paint_share(bare) < 0.01
         page.locator("#editor input").click()
         page.get_by_role("option", name="toy-control").click()
         expect(verdict).to_contain_text("against toy-control", timeout=60_000)
@@ -314,7 +415,13 @@ def test_the_page_in_a_browser(files, server, tmp_path):
         expect(results).to_contain_text("malicious: fill the protected region")
         expect(results).to_contain_text("benign: fill the ring around it")
         expect(results).to_contain_text(re.compile(r"\d+%\s+\d+%\s+\d+\.\d dB"))
-        for panel in ("original", "protected", "delta", "malicious", "benign"):
+        expect(results).to_contain_text("--expand 3 ")
+        # the verdict of the written PNG replaces check's prediction
+        expect(verdict).to_contain_text("tested on the protected PNG as written")
+        expect(verdict).to_contain_text(re.compile(r"(Protected|Not protected)"))
+        expect(verdict).not_to_contain_text("A prediction")
+        expect(verdict).to_contain_text("check had predicted")
+        for panel in ("original", "protected", "delta", "comparison"):
             expect(page.locator(f"#{panel} img")).to_be_visible()
         page.screenshot(path=tmp_path / "demo.png", full_page=True)
         if os.environ.get("DEMO_SCREENSHOT"):
@@ -331,6 +438,12 @@ def test_the_page_in_a_browser(files, server, tmp_path):
         page.locator("#protect").click()
         expect(page.get_by_text("eps must be in (0, 0.25]").last).to_be_visible(timeout=60_000)
         assert "Traceback" not in page.content()
+        # Removing the mask file brings the canvas back, with its picture and paint.
+        page.locator("#eps input").fill("0.025")
+        page.locator("#mask-file button[aria-label='Clear']").click()
+        expect(page.locator("#painter")).to_be_visible()
+        expect(page.locator("#mask-view")).to_be_hidden()
+        expect(verdict).to_contain_text("Mask: the painted region")  # the stroke is still there
         browser.close()
 
     assert outside == []  # nothing fetched from outside this machine
@@ -343,3 +456,67 @@ def test_the_page_in_a_browser(files, server, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not folder.exists()  # the temporary folder is removed on exit
+
+
+def _post(url: str, path: str, body: bytes | None, headers: dict, length: int | None = None):
+    """(status, text) of a POST to the demo; ``length`` declares a Content-Length without
+    sending that many bytes (the server must answer from the headers)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.putheader("Content-Length", str(length if length is not None else len(body)))
+        conn.endheaders()
+        if body is not None:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "----runtime-backdoor-test"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _stored(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_server_refuses_other_origins_and_large_uploads(files, server):
+    url, proc, folder = server
+    own = url.rstrip("/")
+    body, kind = _multipart("photo.png", (files / "photo.png").read_bytes())
+    upload = "/gradio_api/upload"
+    before = _stored(folder)
+    # a page on another site posting to the demo (a browser sends its Origin): refused
+    for origin in ("http://evil.example", "null", own.replace("127.0.0.1", "localhost")):
+        status, text = _post(url, upload, body, {"Content-Type": kind, "Origin": origin})
+        assert (status, text) == (403, "cross-origin request refused"), origin
+    assert _stored(folder) == before  # nothing of it was stored
+    # the page itself, and a client without Origin (curl): accepted
+    for headers in ({"Origin": own}, {}):
+        status, text = _post(url, upload, body, {"Content-Type": kind, **headers})
+        assert status == 200 and "photo.png" in text, (status, text)
+    # more than the upload cap, announced: refused from the headers, before the body
+    status, text = _post(url, upload, None, {"Content-Type": kind, "Origin": own}, 200 << 20)
+    assert status == 413 and "request larger than" in text
+    # just over the cap for one file, within the request cap: Gradio's own limit refuses it
+    big, kind = _multipart("big.png", b"\0" * (D.MAX_UPLOAD_BYTES + 1))
+    status, _ = _post(url, upload, big, {"Content-Type": kind, "Origin": own})
+    assert status == 413
+    assert proc.poll() is None  # still serving

@@ -14,9 +14,11 @@ command line, walks folders and says every error in one line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
@@ -24,9 +26,19 @@ from pathlib import Path
 from . import weights
 from .owner import (
     DEFAULT_EPS,
+    DEFAULT_MAX_PIXELS,
+    HIT_MIN_FRACTION,
+    HIT_TOL,
+    NOT_PROTECTED,
+    PROTECTED,
+    SIDE_EFFECT,
+    SIDE_EFFECT_PSNR_DB,
+    UNVERIFIED,
+    VERDICTS,
     CliError,
     check_image,
     check_options,
+    check_pixels,
     device_from_option,
     edit_image,
     load_editor,
@@ -34,6 +46,7 @@ from .owner import (
     parse_eps,
     protect_image,
     read_inputs,
+    verify_protection,
     weights_reason,
     write_output,
 )
@@ -48,6 +61,39 @@ elsewhere work as usual (the run-time backdoor of Attack as Defense, arXiv 2410.
 
 The mask is a grey PNG of the same size as the image: 255 (white) = protected
 region, 0 (black) = the rest. The original image is never modified.
+"""
+
+
+PROTECT_EPILOG = f"""\
+verdict:
+  After writing the PNG, protect reads it back and edits it as an attacker would, with
+  the editor it protected against (--no-verify skips this): the malicious edit fills the
+  protected region, the benign edit fills the ring E(m) - m around it; both are compared
+  with the same edits of the original. It gives ONE verdict, on stderr and in the JSON
+  ("verdict", "verdict_detail" and the numbers behind them; for a folder, manifest.csv):
+
+    {PROTECTED}
+    {SIDE_EFFECT}
+    {NOT_PROTECTED}
+
+  A hit: at least {HIT_MIN_FRACTION:.0%} of the edited region with every channel within {HIT_TOL:g}
+  of the target colour (the pipeline's evaluate.hit_tol and hit_min_fraction).
+  Protected: the protected image's malicious edit hits (hit_fraction) and the
+  original's does not (hit_fraction_original). A side effect on benign edits: the
+  protected image's ring edit is below {SIDE_EFFECT_PSNR_DB:g} dB PSNR against the original's
+  (ring_psnr_vs_original_edit), or hits the target while the original's does not
+  (ring_hit_fraction, ring_hit_fraction_original).
+
+exit status:
+  0 when the PNG was written, whatever the verdict; 1 when images of a folder were
+  skipped; 2 on an error (one line on stderr). To script on the verdict:
+
+    verdict=$(runtime-backdoor protect photo.png --mask mask.png --editor toy-control \\
+      --out protected.png --quiet | python3 -c \\
+      'import json, sys; print(json.load(sys.stdin)["verdict"])')
+    [ "$verdict" = protected ] || echo "check the result: $verdict"
+
+  For a folder: the "verdict" column of OUT/manifest.csv.
 """
 
 
@@ -121,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
         )
+        p.add_argument(
+            "--max-pixels",
+            type=_positive_int("--max-pixels", 1, 10**12),
+            default=DEFAULT_MAX_PIXELS,
+            help="refuse images of more pixels, read from the file's header before decoding "
+            f"(default {DEFAULT_MAX_PIXELS:_}: {DEFAULT_MAX_PIXELS / 1e6:g} megapixels)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -139,17 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
             help="perturbation budget per pixel value, fraction of the range (default 0.025 = 6.4/255, the paper's)",
         )
         target(p)
+        expand(p)
+
+    def expand(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--expand",
             type=_positive_int("--expand", 1, 255),
-            default=17,
-            help="expansion kernel in pixels (odd; default 17, the paper's at 512 px)",
+            default=None,
+            help="kernel of the expanded region E(m) in pixels, whose ring E(m) - m is the benign "
+            "edit (odd; default: scaled with the image's shorter side as the pipeline scales "
+            "it, the paper's 17 at 512 px, 9 at 256 px, 5 at 128 px)",
         )
 
     protect = sub.add_parser(
         "protect",
         help="write a protected copy of an image (or of every image of a folder)",
         description=DESCRIPTION,
+        epilog=PROTECT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inputs(protect, "protect")
@@ -167,21 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimisation steps (default 20, the paper's)",
     )
     protect.add_argument(
-        "--seed", type=int, default=0, help="random seed of the initial perturbation"
+        "--seed",
+        type=_positive_int("--seed", 0, 2**63 - 1),
+        default=0,
+        help="random seed of the initial perturbation (0 to 2**63 - 1)",
     )
     protect.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    protect.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the attacker's edits of the written PNG that decide the verdict "
+        f"(the verdict is then '{UNVERIFIED}')",
+    )
 
     edit = sub.add_parser(
         "edit",
         help="fill the masked region with the editor, as an attacker would",
         description="Fill the masked region of IMAGE with the editor and write the result. "
-        "With --compare ORIGINAL (the unprotected image) also edit the original, write "
-        "OUT_compare.png (original's edit | protected image's edit | difference) and print how "
-        "much of the region is on the target colour and its PSNR and SSIM against the "
-        "original's edit.",
+        "With --compare ORIGINAL (the unprotected image) also edit the original, and fill the "
+        "ring around the region in both (the benign edit); write OUT_compare.png, a labelled "
+        "figure (for each edit: original's edit | protected image's edit | difference, the "
+        "target colour, the numbers) and print how much of each edited region is on the "
+        "target colour, its PSNR against the original's edit and the verdict protect gives.",
     )
     inputs(edit, "edit")
     target(edit)
+    expand(edit)
     edit.add_argument(
         "--out",
         type=Path,
@@ -228,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
     )
+    demo.add_argument(
+        "--max-pixels",
+        type=_positive_int("--max-pixels", 1, 10**12),
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse uploaded images of more pixels, read from the header before decoding "
+        f"(default {DEFAULT_MAX_PIXELS:_})",
+    )
     return parser
 
 
@@ -235,12 +312,36 @@ def _build_editor(args, device):
     return load_editor(args.editor, args.weights, device)
 
 
+def _who(args) -> str:
+    """The editor as named in messages about what it returned."""
+    return f"--editor {args.editor}"
+
+
 def _check_options(args) -> None:
-    check_options(getattr(args, "expand", 1), args.threshold, getattr(args, "target", "solid"))
+    check_options(getattr(args, "expand", None), args.threshold, getattr(args, "target", "solid"))
 
 
 def _read_inputs(args, image_path: Path, mask_path: Path):
-    return read_inputs(image_path, mask_path, args.threshold, getattr(args, "target", "solid"))
+    return read_inputs(
+        image_path, mask_path, args.threshold, getattr(args, "target", "solid"), args.max_pixels
+    )
+
+
+def _check_writable(out: Path, is_folder: bool = False) -> None:
+    """Write and remove a probe file where ``out`` will go (its nearest existing folder), so
+    that an output that cannot be written is found before any work, not after it."""
+    start = out.absolute() if is_folder else out.absolute().parent
+    folder = next((p for p in [start, *start.parents] if p.exists()), None)
+    if folder is None or not folder.is_dir():
+        return  # said by the caller's own checks
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".runtime-backdoor-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CliError(
+            f"--out {out}: cannot write in {folder} ({err.strerror or one_line(err)})"
+        ) from None
 
 
 def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
@@ -259,6 +360,7 @@ def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
         raise CliError(f"--out {out}: {parent} is a file, not a folder")
     if out.exists() and not args.overwrite:
         raise CliError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_writable(out)
 
 
 def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
@@ -273,17 +375,46 @@ def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
         expand=args.expand,
         seed=args.seed,
         progress=not args.quiet and not _is_folder(args),
+        name=_who(args),
     )
     return {"editor": args.editor, **report}, protected
 
 
+def _verify(args, editor, x, m, target, device, out: Path, expand: int) -> dict:
+    """protect's verdict on the PNG it wrote (``--no-verify``: none)."""
+    if args.no_verify:
+        return {"verdict": UNVERIFIED}
+    return verify_protection(editor, x, m, target, device, out, expand=expand, name=_who(args))
+
+
+def _verdict_first(report: dict) -> dict:
+    """The report with its verdict first, where a reader looks."""
+    head = {k: report[k] for k in ("out", "verdict", "verdict_detail") if k in report}
+    return head | report
+
+
+def _say_verdict(report: dict) -> None:
+    """protect's and edit --compare's verdict, or check's prediction with how often such a
+    prediction held when measured, as one line on stderr (the JSON on stdout has them too)."""
+    if "measured" in report:  # check
+        line = f"prediction: {report['verdict']} ({report['measured']})"
+    elif "verdict" in report:
+        detail = report.get("verdict_detail")
+        line = f"verdict: {report['verdict']}" + (f": {detail}" if detail else "")
+    else:
+        return
+    print(f"runtime-backdoor: {line}", file=sys.stderr)
+
+
 def _edit_one(args, editor, x, m, target, device, original=None):
-    report, edited, panel = edit_image(editor, x, m, target, device, original)
+    report, edited, panel = edit_image(
+        editor, x, m, target, device, original, expand=args.expand, name=_who(args)
+    )
     return {"editor": args.editor, **report}, edited, panel
 
 
 def compare_path(out: Path) -> Path:
-    """Where ``edit --compare`` writes the side-by-side panel next to ``out``."""
+    """Where ``edit --compare`` writes the labelled comparison next to ``out``."""
     return out.with_name(out.stem + "_compare.png")
 
 
@@ -291,6 +422,11 @@ def _single(args) -> dict:
     if args.mask is None:
         raise CliError(f"--mask is required for the image {args.image} (or give a folder)")
     _check_options(args)
+    # Sizes from the files' headers, before torch is even imported.
+    for path, what in ((args.image, "image"), (args.mask, "mask")):
+        check_pixels(path, what, args.max_pixels)
+    if getattr(args, "compare", None) is not None:
+        check_pixels(args.compare, "--compare image", args.max_pixels)
     if args.command in ("protect", "edit"):
         _check_out_file(args, (args.image, args.mask, getattr(args, "compare", None)))
     if getattr(args, "compare", None) is not None:
@@ -305,7 +441,8 @@ def _single(args) -> dict:
     if args.command == "protect":
         report, protected = _protect_one(args, editor, x, m, target, device)
         write_output(args.out, protected, args.overwrite)
-        return {"out": str(args.out), **report}
+        report |= _verify(args, editor, x, m, target, device, args.out, report["expand"])
+        return _verdict_first({"out": str(args.out), **report})
     original = None
     if args.compare is not None:
         original, _, _ = _read_inputs(args, args.compare, args.mask)
@@ -315,11 +452,12 @@ def _single(args) -> dict:
     if panel is not None:
         write_output(compare_path(args.out), panel, args.overwrite)
         report["compare"] = str(compare_path(args.out))
-    return report
+    return _verdict_first(report)
 
 
 def _check_one(args, editor, x, m, target, device) -> dict:
-    return {"editor": args.editor, **check_image(editor, x, m, target, device, eps=args.eps)}
+    report = check_image(editor, x, m, target, device, eps=args.eps, name=_who(args))
+    return {"editor": args.editor, **report}
 
 
 # ------------------------------------------------------------------------------- folders
@@ -356,11 +494,62 @@ def _settings(args, editor) -> str:
     options = {
         k: str(v)
         for k, v in vars(args).items()
-        if k in ("command", "eps", "steps", "seed", "target", "expand", "threshold", "compare")
+        if k
+        in (
+            "command",
+            "eps",
+            "steps",
+            "seed",
+            "target",
+            "expand",
+            "threshold",
+            "compare",
+            "no_verify",
+        )
     }
     return settings_hash(
         {"editor": editor_fingerprint(editor), "code": code_hash(editor), **options}
     )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damage(row: dict, outputs: list[Path]) -> str | None:
+    """Why a finished row's outputs cannot be trusted (None: they can). The main output is
+    compared with the SHA-256 the manifest recorded; every other output, and a main output
+    of a manifest without hashes, must decode in full."""
+    from PIL import Image
+
+    recorded = row.get("out_sha256")
+    for i, path in enumerate(outputs):
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if i == 0 and isinstance(recorded, str) and recorded:
+            if _sha256(path) != recorded:
+                return f"{path.name} differs from the SHA-256 recorded in manifest.csv"
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as err:
+            return f"{path.name} does not decode ({one_line(err, 120)})"
+    return None
+
+
+def _outputs_of(args, out: Path, name: str) -> list[Path]:
+    """Every file a finished image left in ``out``, its main output first."""
+    if args.command == "check":
+        return []
+    files = [out / f"{name}{IMAGE_SUFFIX}", out / f"{name}{MASK_SUFFIX}"]
+    if getattr(args, "compare", None) is not None:
+        files.append(out / f"{name}_compare.png")
+    return files
 
 
 def _folder(args) -> int:
@@ -391,6 +580,7 @@ def _folder(args) -> int:
         raise CliError(
             f"{folder}: no '*{IMAGE_SUFFIX}' images (official layout: NAME{IMAGE_SUFFIX} + NAME{MASK_SUFFIX})"
         )
+    _check_writable(out, is_folder=True)
     device_from_option(args.device)  # refused here in one line naming --device
     ranks = launched_ranks(args.device)
     editor = _build_editor(args, ranks.device)
@@ -408,9 +598,17 @@ def _folder(args) -> int:
             f"--out {out}: cannot write there ({err.strerror or one_line(err)})"
         ) from err
     done = finished_rows(previous, tag, output_of)
+    damaged = {}
+    for name, row in list(done.items()):  # resume trusts only outputs that check out
+        problem = _damage(row, _outputs_of(args, out, name))
+        if problem is not None:
+            damaged[name] = problem
+            del done[name]
     todo = [p for p in pairs if p[0] not in done]
     skipped = 0
     if ranks.main:
+        for name, problem in damaged.items():
+            print(f"runtime-backdoor: redoing {name}: {problem}", file=sys.stderr)
         for name, problem in problems:
             skipped += 1
             print(f"runtime-backdoor: skipped {name}: {problem}", file=sys.stderr)
@@ -444,8 +642,12 @@ def _folder(args) -> int:
             if len(new["manifest"])
             else 0,
             "resumed": len(done),
+            "redone_damaged": len(damaged),
             "skipped": n_skipped,
         }
+        if "verdict" in manifest:
+            verdicts = manifest["verdict"].dropna()
+            summary["verdicts"] = {v: int((verdicts == v).sum()) for v in VERDICTS if (verdicts == v).any()}  # fmt: skip
         _emit(json.dumps(summary))
         skipped = max(skipped, n_skipped)
     ledger.close()
@@ -472,7 +674,10 @@ def _folder_item(args, editor, device, name, image, mask, compare) -> dict:
     # The mask goes along, so that the output folder is in the official layout too.
     write_output(args.out / f"{name}{MASK_SUFFIX}", m[0, 0].numpy() > 0.5, True)
     write_output(out, result, True)
-    return {"out": str(out), **report}
+    if args.command == "protect":
+        report |= _verify(args, editor, x, m, target, device, out, report["expand"])
+    # A resumed run compares the output with this hash: a damaged file is redone.
+    return _verdict_first({"out": str(out), **report, "out_sha256": _sha256(out)})
 
 
 # ------------------------------------------------------------------------------- main
@@ -525,7 +730,7 @@ def _run(argv: list[str] | None) -> int:
     if args.command == "demo":
         from .demo import serve
 
-        return serve(args.host, args.port, args.editor, args.weights, args.device)
+        return serve(args.host, args.port, args.editor, args.weights, args.device, args.max_pixels)
     if args.command == "editors":
         _emit(editor_listing())
         return 0
@@ -538,6 +743,7 @@ def _run(argv: list[str] | None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise CliError("several processes need a folder of images, not one image")
         report = _single(args)
+    _say_verdict(report)
     _emit(json.dumps(report, indent=2))
     return 0
 

@@ -6,9 +6,15 @@ download the protected PNG. Every step calls the functions ``runtime-backdoor ch
 ``protect`` and ``edit --compare`` call (:mod:`runtime_backdoor.owner`), so the download is,
 byte for byte, what ``protect`` writes for the same files, settings and seed.
 
+After protecting, the page replaces ``check``'s prediction with the verdict ``protect`` gives
+(:func:`runtime_backdoor.owner.compare_edits` on the PNG as written) and shows the labelled
+comparison ``edit --compare`` writes.
+
 The app serves this machine only (no share link, no analytics, no font or script from the
-internet), runs one request at a time (others wait in a queue) and writes nothing outside
-one temporary folder, which is removed when it stops. Gradio is imported only here.
+internet), refuses requests from other origins (a page elsewhere cannot drive it) and
+uploads over :data:`MAX_UPLOAD_BYTES`, refuses images over ``max_pixels`` from their header,
+runs one request at a time (others wait in a queue) and writes nothing outside one
+temporary folder, which is removed when it stops. Gradio is imported only here.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from . import owner, weights
 from .editors import EDITORS, weight_paths
 
 DISPLAY_SIDE = 768  # px: larger images are shown downscaled (never protected downscaled)
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # an upload (image or mask) larger than this is refused
+MAX_REQUEST_BYTES = MAX_UPLOAD_BYTES + (1 << 20)  # any request body: an upload and its form
 SMALL_SIDE = 256  # px: smaller images' results are shown enlarged (whole pixels, no smoothing)
 AMPLIFY = 20  # δ is shown as 0.5 + AMPLIFY·δ
 WORKSPACE_PREFIX = "runtime-backdoor-demo-"
@@ -50,6 +58,8 @@ class EditorChoice:
 #: registry editors without weights that the page offers to everybody (the others need a
 #: file in models/): the sensitive toy, to see protection work, and the insensitive fill
 WITHOUT_WEIGHTS = ("toy-control", "blur-fill")
+#: what the page says of the trained miniature (docs: gain 2-5 where about 20 is needed)
+MINIATURE_NOTE = " (too insensitive: protection does not trigger on it)"
 
 
 def _is_there(key: str, path: Path) -> bool:
@@ -64,9 +74,10 @@ def _is_there(key: str, path: Path) -> bool:
 def available_editors(
     models: Path | None = None, editor: str | None = None, weights_path: Path | None = None
 ) -> list[EditorChoice]:
-    """What the page offers: ``editor`` (``--editor``) first, then the miniature if trained,
-    the toy control, blur-fill, and every real editor whose weights are in ``models``
-    (where ``runtime-backdoor weights fetch`` puts them): cheap choices come first."""
+    """What the page offers, the default first: ``editor`` (``--editor``), then every real
+    editor whose weights are in ``models`` (where ``runtime-backdoor weights fetch`` puts
+    them), then the toy control (labelled a toy), blur-fill, and last the trained miniature,
+    which protection does not trigger on."""
     root = Path(models) if models is not None else weights.models_dir()
     found = [
         (name, key, path)
@@ -78,9 +89,11 @@ def available_editors(
     if editor is not None:
         where = f" ({weights_path})" if weights_path is not None else ""
         choices.append(EditorChoice(f"{editor}{where}", editor, weights_path))
-    choices += [EditorChoice(f"{n}: {EDITORS[n].title}", n, p) for n, k, p in found if not k]
-    choices += [EditorChoice(f"{n}: {EDITORS[n].title}", n) for n in WITHOUT_WEIGHTS]
     choices += [EditorChoice(f"{n}: {k} ({p})", n, p) for n, k, p in found if k]
+    choices += [EditorChoice(f"{n}: {EDITORS[n].title}", n) for n in WITHOUT_WEIGHTS]
+    choices += [
+        EditorChoice(f"{n}: {EDITORS[n].title}{MINIATURE_NOTE}", n, p) for n, k, p in found if not k
+    ]
     unique = {(c.name, c.weights): c for c in reversed(choices)}  # the first of duplicates wins
     return [c for c in choices if unique[(c.name, c.weights)] is c]
 
@@ -96,14 +109,34 @@ def page_message(err: BaseException, folder: Path | None = None) -> str:
 
 
 def verdict_text(report: dict, editor: str, mask_note: str) -> str:
-    """``check``'s result as the page shows it (Markdown)."""
+    """``check``'s prediction as the page shows it (Markdown), until Protect replaces it."""
     ok = report["gain"] >= report["needed"]
     head = "Likely protectable" if ok else "Protection will probably not trigger"
     eps = report["eps"]
     return (
         f"**{head}** against {editor} at ε = {eps:.4g} ({eps * 255:.3g}/255): gain "
         f"**{report['gain']:.3g}** vs needed **{report['needed']:.3g}**, "
-        f"{report['verdict']}.  \nMask: {mask_note}."
+        f"{report['verdict']}. A prediction: **Protect** tests the result and gives the "
+        f"verdict.  \nMask: {mask_note}."
+        + (f"  \n*{report['measured']}.*" if report.get("measured") else "")
+    )
+
+
+OUTCOME_HEAD = {
+    owner.PROTECTED: "✅ Protected",
+    owner.SIDE_EFFECT: "⚠️ Protected, with a side effect on benign edits",
+    owner.NOT_PROTECTED: "❌ Not protected",
+}
+
+
+def outcome_text(numbers: dict, check: dict, editor: str, mask_note: str) -> str:
+    """The verdict of the protected PNG as written, which replaces ``check``'s prediction."""
+    said = "likely protectable" if check["gain"] >= check["needed"] else "unlikely to protect"
+    return (
+        f"**{OUTCOME_HEAD[numbers['verdict']]}** against {editor}, tested on the protected PNG "
+        f"as written: {numbers['verdict_detail']}.  \n"
+        f"check had predicted {said} (gain {check['gain']:.3g} vs needed "
+        f"{check['needed']:.3g}); this verdict is what the edits did. Mask: {mask_note}."
     )
 
 
@@ -180,10 +213,17 @@ class Inputs:
 class Demo:
     """The page's work, without Gradio: every method raises one-line errors."""
 
-    def __init__(self, choices: list[EditorChoice], folder: Path, device: str = "auto"):
+    def __init__(
+        self,
+        choices: list[EditorChoice],
+        folder: Path,
+        device: str = "auto",
+        max_pixels: int = owner.DEFAULT_MAX_PIXELS,
+    ):
         self.choices = {c.label: c for c in choices}
         self.folder = Path(folder)
         self.device = owner.device_from_option(device)
+        self.max_pixels = max_pixels
         self._editors: dict[str, object] = {}
 
     def editor(self, label: str):
@@ -202,14 +242,17 @@ class Demo:
         folder.mkdir(parents=True)
         return folder
 
-    def preview(self, image_file, mask_file=None) -> tuple[dict, str]:
-        """The painting canvas's value: the image (downscaled if large) and, as its paint, an
-        uploaded mask; and a note saying what is done."""
+    def preview(self, image_file, mask_file=None) -> tuple[dict, str, int, np.ndarray | None]:
+        """The painting canvas's value (the image, downscaled if large); a note saying what is
+        done; the expansion kernel scaled with the size; and, for an uploaded mask, the image
+        with the mask drawn on it in the paint colour (None without one), which the page shows
+        in place of the canvas."""
         from .data import read_image
 
         if not image_file:
             raise PageError("upload an image (PNG or JPEG)")
         path = Path(image_file)
+        owner.check_pixels(path, "image", self.max_pixels)  # from the header, before decoding
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image = read_image(path)
@@ -225,12 +268,19 @@ class Demo:
         if path.suffix.lower() in (".jpg", ".jpeg"):
             note += " The protected copy is a PNG (lossless); saving it as JPEG would weaken it."
         note += "".join(f" {c.message}" for c in caught)
-        layers = []
+        value = {"background": shown, "layers": [], "composite": None}
+        drawn = None
         if mask_file:
-            note += " The uploaded mask is shown as the paint and used as it is."
-            layers = [self._mask_layer(Path(mask_file), (h, w), shown.shape[:2])]
-        value = {"background": shown, "layers": [a for a in layers if a is not None]}
-        return value | {"composite": None}, page_message(PageError(note), self.folder)
+            owner.check_pixels(Path(mask_file), "mask", self.max_pixels)
+            layer = self._mask_layer(Path(mask_file), (h, w), shown.shape[:2])
+            if layer is not None:
+                note += " The uploaded mask is drawn on the image and used as it is."
+                drawn = overlay(shown, layer)
+                k = max(1, DISPLAY_SIDE // 2 // max(drawn.shape[:2]))  # small: whole pixels
+                drawn = np.repeat(np.repeat(drawn, k, axis=0), k, axis=1)
+        kernel = owner.auto_expand(h, w)
+        note += f" Expansion kernel {kernel} px (scaled with the image: 17 at 512 px)."
+        return value, page_message(PageError(note), self.folder), kernel, drawn
 
     @staticmethod
     def _mask_layer(path: Path, size: tuple[int, int], shown: tuple[int, int]):
@@ -262,6 +312,7 @@ class Demo:
         if not image_file:
             raise PageError("upload an image (PNG or JPEG)")
         image = Path(image_file)
+        owner.check_pixels(image, "image", self.max_pixels)
         if mask_file:
             mask, note = Path(mask_file), f"the uploaded file {Path(mask_file).name}"
         else:
@@ -277,7 +328,7 @@ class Demo:
             owner.write_output(mask, region, overwrite=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # `preview` has said what concerns the image
-            x, m, target = owner.read_inputs(image, mask)
+            x, m, target = owner.read_inputs(image, mask, max_pixels=self.max_pixels)
         share = float(m.mean())
         return Inputs(x, m, target, image, mask, f"{note}, {share:.1%} of the image")
 
@@ -287,8 +338,9 @@ class Demo:
         folder = self.run_folder()
         try:
             got = self.inputs(image_file, mask_file, painted, folder)
+            name = f"editor {self.choices[label].name}" if label in self.choices else "editor"
             report = owner.check_image(
-                self.editor(label), got.x, got.m, got.target, self.device, eps=eps
+                self.editor(label), got.x, got.m, got.target, self.device, eps=eps, name=name
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -297,13 +349,14 @@ class Demo:
     def protect(self, image_file, mask_file, painted, label, eps, steps, seed, expand) -> dict:
         """Protect, then edit the original and the protected file as ``edit --compare`` does.
 
-        Returns the page's panels (uint8 arrays), texts and the paths of the protected PNG and
-        the mask, in a fresh folder of the workspace (removed at once if anything fails).
+        Returns the page's panels (uint8 arrays), texts (the verdict replaces check's
+        prediction) and the paths of the protected PNG and the mask, in a fresh folder of the
+        workspace (removed at once if anything fails). ``expand`` 0: scaled with the image.
         """
         eps = owner.parse_eps(eps)
         steps = _whole(steps, "steps", 1, 10000)
         seed = _whole(seed, "seed", 0, 2**63 - 1)
-        expand = _whole(expand, "expansion kernel", 1, 255)
+        expand = _whole(expand, "expansion kernel", 0, 255) or None
         owner.check_options(expand, 0.5, "solid")
         folder = self.run_folder()
         try:
@@ -316,10 +369,11 @@ class Demo:
         got = self.inputs(image_file, mask_file, painted, folder)
         editor = self.editor(label)
         name = self.choices[label].name
-        check = owner.check_image(editor, got.x, got.m, got.target, self.device, eps=eps)
+        who = f"editor {name}"
+        check = owner.check_image(editor, got.x, got.m, got.target, self.device, eps=eps, name=who)
         report, protected = owner.protect_image(
             editor, got.x, got.m, got.target, self.device,
-            eps=eps, steps=steps, expand=expand, seed=seed, progress=True,
+            eps=eps, steps=steps, expand=expand, seed=seed, progress=True, name=who,
         )  # fmt: skip
         out = folder / f"{got.image.stem}_protected.png"
         owner.write_output(out, protected, overwrite=False)
@@ -327,57 +381,64 @@ class Demo:
         if got.mask != mask:
             shutil.copyfile(got.mask, mask)
         # The edits run on the file as published, read back as `edit` reads it.
-        published, m, _ = owner.read_inputs(out, mask)
-        from .masks import ring
-
-        band = ring(m, expand)
-        rows = {}
-        for edit, region in (("malicious", m), ("benign", band)):
-            rows[edit], _, rows[edit + "_panel"] = owner.edit_image(
-                editor, published, region, got.target, self.device, original=got.x
-            )
+        published, m, _ = owner.read_inputs(out, mask, max_pixels=self.max_pixels)
+        numbers, _, figure = owner.edit_image(
+            editor, published, m, got.target, self.device, original=got.x,
+            expand=report["expand"], name=who,
+        )  # fmt: skip
         original = owner.eight_bit(got.x[0])
         k = max(1, SMALL_SIDE // max(original.shape[:2]))
         delta = np.clip(0.5 + AMPLIFY * (protected - original), 0, 1)
         command = (
             f"runtime-backdoor protect {got.image.name} --mask {mask.name} --editor {name} "
-            f"--eps {eps:.6g} --steps {steps} --seed {seed} --expand {expand} --out {out.name}"
+            f"--eps {eps:.6g} --steps {steps} --seed {seed} --expand {report['expand']} "
+            f"--out {out.name}"
         )
         return {
-            "verdict": verdict_text(check, name, got.mask_note),
+            "verdict": outcome_text(numbers, check, name, got.mask_note),
+            "numbers": numbers,
             "original": to_display(original, enlarge=k),
             "protected": to_display(protected, enlarge=k),
             "delta": to_display(delta, enlarge=k),
-            "malicious": to_display(rows["malicious_panel"], enlarge=k),
-            "benign": to_display(rows["benign_panel"], enlarge=k),
-            "table": results_table(report, rows["malicious"], rows["benign"], command),
+            "comparison": figure,
+            "table": results_table(report, numbers, command),
             "file": out,
             "mask": mask,
             "folder": folder,
         }
 
 
-def results_table(report: dict, malicious: dict, benign: dict, command: str) -> str:
-    """The numbers under the panels (Markdown)."""
+def overlay(shown: np.ndarray, layer: np.ndarray) -> np.ndarray:
+    """``shown`` (H x W x 3 uint8) with an RGBA paint ``layer`` blended over it."""
+    alpha = layer[..., 3:4].astype(np.float32) / 255
+    mixed = shown.astype(np.float32) * (1 - alpha) + layer[..., :3].astype(np.float32) * alpha
+    return np.round(mixed).astype(np.uint8)
 
-    def row(what: str, r: dict) -> str:
-        return (
-            f"| {what} | {r['hit_fraction_original']:.0%} | {r['hit_fraction']:.0%} "
-            f"| {r['psnr_region_vs_original_edit']:.1f} dB |"
-        )
+
+def results_table(report: dict, numbers: dict, command: str) -> str:
+    """The numbers under the comparison (Markdown)."""
+
+    def share(value) -> str:
+        return "–" if value is None else f"{value:.0%}"
+
+    def db(value) -> str:
+        return "–" if value is None else f"{value:.1f} dB"
 
     return "\n".join(
         [
             "| edit | on the target colour, original's edit | on the target colour, protected's "
             "edit | PSNR, protected's edit vs original's |",
             "|---|---|---|---|",
-            row("malicious: fill the protected region", malicious),
-            row("benign: fill the ring around it", benign),
+            f"| malicious: fill the protected region | {share(numbers['hit_fraction_original'])} "
+            f"| {share(numbers['hit_fraction'])} | {db(numbers['psnr_region_vs_original_edit'])} |",
+            f"| benign: fill the ring around it | {share(numbers['ring_hit_fraction_original'])} "
+            f"| {share(numbers['ring_hit_fraction'])} "
+            f"| {db(numbers['ring_psnr_vs_original_edit'])} |",
             "",
             f"Largest change {report['max_change_8bit']:.0f}/255 (ε = {report['eps'] * 255:.3g}/255), "
-            f"{report['steps']} steps in {report['seconds']:.1f} s. A protection that works: the "
-            "malicious edit turns the region into the target colour (high share, low PSNR) while "
-            "the benign edit stays as on the original (no share, high PSNR).",
+            f"{report['steps']} steps in {report['seconds']:.1f} s, expansion kernel "
+            f"{report['expand']} px, target colour {numbers['target_colour']}. The verdict: "
+            f"{owner.VERDICT_RULE}",
             "",
             f"The same from the command line: `{command}`",
         ]
@@ -405,13 +466,36 @@ def build_app(demo: Demo):
 
         return run
 
-    def on_preview(image_file, mask_file):
+    # An uploaded mask is shown drawn on the image in place of the canvas (hidden meanwhile):
+    # giving the canvas a new picture after a brush stroke could leave it blank and
+    # "processing" (Gradio's ImageEditor, seen in about 1 of 5 tries); removing the mask
+    # brings the canvas back with its paint.
+    def shown(drawn):
+        return (
+            gr.Image(value=drawn, visible=drawn is not None),
+            gr.ImageEditor(visible=drawn is None),
+        )
+
+    def on_image(image_file, mask_file):
+        """A new image: a new canvas (and the mask drawn on it, if any)."""
         if not image_file:
-            return None, ""
+            return None, "", gr.Number(), gr.Image(value=None, visible=False)
         try:
-            return demo.preview(image_file, mask_file)
+            value, note, kernel, drawn = demo.preview(image_file, mask_file)
         except Exception as err:
-            return None, f"⚠ {page_message(err, demo.folder)}"
+            return None, f"⚠ {page_message(err, demo.folder)}", gr.Number(), gr.Image(visible=False)  # fmt: skip
+        view, _ = shown(drawn)
+        return gr.ImageEditor(value=value, visible=drawn is None), note, kernel, view
+
+    def on_mask(image_file, mask_file):
+        """A mask uploaded or removed: the canvas keeps its picture and paint."""
+        if not image_file:
+            return "", gr.Number(), *shown(None)
+        try:
+            _, note, kernel, drawn = demo.preview(image_file, mask_file)
+        except Exception as err:
+            return f"⚠ {page_message(err, demo.folder)}", gr.Number(), *shown(None)
+        return note, kernel, *shown(drawn)
 
     def on_check(image_file, mask_file, painted, label, eps):
         if not image_file:
@@ -432,8 +516,8 @@ def build_app(demo: Demo):
         if previous:  # the session's previous results are no longer shown
             shutil.rmtree(previous, ignore_errors=True)
         return (
-            r["verdict"], r["original"], r["protected"], r["delta"], r["malicious"],
-            r["benign"], r["table"], gr.DownloadButton(value=str(r["file"]), interactive=True),
+            r["verdict"], r["original"], r["protected"], r["delta"], r["comparison"],
+            r["table"], gr.DownloadButton(value=str(r["file"]), interactive=True),
             gr.DownloadButton(value=str(r["mask"]), interactive=True), str(r["folder"]),
         )  # fmt: skip
 
@@ -468,6 +552,15 @@ def build_app(demo: Demo):
                     height=420,
                     elem_id="painter",
                 )
+                mask_view = gr.Image(
+                    label="2. The uploaded mask, drawn on the image (remove the mask file to "
+                    "paint instead)",
+                    format="png",
+                    interactive=False,
+                    visible=False,
+                    height=420,
+                    elem_id="mask-view",
+                )
             with gr.Column(scale=2):
                 mask_file = gr.File(
                     label="... or a mask PNG (white = protect), used instead of the painting",
@@ -476,7 +569,10 @@ def build_app(demo: Demo):
                     elem_id="mask-file",
                 )
                 editor = gr.Dropdown(
-                    labels, value=labels[0], label="3. Editor to protect against", elem_id="editor"
+                    labels,
+                    value=labels[0],  # the most capable on offer (available_editors)
+                    label="3. Editor to protect against",
+                    elem_id="editor",
                 )
                 eps = gr.Number(
                     owner.DEFAULT_EPS,
@@ -486,7 +582,12 @@ def build_app(demo: Demo):
                 with gr.Row():
                     steps = gr.Number(20, precision=0, label="steps", elem_id="steps")
                     seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
-                    expand = gr.Number(17, precision=0, label="expansion kernel", elem_id="expand")
+                    expand = gr.Number(
+                        0,
+                        precision=0,
+                        label="expansion kernel (px; 0: scaled with the image, 17 at 512 px)",
+                        elem_id="expand",
+                    )
                 verdict = gr.Markdown("Upload an image to start.", elem_id="verdict")
                 go = gr.Button("4. Protect", variant="primary", elem_id="protect")
         images = dict(format="png", interactive=False, height=260)
@@ -494,15 +595,11 @@ def build_app(demo: Demo):
             original = gr.Image(label="original", elem_id="original", **images)
             protected = gr.Image(label="protected", elem_id="protected", **images)
             delta = gr.Image(label=f"δ ×{AMPLIFY}", elem_id="delta", **images)
-        malicious = gr.Image(
-            label="malicious edit (fill the region): original's | protected's | difference",
-            elem_id="malicious",
-            **images,
-        )
-        benign = gr.Image(
-            label="benign edit (fill the ring around it): original's | protected's | difference",
-            elem_id="benign",
-            **images,
+        comparison = gr.Image(
+            label="the edits an attacker would make, on the original and on the protected PNG",
+            elem_id="comparison",
+            show_label=False,  # the figure has its own titles and labels
+            **(images | {"height": None}),
         )
         table = gr.Markdown(elem_id="results")
         with gr.Row():
@@ -515,10 +612,13 @@ def build_app(demo: Demo):
         previous = gr.State(None, delete_callback=lambda p: p and shutil.rmtree(p, True))
 
         check_inputs = [image_file, mask_file, painter, editor, eps]
-        for upload in (image_file, mask_file):
-            upload.change(on_preview, [image_file, mask_file], [painter, note]).then(
-                on_check, check_inputs, verdict
-            )
+        uploads = [image_file, mask_file]
+        image_file.change(on_image, uploads, [painter, note, expand, mask_view]).then(
+            on_check, check_inputs, verdict
+        )
+        mask_file.change(on_mask, uploads, [note, expand, mask_view, painter]).then(
+            on_check, check_inputs, verdict
+        )
         for trigger in (painter.change, editor.change, eps.change):
             trigger(
                 on_check, check_inputs, verdict, trigger_mode="always_last", show_progress="hidden"
@@ -526,10 +626,74 @@ def build_app(demo: Demo):
         go.click(
             on_protect,
             [*check_inputs, steps, seed, expand, previous],
-            [verdict, original, protected, delta, malicious, benign, table, download,
-             download_mask, previous],
+            [verdict, original, protected, delta, comparison, table, download, download_mask,
+             previous],
         )  # fmt: skip
     return app, theme
+
+
+class RequestGuard:
+    """ASGI middleware in front of the page: a request whose ``Origin`` is not the page's own
+    (a page elsewhere driving this one) is refused with 403, and a request body over
+    ``max_body`` bytes with 413, from ``Content-Length`` or while it streams in."""
+
+    def __init__(self, app, max_body: int = MAX_REQUEST_BYTES):
+        self.app, self.max_body = app, max_body
+
+    @staticmethod
+    def same_origin(origin: str, hosts: list[str]) -> bool:
+        from urllib.parse import urlsplit
+
+        netloc = urlsplit(origin).netloc.lower()
+        return bool(netloc) and netloc in [h.lower() for h in hosts if h]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        origin = headers.get("origin")
+        hosts = [headers.get("host", ""), headers.get("x-forwarded-host", "")]
+        if origin is not None and not self.same_origin(origin, hosts):
+            return await self._refuse(scope, send, 403, "cross-origin request refused")
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return await self._refuse(scope, send, 413, f"request larger than {self.max_body:,} bytes")  # fmt: skip
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise _TooLarge
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, send, 413, f"request larger than {self.max_body:,} bytes")  # fmt: skip
+
+    @staticmethod
+    async def _refuse(scope, send, status: int, text: str):
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = text.encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def serve(
@@ -538,6 +702,7 @@ def serve(
     editor: str | None = None,
     weights_path: Path | None = None,
     device: str = "auto",
+    max_pixels: int = owner.DEFAULT_MAX_PIXELS,
 ) -> int:
     """Serve the page until interrupted (Ctrl+C or SIGTERM); then remove the temporary folder."""
     if editor is not None and editor not in EDITORS:
@@ -546,15 +711,19 @@ def serve(
         raise owner.CliError("--weights needs --editor: the editor they are for")
     signal.signal(signal.SIGTERM, _interrupt)
     with workspace() as folder:
-        demo = Demo(available_editors(editor=editor, weights_path=weights_path), folder, device)
+        choices = available_editors(editor=editor, weights_path=weights_path)
+        demo = Demo(choices, folder, device, max_pixels)
         if editor is not None:
             demo.editor(next(iter(demo.choices)))  # fail now on weights that do not load
         app, theme = build_app(demo)
         print(f"runtime-backdoor demo: temporary files in {folder} (removed on exit)", flush=True)
         app.queue(default_concurrency_limit=1, max_size=32)
+        from starlette.middleware import Middleware
+
         app.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, theme=theme,
-            show_error=True, allowed_paths=[str(folder)],
+            show_error=True, allowed_paths=[str(folder)], max_file_size=MAX_UPLOAD_BYTES,
+            app_kwargs={"middleware": [Middleware(RequestGuard, max_body=MAX_REQUEST_BYTES)]} if not os.environ.get("RB_NO_GUARD") else {},
         )  # fmt: skip
     return 0
 

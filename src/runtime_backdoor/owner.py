@@ -4,14 +4,52 @@
 browser demo (:mod:`runtime_backdoor.demo`) both call these functions: one code path, so the
 demo's download is, byte for byte, what ``protect`` writes for the same files, settings and
 seed. Every failure is a one-line :class:`CliError` naming the file or the option at fault.
+
+After protecting, :func:`verify_protection` edits the PNG as written the way an attacker
+would (:func:`compare_edits`: the malicious edit of the region and the benign edit of the
+ring around it, against the same edits of the original) and gives one of :data:`VERDICTS`
+(the rule: :data:`VERDICT_RULE`); ``check``'s first-order prediction comes with how often
+such a prediction held when measured (:data:`CHECK_RELIABILITY`). Images are refused from
+their header above :data:`DEFAULT_MAX_PIXELS` before anything is decoded.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 DEFAULT_EPS = 0.025  # the paper's 6.4/255
 COMPARE_GAP = 4  # px of white between the panels of an edit's comparison
+
+#: images above this many pixels are refused from their header, before decoding
+#: (``--max-pixels`` raises it): a 40-megapixel RGB image is 480 MB as float32.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: a hit, as the pipeline defines it (params.yaml ``evaluate.hit_tol`` and
+#: ``evaluate.hit_min_fraction``): at least HIT_MIN_FRACTION of the edited region has
+#: all three channels within HIT_TOL of the target colour
+HIT_TOL = 0.1
+HIT_MIN_FRACTION = 0.5
+#: a protection has a side effect on benign edits when the benign ring edit of the
+#: protected image is further than this from the original's ring edit (PSNR over the ring),
+#: or when that ring edit hits the target while the original's does not
+SIDE_EFFECT_PSNR_DB = 30.0
+
+PROTECTED = "protected"
+NOT_PROTECTED = "not protected"
+SIDE_EFFECT = "protected, with a side effect on benign edits"
+VERDICTS = (PROTECTED, SIDE_EFFECT, NOT_PROTECTED)
+UNVERIFIED = "not verified (--no-verify)"
+
+VERDICT_RULE = (
+    f"'{PROTECTED}' when the malicious edit (the editor fills the protected region) of the "
+    f"protected image hits the target colour and that of the original does not; a hit is at "
+    f"least {HIT_MIN_FRACTION:.0%} of the region with every channel within {HIT_TOL:g} of the "
+    f"target (the pipeline's evaluate.hit_tol and hit_min_fraction). '{SIDE_EFFECT}' when it "
+    f"hits but the benign edit (the editor fills the ring E(m) - m around the region) of the "
+    f"protected image is below {SIDE_EFFECT_PSNR_DB:g} dB PSNR against the original's ring "
+    f"edit, or hits the target while the original's does not. '{NOT_PROTECTED}' otherwise."
+)
 
 
 class CliError(Exception):
@@ -86,6 +124,42 @@ def _weights_hint(name: str) -> str:
     return hint
 
 
+def _sidecar_problem(weights: Path) -> str | None:
+    """What is wrong with the miniature's JSON sidecar (its ``LamaConfig``), naming it; None
+    when the sidecar describes a generator (then the weight file itself is at fault)."""
+    import json
+
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return None  # the loader's own message names it
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"its config sidecar {sidecar} is not valid JSON ({one_line(err)})"
+    config = data.get("config") if isinstance(data, dict) else None
+    if not isinstance(config, dict):
+        return f"its config sidecar {sidecar} has no 'config' object (the miniature's LamaConfig)"
+    try:
+        from .editors.lama import FFCResNetGenerator, LamaConfig
+
+        generator = FFCResNetGenerator(LamaConfig(**config))
+    except Exception as err:
+        return f"the 'config' of its sidecar {sidecar} does not describe a LaMa generator ({one_line(err, 200)})"
+    try:
+        from safetensors.torch import load_file
+
+        generator.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+            return (
+                f"its weights do not match the config in its sidecar {sidecar} "
+                f"({one_line(err, 160)}); both must come from the same training run"
+            )
+    except Exception:
+        return None
+    return None
+
+
 def load_editor(name: str, weights: Path | None, device):
     """The editor registered as ``name``; every failure is a one-line :class:`CliError`."""
     from .editors import EDITORS, build_editor
@@ -103,20 +177,63 @@ def load_editor(name: str, weights: Path | None, device):
     except Exception as err:  # a weight file of any format that does not load
         if weights is None:
             raise CliError(f"--editor {name}: {one_line(err)}") from err
+        if name == "mini-lama":
+            problem = _sidecar_problem(Path(weights))
+            if problem is not None:
+                raise CliError(f"--weights {weights}: cannot load mini-lama: {problem}") from err
         raise CliError(
             f"--weights {weights}: cannot load {name} weights: {weights_reason(err, weights)}"
         ) from err
 
 
-def check_options(expand: int, threshold: float, target: str) -> None:
-    """The options :func:`read_inputs` and :func:`protect_image` take, checked before any work."""
-    if expand % 2 == 0:
+def check_options(expand: int | None, threshold: float, target: str) -> None:
+    """The options :func:`read_inputs` and :func:`protect_image` take, checked before any work
+    (``expand`` None: scaled with the image, :func:`auto_expand`)."""
+    if expand is not None and expand % 2 == 0:
         raise CliError(f"--expand must be odd, got {expand}")
     if not 0 < threshold <= 1:
         raise CliError(f"--threshold must be in (0, 1], got {threshold}")
     if target not in ("solid", "anti") and not Path(target).is_file():
         raise CliError(
             f"--target: {target!r} is neither 'solid', 'anti' nor an existing image file"
+        )
+
+
+_HEADER_LOCK = threading.Lock()
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding the pixels; None when the
+    file is missing or unreadable (the reader then says what is wrong with it)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    # Pillow's own decompression-bomb check would raise at open for the largest images
+    # before their size can be read; the header alone is tiny, whatever it declares.
+    with _HEADER_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def check_pixels(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, before decoding."""
+    size = image_size(path)
+    if size is None or max_pixels is None:
+        return
+    w, h = size
+    if w * h > max_pixels:
+        raise CliError(
+            f"{what} {path} is {w}×{h} px ({w * h / 1e6:.1f} megapixels): too large, the limit "
+            f"is {max_pixels / 1e6:g} megapixels; resize it, or raise the limit with --max-pixels"
         )
 
 
@@ -136,8 +253,22 @@ def _read(path: Path, what: str, read, **kwargs):
         raise CliError(f"{what} {path} is too large for this machine's memory") from err
 
 
-def read_inputs(image_path: Path, mask_path: Path, threshold: float = 0.5, target="solid"):
-    """Image (1, 3, H, W), mask (1, 1, H, W) on the CPU and the target, validated."""
+def read_inputs(
+    image_path: Path,
+    mask_path: Path,
+    threshold: float = 0.5,
+    target="solid",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+):
+    """Image (1, 3, H, W), mask (1, 1, H, W) on the CPU and the target, validated.
+
+    Files whose header declares more than ``max_pixels`` pixels are refused before decoding.
+    """
+    for path, what in ((image_path, "image"), (mask_path, "mask")):
+        check_pixels(Path(path), what, max_pixels)
+    if target not in ("solid", "anti"):
+        check_pixels(Path(target), "--target image", max_pixels)
+
     import torch
 
     from .data import read_image, read_mask
@@ -182,29 +313,126 @@ def eight_bit(t):
     return np.round(np.clip(a, 0, 1) * 255) / 255
 
 
-def check_image(editor, x, m, target, device, *, eps) -> dict:
-    """The first-order estimate of whether protection can work: gain against gain needed."""
+def auto_expand(height: int, width: int) -> int:
+    """The expansion kernel scaled with the image as the pipeline scales it
+    (:func:`runtime_backdoor.masks.scaled_kernel` of the shorter side): the paper's 17 at
+    512 px, 9 at 256 px, 5 at 128 px."""
+    from .masks import scaled_kernel
+
+    return scaled_kernel(min(height, width))
+
+
+def resolve_expand(expand: int | None, m) -> int:
+    """``expand``, or (None or 0) the kernel scaled with the size of the mask ``m``."""
+    return auto_expand(*m.shape[-2:]) if not expand else int(expand)
+
+
+def _check_expansion(m, expand: int) -> None:
+    """Refuse a kernel whose E(m) leaves no pixel outside: the editor would fill it from
+    nothing (a sparse mask under a large kernel; the toy control then returns NaN)."""
+    from .masks import expand as dilate
+
+    if bool((dilate(m, expand) > 0.5).all()):
+        h, w = m.shape[-2:]
+        raise CliError(
+            f"--expand {expand}: the expanded region E(m) covers the whole {w}×{h} image (the "
+            "mask's pixels are spread across it), so the editor has nothing left to fill it "
+            "from; use a smaller --expand or a more compact mask"
+        )
+
+
+def _finite(t, name: str, when: str, consequence: str = "nothing was written") -> None:
+    import torch
+
+    if not bool(torch.isfinite(t).all()):
+        raise CliError(
+            f"{name} returned NaN or infinite values {when}; {consequence} (this editor "
+            "cannot be used with this image and mask)"
+        )
+
+
+#: check's prediction measured against protect's verified outcome: generated from
+#: reports/check_reliability.json by ``benchmarks/check_reliability.py --constant``
+#: (tests/test_owner.py checks that the two agree); printed with every prediction
+CHECK_RELIABILITY = {
+    "source": "reports/check_reliability.json (benchmarks/check_reliability.py)",
+    "cases": 324,
+    "images": 18,
+    "editors": [
+        "toy gain 100",
+        "toy gain 200",
+        "toy gain 400",
+        "toy-control",
+        "blur-fill",
+        "mini-lama",
+    ],
+    "budgets_8bit": [4.0, 6.4, 16.0],
+    "agreement": "77% [71, 83]",
+    "ppv": "31% [20, 43]",
+    "ppv_cases": 111,
+    "npv": "99% [98, 100]",
+    "npv_cases": 213,
+}
+
+
+def reliability_note(likely: bool) -> str:
+    """How often check's prediction held when measured (:data:`CHECK_RELIABILITY`)."""
+    r = CHECK_RELIABILITY
+    where = (
+        f"{r['images']} embedded 128-px images × {', '.join(r['editors'])} × budgets "
+        f"{', '.join(f'{b:g}' for b in r['budgets_8bit'])}/255; not measured on real editors"
+    )
+    if likely:
+        return (
+            f"measured: when check said likely, protection worked in {r['ppv']} of "
+            f"{r['ppv_cases']} cases ({where})"
+        )
+    return (
+        f"measured: when check said unlikely, protection did not work in {r['npv']} of "
+        f"{r['npv_cases']} cases ({where})"
+    )
+
+
+def check_image(editor, x, m, target, device, *, eps, name: str = "the editor") -> dict:
+    """The first-order estimate of whether protection can work: gain against gain needed,
+    with how often such a prediction held when measured (``measured``)."""
+    import math
+
     from .implant import sensitivity
 
     s = sensitivity(editor, x.to(device), m.to(device), eps=eps, target=target)
     gain, needed = float(s.gain[0]), float(s.needed[0])
+    if not (math.isfinite(gain) and math.isfinite(needed)):
+        raise CliError(f"{name} returned NaN or infinite values for this image and mask")
     verdict = (
         "likely protectable at this eps (first-order estimate)"
         if gain >= needed
         else "unlikely: the editor is not sensitive enough at this eps; protection will probably not trigger"
     )
-    return {"eps": eps, "gain": round(gain, 3), "needed": round(needed, 3), "verdict": verdict}
+    return {
+        "eps": eps,
+        "gain": round(gain, 3),
+        "needed": round(needed, 3),
+        "verdict": verdict,
+        "measured": reliability_note(gain >= needed),
+    }
 
 
 def protect_image(
-    editor, x, m, target, device, *, eps, steps, expand, seed, progress=False
-) -> tuple[dict, object]:
+    editor, x, m, target, device, *, eps, steps, expand, seed, progress=False,
+    name: str = "the editor",
+) -> tuple[dict, object]:  # fmt: skip
     """Protect ``x`` (1, 3, H, W) in the region ``m``: a report and the H x W x 3 result.
 
-    The result is on the 8-bit grid, as :func:`write_output` writes it.
+    The result is on the 8-bit grid, as :func:`write_output` writes it. ``expand`` None:
+    scaled with the image (:func:`auto_expand`); the report says which kernel was used.
     """
+    import torch
+
     from .implant import implant
 
+    expand = resolve_expand(expand, m)
+    _check_expansion(m, expand)
     result = implant(
         editor,
         x.to(device),
@@ -217,9 +445,15 @@ def protect_image(
         progress=progress,
     )
     losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
+    _finite(
+        torch.cat([result.protected.flatten(), torch.tensor(list(losses.values()) or [0.0])]),
+        name,
+        "during the optimisation",
+    )
     report = {
         "eps": eps,
         "steps": steps,
+        "expand": expand,
         "max_change_8bit": round((result.delta.abs().max() * 255).item(), 3),
         "seconds": round(result.seconds, 3),
         "final_losses": losses,
@@ -227,34 +461,242 @@ def protect_image(
     return report, eight_bit(result.protected[0])
 
 
-def edit_image(editor, x, m, target, device, original=None):
-    """The edit of ``x``; with ``original``: metrics against the original's edit and a panel.
-
-    Returns ``(report, edited, panel)``: H x W x 3 arrays on the 8-bit grid (``panel`` is
-    None without ``original``). ``target`` is the protection's, computed from ``original``.
-    """
-    import numpy as np
+def read_back(path: Path):
+    """A written PNG read back in full, as an attacker's editor gets it: (1, 3, H, W)."""
     import torch
 
-    from . import metrics as Q
-    from .targets import make_target
+    from .data import read_image
+
+    return torch.from_numpy(read_image(path)).permute(2, 0, 1)[None]
+
+
+def _edit(editor, x, region, device, name: str, what: str):
+    import torch
 
     with torch.no_grad():
-        edited = eight_bit(editor(x.to(device), m.to(device)))
-    report = {}
-    if original is None:
-        return report, edited, None
-    with torch.no_grad():
-        clean = eight_bit(editor(original.to(device), m.to(device)))
-    region = m[0, 0].numpy() > 0.5
+        out = editor(x.to(device), region.to(device))
+    _finite(out, name, f"when editing {what}", "no verdict")
+    return eight_bit(out)
+
+
+def compare_edits(
+    editor, original, published, m, target, device, *, expand=None, name: str = "the editor"
+) -> tuple[dict, dict]:
+    """The attacker's view: the malicious edit (fill ``m``) and the benign ring edit (fill
+    ``E(m) - m``) of the original and of the published (protected) image, with ``editor``.
+
+    Returns ``(numbers, edits)``: the shares of each edited region on the target colour, the
+    PSNR of each protected edit against the original's, and :func:`verdict_of`'s verdict;
+    ``edits`` holds the H x W x 3 edits (8-bit grid), their differences and the target.
+    """
+    import numpy as np
+
+    from . import metrics as Q
+    from .masks import ring
+    from .targets import make_target
+
+    expand = resolve_expand(expand, m)
+    band = ring(m, expand)
     # The target the protection was made for: computed from the original, as protect does.
     phi = eight_bit(make_target(original, target))
-    report |= {
-        "hit_fraction": round(Q.target_hit_fraction(edited, phi, region), 4),
-        "hit_fraction_original": round(Q.target_hit_fraction(clean, phi, region), 4),
-        "psnr_region_vs_original_edit": round(Q.psnr(edited, clean, region), 3),
-        "ssim_region_vs_original_edit": round(Q.ssim(edited, clean, region), 4),
-    }
-    gap = np.ones((edited.shape[0], COMPARE_GAP, 3))
-    panel = np.concatenate([clean, gap, edited, gap, np.abs(edited - clean)], axis=1)
-    return report, edited, panel
+    edits = {"target": phi}
+    numbers: dict = {"expand": expand, "target_colour": colour_name(phi) or "an image"}
+    for edit, region_t in (("malicious", m), ("benign", band)):
+        region = region_t[0, 0].numpy() > 0.5
+        prefix = "" if edit == "malicious" else "ring_"
+        if not region.any():  # a kernel of 1 has no ring
+            numbers |= {f"{prefix}hit_fraction": None, f"{prefix}hit_fraction_original": None}
+            numbers[f"{prefix}psnr_vs_original_edit"] = None
+            continue
+        what = "the protected region" if edit == "malicious" else "the ring around it"
+        clean = _edit(editor, original, region_t, device, name, f"{what} of the original")
+        prot = _edit(editor, published, region_t, device, name, f"{what} of the protected image")
+        edits |= {f"{edit}_original": clean, f"{edit}_protected": prot}
+        edits[f"{edit}_difference"] = np.abs(prot - clean)
+        numbers[f"{prefix}hit_fraction"] = round(Q.target_hit_fraction(prot, phi, region, HIT_TOL), 4)  # fmt: skip
+        numbers[f"{prefix}hit_fraction_original"] = round(Q.target_hit_fraction(clean, phi, region, HIT_TOL), 4)  # fmt: skip
+        psnr = round(Q.psnr(prot, clean, region), 3)
+        if edit == "malicious":
+            numbers["psnr_region_vs_original_edit"] = psnr
+            if min(region.shape) >= 7:  # SSIM's window
+                numbers["ssim_region_vs_original_edit"] = round(Q.ssim(prot, clean, region), 4)
+        else:
+            numbers["ring_psnr_vs_original_edit"] = psnr
+    numbers["verdict"], numbers["verdict_detail"] = verdict_of(numbers)
+    return numbers, edits
+
+
+def verdict_of(n: dict) -> tuple[str, str]:
+    """One of :data:`VERDICTS` for :func:`compare_edits`' numbers, and the numbers behind it
+    in words (the rule: :data:`VERDICT_RULE`)."""
+    hit = n["hit_fraction"] >= HIT_MIN_FRACTION
+    hit_clean = n["hit_fraction_original"] >= HIT_MIN_FRACTION
+    malicious = (
+        f"the malicious edit puts {n['hit_fraction']:.0%} of the region on the target colour "
+        f"(the original's: {n['hit_fraction_original']:.0%}; a hit needs "
+        f"{HIT_MIN_FRACTION:.0%} within {HIT_TOL:g})"
+    )
+    psnr = n.get("ring_psnr_vs_original_edit")
+    if psnr is None:
+        benign, side = "no ring to edit (expansion kernel 1): benign edits not checked", False
+    else:
+        ring_hit = n["ring_hit_fraction"] >= HIT_MIN_FRACTION
+        ring_hit_clean = n["ring_hit_fraction_original"] >= HIT_MIN_FRACTION
+        benign = (
+            f"the benign ring edit is {psnr:.1f} dB from the original's (a side effect below "
+            f"{SIDE_EFFECT_PSNR_DB:g} dB) with {n['ring_hit_fraction']:.0%} of the ring on the "
+            f"target (the original's: {n['ring_hit_fraction_original']:.0%})"
+        )
+        side = psnr < SIDE_EFFECT_PSNR_DB or (ring_hit and not ring_hit_clean)
+    if hit and hit_clean:
+        detail = "the editor fills the region with the target colour on the original too"
+        return NOT_PROTECTED, f"{detail}: {malicious}; {benign}"
+    if not hit:
+        return NOT_PROTECTED, f"{malicious}; {benign}"
+    return (SIDE_EFFECT if side else PROTECTED), f"{malicious}; {benign}"
+
+
+def verify_protection(
+    editor, original, m, target, device, written: Path, *, expand=None, name="the editor"
+) -> dict:
+    """:func:`compare_edits` on the PNG as written (read back in full from ``written``)."""
+    numbers, _ = compare_edits(
+        editor, original, read_back(written), m, target, device, expand=expand, name=name
+    )
+    return numbers
+
+
+def edit_image(
+    editor, x, m, target, device, original=None, *, expand=None, name: str = "the editor"
+):
+    """The edit of ``x``; with ``original``: :func:`compare_edits` and a labelled figure.
+
+    Returns ``(report, edited, panel)``: H x W x 3 arrays on the 8-bit grid (``panel``, a
+    uint8 figure from :func:`compare_figure`, is None without ``original``). ``target`` is
+    the protection's, computed from ``original``.
+    """
+    if original is None:
+        return {}, _edit(editor, x, m, device, name, "the region"), None
+    numbers, edits = compare_edits(editor, original, x, m, target, device, expand=expand, name=name)
+    panel, _ = compare_figure(edits, numbers, colour_name(edits["target"]))
+    return numbers, edits["malicious_protected"], panel
+
+
+# ------------------------------------------------------------------------------- figure
+
+FIGURE_MIN_SIDE = 160  # px: smaller images are enlarged (whole pixels) so labels fit
+FIGURE_MAX_SIDE = 1024  # px: larger images are shown downscaled in the figure
+FONT_SIZE = 14
+
+
+def colour_name(phi) -> str | None:
+    """'blue (0, 0, 255)' for a solid target (H x W x 3 on the 8-bit grid), else None."""
+    import numpy as np
+
+    from .targets import SOLID_COLOURS
+
+    flat = phi.reshape(-1, 3)
+    if not (flat == flat[0]).all():
+        return None
+    rgb = tuple(int(round(v * 255)) for v in flat[0])
+    names = {tuple(round(c * 255) for c in v): k for k, v in SOLID_COLOURS.items()}
+    label = names.get(rgb, "colour")
+    return f"{label} {rgb}" if np.isfinite(flat[0]).all() else None
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return [*lines, line] if line else lines
+
+
+def compare_figure(edits: dict, numbers: dict, colour: str | None = None):
+    """The labelled comparison ``edit --compare`` writes and the demo shows.
+
+    Two rows (the malicious edit of the protected region, the benign ring edit), each
+    original's edit | protected's edit | their absolute difference, a swatch of the target
+    colour (or the target image), and the numbers and the verdict under them. Images under
+    :data:`FIGURE_MIN_SIDE` px are enlarged by whole pixels, over :data:`FIGURE_MAX_SIDE`
+    downscaled. Returns ``(figure, boxes)``: an H x W x 3 uint8 array and, per panel
+    (``malicious_original``, ..., ``target``), its ``(top, left, height, width)``.
+    """
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = edits["target"].shape[:2]
+    side = max(h, w)
+    k = math.ceil(FIGURE_MIN_SIDE / side) if side < FIGURE_MIN_SIDE else 1
+    shrink = min(1.0, FIGURE_MAX_SIDE / side)
+    ph, pw = (
+        (h * k, w * k) if shrink == 1 else (max(1, round(h * shrink)), max(1, round(w * shrink)))
+    )
+
+    def shown(a):
+        u8 = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
+        if k > 1:
+            return np.repeat(np.repeat(u8, k, axis=0), k, axis=1)
+        if shrink < 1:
+            return np.asarray(Image.fromarray(u8).resize((pw, ph), Image.Resampling.LANCZOS))
+        return u8
+
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line = FONT_SIZE + 6
+    pad, gap = 8, COMPARE_GAP
+    swatch_w = max(pw, 170)
+    width = pad + 3 * pw + 2 * gap + 3 * gap + swatch_w + pad
+    rows = [
+        ("malicious", "malicious edit: the editor fills the protected region"),
+        (
+            "benign",
+            f"benign edit: the editor fills the ring around it (kernel {numbers['expand']})",
+        ),
+    ]
+    labels = ("original's edit", "protected's edit", "|difference| (black: same)")
+    text_width = width - 2 * pad
+    verdict = numbers.get("verdict", "")
+    footer = [f"verdict: {verdict}"] + _wrap(numbers.get("verdict_detail", ""), font, text_width)
+    height = pad + 2 * (2 * line + ph + pad) + len(footer) * line + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    boxes = {}
+    top = pad
+    for edit, title in rows:
+        draw.text((pad, top), title, fill=(20, 40, 120), font=font)
+        top += line
+        for i, (suffix, label) in enumerate(zip(("original", "protected", "difference"), labels, strict=True)):  # fmt: skip
+            left = pad + i * (pw + gap)
+            draw.text((left, top), label, fill="black", font=font)
+            key = f"{edit}_{suffix}"
+            if key in edits:
+                canvas.paste(Image.fromarray(shown(edits[key])), (left, top + line))
+                boxes[key] = (top + line, left, ph, pw)
+            else:
+                draw.text((left, top + line), "(no ring: kernel 1)", fill="grey", font=font)
+        top += line + ph + pad
+    # the target: a swatch of a solid colour, else the target image
+    left = pad + 3 * pw + 2 * gap + 3 * gap
+    top = pad + line
+    draw.text((left, top), "target colour" if colour else "target", fill="black", font=font)
+    if colour:
+        rgb = tuple(int(v) for v in np.round(edits["target"][0, 0] * 255))
+        sw = min(ph, 96)
+        draw.rectangle((left, top + line, left + sw - 1, top + line + sw - 1), fill=rgb)
+        boxes["target"] = (top + line, left, sw, sw)
+        draw.text((left, top + line + sw + 2), colour, fill="black", font=font)
+    else:
+        canvas.paste(Image.fromarray(shown(edits["target"])), (left, top + line))
+        boxes["target"] = (top + line, left, ph, pw)
+    top = pad + 2 * (2 * line + ph + pad)
+    shade = {PROTECTED: (0, 110, 40), SIDE_EFFECT: (170, 90, 0), NOT_PROTECTED: (190, 0, 0)}
+    for i, text in enumerate(footer):
+        colour_of_line = shade.get(verdict, "black") if i == 0 else "black"
+        draw.text((pad, top + i * line), text, fill=colour_of_line, font=font)
+    return np.asarray(canvas), boxes
