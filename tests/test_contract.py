@@ -79,7 +79,9 @@ def closure(start: set[str]) -> set[Path]:
 def notebook_code(path: Path) -> str:
     nb = nbformat.read(path, as_version=4)
     cells = [c.source for c in nb.cells if c.cell_type == "code"]
-    return "\n".join(line for c in cells for line in c.splitlines() if not line.startswith(("%", "!")))
+    return "\n".join(
+        line for c in cells for line in c.splitlines() if not line.startswith(("%", "!"))
+    )
 
 
 def stage_notebook(stage: dict) -> Path:
@@ -126,7 +128,9 @@ def test_a_change_to_the_expansion_reruns_implant_and_sweep_code_only_the_sweep(
     """The two measured cases: E(m) shapes the protected images; the ε sweep's own code
     shapes nothing but the sweep."""
     assert "src/runtime_backdoor/masks.py" in DVC["implant"]["deps"]
-    holders = [n for n, s in DVC.items() if "src/runtime_backdoor/pipeline/eps_sweep.py" in s["deps"]]
+    holders = [
+        n for n, s in DVC.items() if "src/runtime_backdoor/pipeline/eps_sweep.py" in s["deps"]
+    ]
     assert holders == ["eps_sweep"]
 
 
@@ -167,7 +171,9 @@ def test_notebook_defaults_are_what_dvc_passes(name):
         f"passed but not in the notebook {sorted(set(passed) - set(defaults))}"
     )
     for key, value in passed.items():
-        assert defaults[key] == value, f"{name}: notebook default {key}={defaults[key]!r}, dvc passes {value!r}"
+        assert defaults[key] == value, (
+            f"{name}: notebook default {key}={defaults[key]!r}, dvc passes {value!r}"
+        )
 
 
 @pytest.mark.parametrize("name", sorted(DVC))
@@ -197,7 +203,11 @@ def test_metrics_have_flat_identifier_keys(path):
     bad = [k for k in data if not re.fullmatch(r"[A-Za-z0-9_.\-]+", k)]
     assert not bad, f"{path.name}: keys that are not identifiers: {bad[:3]}"
     for key, value in data.items():
-        ok = value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) < 200)
+        ok = (
+            value is None
+            or isinstance(value, bool | int | float)
+            or (isinstance(value, str) and len(value) < 200)
+        )
         assert ok, f"{path.name}: {key} holds {type(value).__name__}, not a flat value"
 
 
@@ -207,4 +217,6 @@ def test_a_new_budget_reruns_from_implant_on_without_retraining_the_editor():
     readers = {n for n, s in DVC.items() if re.search(r"\$\{implant\.", s["cmd"])}
     assert {"implant", "edit", "beyond", "eps_sweep"} <= readers
     assert not readers & {"prepare", "editor"}
-    assert "implant" not in str(DVC["editor"]["params"]) and "${implant." not in DVC["editor"]["cmd"]
+    assert (
+        "implant" not in str(DVC["editor"]["params"]) and "${implant." not in DVC["editor"]["cmd"]
+    )

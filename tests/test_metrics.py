@@ -183,7 +183,13 @@ def no_default_weights(tmp_path, monkeypatch):
 
 
 def test_load_clip_without_weights_says_where_to_put_them(no_default_weights):
-    where = str(no_default_weights / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_model.safetensors")
+    where = str(
+        no_default_weights
+        / "models"
+        / "clip"
+        / "ViT-B-32-quickgelu"
+        / "open_clip_model.safetensors"
+    )
     with pytest.raises(metrics.ClipUnavailable) as e:
         metrics.load_clip()
     msg = str(e.value)
@@ -294,13 +300,19 @@ def test_clip_preprocessing_is_clean_fids_bit_for_bit(random_clip, cleanfid_clip
 
     model, _ = random_clip
     for name in PHOTOS:
-        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize(size[::-1], Image.BICUBIC)
+        photo = (
+            Image.fromarray(getattr(skimage.data, name)())
+            .convert("RGB")
+            .resize(size[::-1], Image.BICUBIC)
+        )
         uint8 = np.asarray(photo)
         theirs = cleanfid_clip.img_preprocess_clip(uint8)
         assert np.array_equal(model.resize_uint8(uint8), theirs)
         # Then CLIP_fx: ToTensor()*255 (ResizeDataset), /255, CLIP's Normalize.
         t = transforms.ToTensor()(np.array(theirs)) * 255
-        norm = transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        norm = transforms.Normalize(
+            (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        )
         expected = norm(t / 255.0)[None]
         ours = model.preprocess(torch.from_numpy(uint8 / 255.0).permute(2, 0, 1)[None].float())
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
@@ -391,7 +403,9 @@ def test_lpips_is_the_packages_on_the_given_backbone(random_alexnet):
                              torch.from_numpy(b.transpose(2, 0, 1))[None].float() * 2 - 1))  # fmt: skip
     assert metrics.lpips_distance(a, b, model) == pytest.approx(expected, rel=1e-5)
     assert metrics.lpips_distance(a, a, model) == pytest.approx(0, abs=1e-7)
-    assert metrics.lpips_distance(a, b, model) == pytest.approx(metrics.lpips_distance(b, a, model), rel=1e-5)
+    assert metrics.lpips_distance(a, b, model) == pytest.approx(
+        metrics.lpips_distance(b, a, model), rel=1e-5
+    )
     region = np.zeros((64, 64), bool)
     region[:32] = True
     inside = metrics.lpips_distance(a, b, model, region)

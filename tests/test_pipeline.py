@@ -172,10 +172,14 @@ def test_source_notebooks_are_thin_and_parameterised(path):
     assert not re.search(r"/(home|work|tmp|Users)/", json.dumps(nb.metadata))
     # Every notebook finds the project folder first: JupyterLab, papermill and DVC see one tree.
     first = code[1].source if len(code) > 1 else ""
-    assert "enter_project_root()" in first, f"{path.name}: the cell after the parameters enters the project root"
+    assert "enter_project_root()" in first, (
+        f"{path.name}: the cell after the parameters enters the project root"
+    )
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.name
+)
 def test_stage_notebooks_hold_no_logic(path):
     """A stage notebook calls its module and displays: no loops, no definitions, short cells."""
     import ast
@@ -206,10 +210,14 @@ def test_a_fresh_clone_pulls_every_output_and_is_up_to_date(tmp_path):
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     dvc = str(Path(sys.executable).parent / "dvc")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    pulled = subprocess.run([dvc, "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    pulled = subprocess.run(
+        [dvc, "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
+    )
     assert pulled.returncode == 0, pulled.stdout + pulled.stderr
     for out in ("data/prepared", "data/protected", "data/edited", "models/editor/mini-lama.safetensors",
                 "reports/notebooks/07_beyond.ipynb"):  # fmt: skip
         assert (clone / out).exists(), out
-    status = subprocess.run([dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    status = subprocess.run(
+        [dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
+    )
     assert "Data and pipelines are up to date" in status.stdout, status.stdout

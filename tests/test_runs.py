@@ -28,7 +28,9 @@ def project(tmp_path):
     (root / "reports" / "metrics.json").write_text('{"n_images": 18}')
     (root / "models" / "clip" / "ViT-B-32-quickgelu").mkdir(parents=True)
     (root / "models" / "big-lama.pt").write_bytes(b"weights")
-    (root / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_pytorch_model.bin").write_bytes(b"clip")
+    (root / "models" / "clip" / "ViT-B-32-quickgelu" / "open_clip_pytorch_model.bin").write_bytes(
+        b"clip"
+    )
     return root
 
 

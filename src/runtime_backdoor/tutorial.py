@@ -27,9 +27,7 @@ MINIATURE_HELP = (
     "run `dvc pull editor` in the project folder (it restores models/editor/ from the DVC store "
     "committed with the repository, offline), or `dvc repro editor` to train it again"
 )
-BIG_LAMA_HELP = (
-    "`runtime-backdoor weights fetch big-lama` downloads them (docs/real-models.md)"
-)
+BIG_LAMA_HELP = "`runtime-backdoor weights fetch big-lama` downloads them (docs/real-models.md)"
 
 
 # --------------------------------------------------------------------------------- inputs

@@ -22,7 +22,9 @@ def test_the_control_is_far_more_sensitive_than_blur_fill(tmp_path):
     from runtime_backdoor.editors.simple import BlurFillEditor, GlobalMixEditor
 
     blur = editor.sensitivity_check(BlurFillEditor(), size=32, eps=0.025, seed=0, device="cpu")
-    mix = editor.sensitivity_check(GlobalMixEditor(gain=800), size=32, eps=0.025, seed=0, device="cpu")
+    mix = editor.sensitivity_check(
+        GlobalMixEditor(gain=800), size=32, eps=0.025, seed=0, device="cpu"
+    )
     assert mix["gain_mean"] > 10 * blur["gain_mean"]
 
 
@@ -30,7 +32,9 @@ def test_unknown_editor_and_missing_weights_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown editor 'nope'"):
         editor.run(tmp_path, name="nope", device="cpu")
     with pytest.raises((FileNotFoundError, ValueError), match="missing.safetensors"):
-        editor.run(tmp_path, name="mini-lama", weights=str(tmp_path / "missing.safetensors"), device="cpu")
+        editor.run(
+            tmp_path, name="mini-lama", weights=str(tmp_path / "missing.safetensors"), device="cpu"
+        )
 
 
 @pytest.mark.slow

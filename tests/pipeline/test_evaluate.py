@@ -62,7 +62,10 @@ def test_lpips_columns_with_a_backbone_and_the_reason_without(folders, tmp_path)
                   edited_dir=d / "edited", clip_weights="", device="cpu")  # fmt: skip
     without = evaluate.run(tmp_path / "a", lpips_backbone=str(tmp_path / "none.pth"), **common)
     assert without["summary"]["lpips_available"] is False
-    assert without["summary"]["lpips_unavailable"] == "no backbone: runtime-backdoor weights fetch lpips-alex"
+    assert (
+        without["summary"]["lpips_unavailable"]
+        == "no backbone: runtime-backdoor weights fetch lpips-alex"
+    )
     assert "lpips_vs_clean_edit" not in without["per_edit"]
     torch.manual_seed(0)
     backbone = tmp_path / "alexnet.pth"

@@ -26,11 +26,17 @@ def test_scenario_figure_is_the_same_file_on_every_run():
 def test_results_table_states_each_scenario_with_its_interval():
     summary = json.loads((ROOT / "reports" / "metrics.json").read_text())
     table = figures.results_table(summary, [{"sentence": "a stated comparison"}])
-    rows = [line for line in table.splitlines() if line.startswith("| malicious") or line.startswith("| benign")]
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| malicious") or line.startswith("| benign")
+    ]
     assert len(rows) == 6
     from runtime_backdoor.stats import Estimate
 
     key = "malicious_mask_hit_rate_protected"
-    rate = Estimate(summary[key], summary[f"{key}_low"], summary[f"{key}_high"], summary["n_images"])
+    rate = Estimate(
+        summary[key], summary[f"{key}_low"], summary[f"{key}_high"], summary["n_images"]
+    )
     assert f"→ {rate.format(True)} |" in table or f"→ {rate.format(True)} " in table
     assert "- a stated comparison." in table

@@ -22,7 +22,9 @@ def test_implant_resumes_only_what_matches(raw, tmp_path):
     kwargs = {"eps": 0.025, "steps": 3, "expand_kernel": 5, "batch_size": 2, "progress": False}
 
     def protect(e=editor, **over):
-        return implant.implant_folder(e, tmp_path / "prepared", tmp_path / "protected", **(kwargs | over))
+        return implant.implant_folder(
+            e, tmp_path / "prepared", tmp_path / "protected", **(kwargs | over)
+        )
 
     first = protect()
     assert len(first) == 3 and first["linf_8bit"].max() <= 6.375 + 1e-6

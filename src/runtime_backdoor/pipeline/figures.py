@@ -155,7 +155,10 @@ def results_table(summary: dict, conclusions: list[dict] | None = None) -> str:
         ]
         lines += [f"- {c['sentence']}." for c in conclusions]
     if summary.get("lpips_available"):
-        lines += ["", f"LPIPS-alex of the protected image vs the original: {ci('protection_lpips')}."]
+        lines += [
+            "",
+            f"LPIPS-alex of the protected image vs the original: {ci('protection_lpips')}.",
+        ]
     elif "lpips_unavailable" in summary:
         lines += ["", f"LPIPS: not computed ({summary['lpips_unavailable']})."]
     if summary.get("clip_fid_available"):
