@@ -112,6 +112,20 @@ def _positive_int(name: str, low: int, high: int):
     return parse
 
 
+def _device_and_pixel_limit(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--max-pixels``, the same for every command that reads images."""
+    p.add_argument(
+        "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int("--max-pixels", 1, 10**12),
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images of more pixels, read from the file's header before decoding "
+        f"(default {DEFAULT_MAX_PIXELS:_}: {DEFAULT_MAX_PIXELS / 1e6:g} megapixels)",
+    )
+
+
 def _eps(text: str) -> float:
     try:
         return parse_eps(text)
@@ -164,16 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=0.5,
             help="mask threshold, fraction of full scale (default 0.5)",
         )
-        p.add_argument(
-            "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
-        )
-        p.add_argument(
-            "--max-pixels",
-            type=_positive_int("--max-pixels", 1, 10**12),
-            default=DEFAULT_MAX_PIXELS,
-            help="refuse images of more pixels, read from the file's header before decoding "
-            f"(default {DEFAULT_MAX_PIXELS:_}: {DEFAULT_MAX_PIXELS / 1e6:g} megapixels)",
-        )
+        _device_and_pixel_limit(p)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -295,16 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--editor", default=None, help="an editor to offer first (with --weights if it needs them)"
     )
     demo.add_argument("--weights", type=Path, default=None, help="weights for --editor")
-    demo.add_argument(
-        "--device", default="auto", help="'auto' (GPU if available), 'cpu', 'cuda' or 'cuda:N'"
-    )
-    demo.add_argument(
-        "--max-pixels",
-        type=_positive_int("--max-pixels", 1, 10**12),
-        default=DEFAULT_MAX_PIXELS,
-        help="refuse uploaded images of more pixels, read from the header before decoding "
-        f"(default {DEFAULT_MAX_PIXELS:_})",
-    )
+    _device_and_pixel_limit(demo)
     return parser
 
 
