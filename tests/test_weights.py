@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_backdoor import cli, weights
+from runtime_backdoor import cli, downloads, weights
 from runtime_backdoor.weights import REGISTRY, WeightFile, WeightsError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks, so a cut lands mid-transfer
@@ -69,7 +69,7 @@ class Server:
                     server.stalls[path] -= 1
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
-                    server.release.wait(30)  # silent, connection open
+                    server.release.wait(120)  # silent, connection open
                     self.close_connection = True
                     return
                 if path in server.unsized:
@@ -127,7 +127,7 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_fetch_downloads_checks_and_records(server, tiny, tmp_path):
     server.routes["/tiny.bin"] = (200, PAYLOAD, {})
-    path, what = weights.fetch("tiny", progress=False)
+    path, what = downloads.fetch("tiny", progress=False)
     assert path == tmp_path / "models" / "sub" / "tiny.bin"
     assert path.read_bytes() == PAYLOAD
     assert tiny.checksum in what
@@ -137,7 +137,7 @@ def test_fetch_downloads_checks_and_records(server, tiny, tmp_path):
     assert record["url"] == f"{server.url}/tiny.bin"
 
     # a good copy is not fetched again
-    path, what = weights.fetch("tiny", progress=False)
+    path, what = downloads.fetch("tiny", progress=False)
     assert what == "present, checksum ok" and server.gets("/tiny.bin") == 1
     assert weights.verify("tiny") == (True, f"ok: {path} ({tiny.checksum})")
 
@@ -146,7 +146,7 @@ def test_wrong_checksum_deletes_and_names_both_hashes(server, tiny):
     served = PAYLOAD[::-1]
     server.routes["/tiny.bin"] = (200, served, {})
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
     message = str(err.value)
     assert f"expected {tiny.checksum}, found md5:{md5(served)}" in message
     assert "deleted" in message and "\n" not in message
@@ -155,7 +155,7 @@ def test_wrong_checksum_deletes_and_names_both_hashes(server, tiny):
 
 def test_http_404_says_what_to_do_by_hand(server, tiny):
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
     target = weights.destination(tiny)
     assert str(err.value) == (
         f"tiny: {server.url}/tiny.bin answered HTTP 404; download it elsewhere, copy it to "
@@ -173,7 +173,7 @@ def test_no_server_is_one_line_with_the_url(monkeypatch, tiny, tmp_path):
     monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}")
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
     message = str(err.value)
     assert message.startswith(f"tiny: cannot download http://127.0.0.1:{port}/tiny.bin (")
     assert "copy it to" in message and "weights verify tiny" in message and "\n" not in message
@@ -185,11 +185,11 @@ def test_transfer_cut_half_way(server, tiny):
     # without a retry: an error, and the half file never gets the final name
     server.cuts["/tiny.bin"] = 1
     with pytest.raises(WeightsError, match="cannot download"):
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
     assert leftovers(target.parent) == []
     # with one retry the download restarts from zero and succeeds
     server.cuts["/tiny.bin"] = 1
-    path, _ = weights.fetch("tiny", retries=1, progress=False)
+    path, _ = downloads.fetch("tiny", retries=1, progress=False)
     assert path.read_bytes() == PAYLOAD
     assert server.gets("/tiny.bin") == 3
     assert leftovers(target.parent) == ["tiny.bin"]
@@ -203,7 +203,7 @@ def test_redirect_is_followed(server, monkeypatch):
     monkeypatch.setitem(REGISTRY, "moved", spec)
     server.routes["/moved.bin"] = (302, b"", {"Location": "/storage/blob-7"})
     server.routes["/storage/blob-7"] = (200, PAYLOAD, {})
-    path, _ = weights.fetch("moved", retries=0, progress=False)
+    path, _ = downloads.fetch("moved", retries=0, progress=False)
     assert path.read_bytes() == PAYLOAD
     assert server.gets("/storage/blob-7") == 1
 
@@ -216,14 +216,14 @@ def test_corrupt_local_copy_is_reported_then_replaced(server, tiny):
     ok, line = weights.verify("tiny")
     assert not ok
     assert f"expected {tiny.checksum}, found md5:{md5(b'truncated')}" in line
-    weights.fetch("tiny", retries=0, progress=False)
+    downloads.fetch("tiny", retries=0, progress=False)
     assert target.read_bytes() == PAYLOAD and server.gets("/tiny.bin") == 1
 
 
 def test_real_entry_goes_to_the_mirror(server):
     # the registry's own big-lama entry, against the local server (which has no such file)
     with pytest.raises(WeightsError) as err:
-        weights.fetch("big-lama", retries=0, progress=False)
+        downloads.fetch("big-lama", retries=0, progress=False)
     assert f"{server.url}/big-lama.pt answered HTTP 404" in str(err.value)
     assert server.hits == [("GET", "/big-lama.pt")]
 
@@ -240,7 +240,7 @@ def test_zip_without_published_checksum_is_recorded_on_first_fetch(server, tmp_p
     ckpt, config = PAYLOAD[:1000], b"generator: ffc_resnet\n"
     archive = make_zip({"big-lama/models/best.ckpt": ckpt, "big-lama/config.yaml": config})
     server.routes["/big-lama.zip"] = (200, archive, {})
-    folder, what = weights.fetch("big-lama-ckpt", retries=0, progress=False)
+    folder, what = downloads.fetch("big-lama-ckpt", retries=0, progress=False)
     models = tmp_path / "models"
     assert folder == models / "big-lama"
     assert (folder / "models" / "best.ckpt").read_bytes() == ckpt
@@ -254,7 +254,7 @@ def test_zip_without_published_checksum_is_recorded_on_first_fetch(server, tmp_p
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # like any other folder
     assert (models / "weights.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
-    _, what = weights.fetch("big-lama-ckpt", retries=0, progress=False)
+    _, what = downloads.fetch("big-lama-ckpt", retries=0, progress=False)
     assert what.startswith("present") and server.gets("/big-lama.zip") == 1
     assert weights.verify("big-lama-ckpt")[0]
     (folder / "models" / "best.ckpt").write_bytes(b"x")
@@ -269,7 +269,7 @@ def test_zip_with_unsafe_paths_is_refused(server):
         {},
     )
     with pytest.raises(WeightsError, match="unsafe member path"):
-        weights.fetch("big-lama-ckpt", retries=0, progress=False)
+        downloads.fetch("big-lama-ckpt", retries=0, progress=False)
     assert leftovers(weights.models_dir()) == []  # nothing extracted, nothing left
 
 
@@ -329,7 +329,7 @@ def hub(server, monkeypatch, hub_spec):
 
 
 def test_hub_fetch_takes_only_the_needed_files_and_records_the_commit(server, hub, tmp_path):
-    path, what = weights.fetch("tiny-hub")
+    path, what = downloads.fetch("tiny-hub")
     folder = tmp_path / "models" / "hub" / "tiny"
     assert path == folder and COMMIT in what
     assert (folder / "open_clip_model.safetensors").read_bytes() == hub[
@@ -345,9 +345,9 @@ def test_hub_fetch_takes_only_the_needed_files_and_records_the_commit(server, hu
     }  # fmt: skip
     assert weights.primary_path(REGISTRY["tiny-hub"]) == folder / "open_clip_model.safetensors"
     # present and matching: no second download
-    downloads = server.gets(f"/{HUB_REPO}/resolve/{COMMIT}/open_clip_model.safetensors")
-    _, what = weights.fetch("tiny-hub")
-    assert what.startswith("present") and downloads == 1
+    gets = server.gets(f"/{HUB_REPO}/resolve/{COMMIT}/open_clip_model.safetensors")
+    _, what = downloads.fetch("tiny-hub")
+    assert what.startswith("present") and gets == 1
     assert weights.verify("tiny-hub") == (True, f"ok: {folder} (commit {COMMIT}, 1 files)")
 
 
@@ -358,10 +358,37 @@ def test_hub_checksum_mismatch_deletes_the_file(server, hub, tmp_path):
         200, bad, {"X-Repo-Commit": COMMIT, "ETag": '"x"'},
     )  # fmt: skip
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny-hub")
+        downloads.fetch("tiny-hub")
     expected = sha256(hub["open_clip_model.safetensors"])
     assert f"expected sha256:{expected}, found sha256:{sha256(bad)}" in str(err.value)
     assert not (tmp_path / "models/hub/tiny/open_clip_model.safetensors").exists()
+
+
+def test_a_stalled_hub_file_gives_up_and_says_how_to_copy_it(server, hub, monkeypatch, tmp_path):
+    monkeypatch.setattr(downloads, "STALL_SECONDS", 0.5)
+    route = f"/{HUB_REPO}/resolve/{COMMIT}/open_clip_model.safetensors"
+    server.stalls[route] = 5
+    with pytest.raises(WeightsError) as err:
+        downloads.fetch("tiny-hub")
+    message = str(err.value)
+    assert "(stalled: no data for 0.5 s after 2,500 of 5,000 bytes)" in message
+    assert f"hf download {HUB_REPO} open_clip_model.safetensors" in message and "\n" not in message
+    assert not (tmp_path / "models/hub/tiny/open_clip_model.safetensors").exists()
+    assert leftovers(tmp_path / "models/hub/tiny") == []
+
+
+def test_a_hub_file_larger_than_its_listed_size_is_refused(server, hub, tmp_path):
+    route = f"/{HUB_REPO}/resolve/{COMMIT}/open_clip_model.safetensors"
+    server.routes[route] = (200, PAYLOAD, {"X-Repo-Commit": COMMIT})  # 1 MiB, listed at 5,000
+    limit = 5000 + downloads.SIZE_MARGIN
+    with pytest.raises(
+        WeightsError, match=f"it announced 1,048,576 bytes, more than the {limit:,}"
+    ):
+        downloads.fetch("tiny-hub")
+    server.unsized.add(route)  # no Content-Length: the transfer stops at the limit
+    with pytest.raises(WeightsError, match=f"it sent more than {limit:,} bytes"):
+        downloads.fetch("tiny-hub")
+    assert leftovers(tmp_path / "models/hub/tiny") == []
 
 
 def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
@@ -370,7 +397,7 @@ def test_hub_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     with pytest.raises(WeightsError) as err:
-        weights.fetch("sd15-inpainting")
+        downloads.fetch("sd15-inpainting")
     message = str(err.value)
     assert "hf download stable-diffusion-v1-5/stable-diffusion-inpainting" in message
     assert f"--local-dir {tmp_path / 'models' / 'sd15-inpainting'}" in message
@@ -390,7 +417,7 @@ def test_hub_unreachable_is_one_line(monkeypatch, tmp_path, hub_spec):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny-hub")
+        downloads.fetch("tiny-hub")
     message = str(err.value)
     assert message.startswith(f"tiny-hub: cannot download {HUB_REPO}")
     assert "weights verify tiny-hub" in message and "\n" not in message
@@ -433,13 +460,13 @@ def test_cli_verify_and_fetch_exit_codes(server, tiny, capsys):
 def test_a_stall_mid_body_gives_up_within_the_stall_time_and_says_so(server, tiny, monkeypatch):
     import time
 
-    monkeypatch.setattr(weights, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(downloads, "STALL_SECONDS", 1.0)
     server.routes["/tiny.bin"] = (200, PAYLOAD, {})
     server.stalls["/tiny.bin"] = 2
     target = weights.destination(tiny)
     start = time.monotonic()
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=1, progress=False)  # two attempts, both stall
+        downloads.fetch("tiny", retries=1, progress=False)  # two attempts, both stall
     seconds = time.monotonic() - start
     assert str(err.value) == (
         f"tiny: cannot download {server.url}/tiny.bin (stalled: no data for 1 s after "
@@ -450,32 +477,59 @@ def test_a_stall_mid_body_gives_up_within_the_stall_time_and_says_so(server, tin
     assert leftovers(target.parent) == []
     # a stall that clears: the next attempt completes
     server.stalls["/tiny.bin"] = 1
-    path, _ = weights.fetch("tiny", retries=1, progress=False)
+    path, _ = downloads.fetch("tiny", retries=1, progress=False)
     assert path.read_bytes() == PAYLOAD
 
 
+def test_stalls_stop_retrying_once_another_would_pass_the_give_up_time(server, tiny, monkeypatch):
+    """The default constants (30 s, 90 s) at a thirtieth of the scale: two attempts, not three."""
+    import time
+
+    monkeypatch.setattr(downloads, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(downloads, "GIVE_UP_SECONDS", 3.0)
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    server.stalls["/tiny.bin"] = 3
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"\(stalled: "):
+        downloads.fetch("tiny", retries=2, progress=False)
+    assert server.gets("/tiny.bin") == 2 and time.monotonic() - start < 3.0
+
+
+@pytest.mark.slow
+def test_a_stalled_download_fails_within_90_seconds_at_the_real_timeouts(server, tiny):
+    import time
+
+    server.routes["/tiny.bin"] = (200, PAYLOAD, {})
+    server.stalls["/tiny.bin"] = 3
+    start = time.monotonic()
+    with pytest.raises(WeightsError, match=r"\(stalled: no data for 30 s after 524,288"):
+        downloads.fetch("tiny", progress=False)  # the CLI's default retries
+    seconds = time.monotonic() - start
+    assert 60 <= seconds < 90 and server.gets("/tiny.bin") == 2, seconds
+
+
 def test_the_stall_time_is_30_seconds_per_attempt():
-    assert weights.STALL_SECONDS == 30
+    assert downloads.STALL_SECONDS == 30
 
 
 def test_a_trickle_is_a_stall(server, tiny, monkeypatch):
-    monkeypatch.setattr(weights, "STALL_SECONDS", 0.3)
-    monkeypatch.setattr(weights, "STALL_MIN_BYTES", 2 * len(PAYLOAD))  # never reached in 0.3 s
+    monkeypatch.setattr(downloads, "STALL_SECONDS", 0.3)
+    monkeypatch.setattr(downloads, "STALL_MIN_BYTES", 2 * len(PAYLOAD))  # never reached in 0.3 s
     server.routes["/tiny.bin"] = (200, PAYLOAD, {})
     server.stalls["/tiny.bin"] = 1  # half at once, then nothing: the window sees too little
     with pytest.raises(WeightsError, match=r"\(stalled: "):
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
 
 
 def test_more_bytes_than_registered_are_refused(server, tiny):
     too_much = PAYLOAD * 3
-    limit = weights.size_limit(tiny)
+    limit = downloads.size_limit(tiny)
     assert limit == len(PAYLOAD) + 64 * 1024  # 1 MiB registered: the 64 KiB margin
     target = weights.destination(tiny)
     # announced in Content-Length: refused before the body
     server.routes["/tiny.bin"] = (200, too_much, {})
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=2, progress=False)
+        downloads.fetch("tiny", retries=2, progress=False)
     assert (
         f"(it announced 3,145,728 bytes, more than the {limit:,} expected (registered size "
         "plus margin); nothing was downloaded)" in str(err.value)
@@ -484,7 +538,7 @@ def test_more_bytes_than_registered_are_refused(server, tiny):
     # not announced: the transfer stops at the limit
     server.unsized.add("/tiny.bin")
     with pytest.raises(WeightsError) as err:
-        weights.fetch("tiny", retries=2, progress=False)
+        downloads.fetch("tiny", retries=2, progress=False)
     assert f"(it sent more than {limit:,} bytes (registered size plus margin); stopped there)" in str(err.value)  # fmt: skip
     assert server.gets("/tiny.bin") == 2 and leftovers(target.parent) == []
 
@@ -492,14 +546,14 @@ def test_more_bytes_than_registered_are_refused(server, tiny):
 def test_an_unsized_download_of_the_right_size_is_fine(server, tiny):
     server.routes["/tiny.bin"] = (200, PAYLOAD, {})
     server.unsized.add("/tiny.bin")
-    path, _ = weights.fetch("tiny", retries=0, progress=False)
+    path, _ = downloads.fetch("tiny", retries=0, progress=False)
     assert path.read_bytes() == PAYLOAD
 
 
 def test_the_big_lama_entry_is_capped_near_its_size():
     spec = REGISTRY["big-lama"]
-    assert spec.size < weights.size_limit(spec) <= spec.size * 1.011
-    assert weights.size_limit(REGISTRY["mat-places512"]) == weights.MAX_UNREGISTERED_BYTES
+    assert spec.size < downloads.size_limit(spec) <= spec.size * 1.011
+    assert downloads.size_limit(REGISTRY["mat-places512"]) == downloads.MAX_UNREGISTERED_BYTES
 
 
 def test_a_refused_connection_is_named(monkeypatch, tiny, tmp_path):
@@ -511,11 +565,11 @@ def test_a_refused_connection_is_named(monkeypatch, tiny, tmp_path):
     monkeypatch.setenv(weights.MIRROR_ENV, f"http://127.0.0.1:{port}")
     monkeypatch.setenv(weights.MODELS_ENV, str(tmp_path / "models"))
     with pytest.raises(WeightsError, match=r"\(could not connect: Connection refused\)"):
-        weights.fetch("tiny", retries=0, progress=False)
+        downloads.fetch("tiny", retries=0, progress=False)
 
 
 def test_a_server_error_is_retried_and_a_404_is_not(server, tiny):
     server.routes["/tiny.bin"] = (503, b"busy", {})
     with pytest.raises(WeightsError, match="answered HTTP 503"):
-        weights.fetch("tiny", retries=2, progress=False)
+        downloads.fetch("tiny", retries=2, progress=False)
     assert server.gets("/tiny.bin") == 3

@@ -23,7 +23,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import weights
+from . import downloads
 from .owner import (
     DEFAULT_EPS,
     DEFAULT_MAX_PIXELS,
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("editors", help="list the editors that can be named with --editor")
-    weights.add_parser(sub)
+    downloads.add_parser(sub)
     demo = sub.add_parser(
         "demo",
         help="a browser page for image owners: paint, check, protect, compare, download",
@@ -722,7 +722,7 @@ def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "weights":
-        return weights.run(args)
+        return downloads.run(args)
     if args.command == "demo":
         from .demo import serve
 
