@@ -412,6 +412,29 @@ def test_lpips_is_the_packages_on_the_given_backbone(random_alexnet):
     assert inside > 0 and np.isnan(metrics.lpips_distance(a, b, model, np.zeros((64, 64), bool)))
 
 
+def test_lpips_batch_equals_the_image_by_image_distance(random_alexnet):
+    model = metrics.load_lpips("alex", random_alexnet)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 3, 48, 40, generator=g), torch.rand(3, 3, 48, 40, generator=g)
+    mask = torch.zeros(3, 1, 48, 40)
+    mask[0, :, :20] = 1
+    mask[1, :, 10:30, 5:25] = 1  # image 2: empty mask
+    whole = metrics.lpips_batch(a, b, model)
+    region = metrics.lpips_batch(a, b, model, mask)
+
+    def hwc(t):
+        return t.permute(1, 2, 0).numpy()
+
+    for i in range(3):
+        assert float(whole[i]) == pytest.approx(
+            metrics.lpips_distance(hwc(a[i]), hwc(b[i]), model), rel=1e-5
+        )
+        expected = metrics.lpips_distance(hwc(a[i]), hwc(b[i]), model, mask[i, 0].numpy() > 0.5)
+        if i < 2:
+            assert float(region[i]) == pytest.approx(expected, rel=1e-5)
+    assert np.isnan(float(region[2]))  # fmt: skip
+
+
 def test_lpips_without_a_backbone_is_unavailable_with_the_fetch_command(tmp_path):
     with pytest.raises(metrics.LpipsUnavailable, match="weights fetch lpips-alex"):
         metrics.load_lpips("alex", tmp_path / "missing.pth")

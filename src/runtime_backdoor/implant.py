@@ -248,12 +248,7 @@ def implant(
         if batch_passes:
             with autocast():
                 out = editor(torch.cat([x_adv] * 3), torch.cat([m, big, band])).float()
-            out_m, out_e, out_r = out.split(b)
-            terms = {
-                "implant": masked_mse(out_m, phi, m),
-                "incomplete": masked_mse(out_e, phi, big),
-                "hide": masked_mse(out_r, clean_ring, band),
-            }
+            terms = _backdoor_terms(out, phi, clean_ring, (m, big, band))
         else:
             # One pass at a time, back-propagated at once: only one editor graph is alive.
             terms = {}
@@ -264,13 +259,29 @@ def implant(
                 term = masked_mse(out, reference, region)
                 (w * term).sum().backward(retain_graph=True)
                 terms[k] = term.detach()
-        terms["total"] = sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
+        terms["total"] = _weighted_total(terms, weights)
         return terms
 
     result = optimise(x, loss, phi, desc="implant", **settings)
     for k in LOSS_TERMS:
         result.losses.setdefault(k, torch.zeros(0, b, device=x.device))
     return result
+
+
+def _backdoor_terms(out, phi, clean_ring, regions) -> dict[str, torch.Tensor]:
+    """The three per-image terms from one editor call on ``[x'] * 3`` with the masks
+    ``regions`` = (m, E(m), ring): fill m with φ, fill E(m) with φ, leave the ring as on x."""
+    m, big, band = regions
+    out_m, out_e, out_r = out.split(m.shape[0])
+    return {
+        "implant": masked_mse(out_m, phi, m),
+        "incomplete": masked_mse(out_e, phi, big),
+        "hide": masked_mse(out_r, clean_ring, band),
+    }
+
+
+def _weighted_total(terms: dict[str, torch.Tensor], weights) -> torch.Tensor:
+    return sum(w * terms[k] for w, k in zip(weights, TERMS, strict=True))
 
 
 def _implant_ensemble(
@@ -311,13 +322,8 @@ def _implant_ensemble(
             leaf = x_adv.detach().requires_grad_(True)
             with autocast():
                 out = e(torch.cat([leaf] * 3), torch.cat([m, big, band])).float()
-            out_m, out_e, out_r = out.split(b)
-            own = {
-                "implant": masked_mse(out_m, phi, m),
-                "incomplete": masked_mse(out_e, phi, big),
-                "hide": masked_mse(out_r, clean_ring, band),
-            }
-            total = sum(w * own[k] for w, k in zip(weights, TERMS, strict=True))
+            own = _backdoor_terms(out, phi, clean_ring, (m, big, band))
+            total = _weighted_total(own, weights)
             (g,) = torch.autograd.grad((ew * total).sum(), leaf)
             grad += g
             for k in TERMS:

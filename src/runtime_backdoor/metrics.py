@@ -34,6 +34,10 @@ __all__ = [
     "linf",
     "linf_8bit",
     "load_clip",
+    "load_lpips",
+    "lpips_batch",
+    "lpips_distance",
+    "LpipsUnavailable",
     "masked_mse",
     "psnr",
     "reduce_ssim",
@@ -629,3 +633,23 @@ def lpips_distance(a, b, model, mask=None) -> float:
             model.spatial = False
         m = np.asarray(mask, dtype=bool)
         return float(d[m].mean()) if m.any() else float("nan")
+
+
+def lpips_batch(a: torch.Tensor, b: torch.Tensor, model, mask=None) -> torch.Tensor:
+    """(B,) LPIPS between two (B, 3, H, W) batches in [0, 1], as :func:`lpips_distance` gives
+    image by image; ``mask`` (B, 1, H, W): the spatial map's mean over its pixels (NaN where
+    a mask is empty)."""
+    device = next(model.parameters()).device
+    a, b = a.to(device).float() * 2 - 1, b.to(device).float() * 2 - 1
+    with torch.no_grad():
+        if mask is None:
+            return model(a, b).flatten().cpu()
+        model.spatial = True
+        try:
+            d = model(a, b)[:, 0].cpu()
+        finally:
+            model.spatial = False
+    m = mask[:, 0].cpu() > 0.5
+    total = (d * m).flatten(1).sum(1)
+    count = m.flatten(1).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.tensor(float("nan")))

@@ -28,15 +28,21 @@ MEANS = {
     "ssim_vs_clean_edit": "ssim_vs_clean_edit",
     "ssim_region_vs_clean_edit": "ssim_region_vs_clean_edit",
 }
+#: LPIPS-alex columns, in ``per_edit`` where the stage had a backbone (evaluate.lpips_backbone).
+LPIPS_MEANS = {
+    "lpips_vs_clean_edit": "lpips_vs_clean_edit",
+    "lpips_region_vs_clean_edit": "lpips_region_vs_clean_edit",
+}
 
 
 def _mean_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Means over images (seeds averaged within an image first) with 95 % intervals:
     each column ``c`` comes with ``c_low`` and ``c_high`` (:mod:`runtime_backdoor.stats`)."""
-    d = df.assign(**{k: df[k].astype(float) for k in MEANS})
-    t = group_estimates(d, by, list(MEANS))
+    means = MEANS | {k: v for k, v in LPIPS_MEANS.items() if k in df}
+    d = df.assign(**{k: df[k].astype(float) for k in means})
+    t = group_estimates(d, by, list(means))
     renames = {}
-    for source, name in MEANS.items():
+    for source, name in means.items():
         for suffix in ("", "_low", "_high"):
             renames[source + suffix] = name + suffix
     return t.rename(columns=renames)
@@ -522,6 +528,12 @@ def summarize(per_edit: pd.DataFrame, protection: pd.DataFrame) -> dict:
             r,
             "ssim_region_vs_clean_edit",
         )
+        if "lpips_region_vs_clean_edit" in r:
+            put(
+                key(r["source"], "backdoor", r["scenario"], "lpips_region"),
+                r,
+                "lpips_region_vs_clean_edit",
+            )
     for _, r in robustness_table(per_edit, methods=list(per_edit["method"].unique())).iterrows():
         put(
             key(r["source"], r["method"], r["kind"], r["transform"], "hit_rate"),
@@ -533,6 +545,8 @@ def summarize(per_edit: pd.DataFrame, protection: pd.DataFrame) -> dict:
             where = (r["source"], r["method"], r["kind"], r["family"])
             put(key(*where, "hit_rate"), r, "hit_rate_protected")
             put(key(*where, "ssim_region"), r, "ssim_region_vs_clean_edit")
+            if "lpips_region_vs_clean_edit" in r:
+                put(key(*where, "lpips_region"), r, "lpips_region_vs_clean_edit")
     for _, r in transfer_table(per_edit).iterrows():
         if r["source"] != r["editor"]:
             put(
@@ -579,8 +593,12 @@ def _section(title: str, header: list[str]) -> list[str]:
     return ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
 
-def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
-    """``reports/beyond/results.md``: the five tables, compact."""
+def markdown(
+    per_edit: pd.DataFrame, protection: pd.DataFrame, lpips_unavailable: str | None = None
+) -> str:
+    """``reports/beyond/results.md``: the five tables, compact. LPIPS columns where
+    ``per_edit`` has them; else a line saying why not (``lpips_unavailable``)."""
+    lp = "lpips_region_vs_clean_edit" in per_edit
     lines = ["# Beyond the paper: fair masks, robustness, EOT, baselines, transfer", ""]
     lines += [
         "Hit = at least the set share of the edited region within the tolerance of the target",
@@ -588,6 +606,11 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
         "clean image, over the edited region (1 = no change). Malicious edits: want a high hit",
         "rate / low SSIM; benign edits: want a 0% hit rate / SSIM near 1. Brackets: 95 %",
         "intervals over images (seeds averaged within an image first; `stats`).",
+        "",
+        "LPIPS (region) = LPIPS-alex (v0.1, the `lpips` package) of the protected image's edit"
+        " against the clean image's edit, over the edited region (0 = no change)."
+        if lp
+        else f"LPIPS: not computed ({lpips_unavailable or 'no backbone'}).",
         "",
         "## What the numbers support",
         "",
@@ -607,25 +630,29 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
         )
     lines += _section(
         "Fair masks (backdoor, no transformation)",
-        ["source", "kind", "family", "scenario", "images", "hit clean → protected", "SSIM region"],
+        ["source", "kind", "family", "scenario", "images", "hit clean → protected", "SSIM region"]
+        + (["LPIPS region"] if lp else []),
     )
     for _, r in fair_mask_table(per_edit).iterrows():
+        lpips = f" {_ci(r, 'lpips_region_vs_clean_edit')} |" if lp else ""
         lines.append(
             f"| {r['source']} | {r['kind']} | {r['family']} | {r['scenario']} | {r['n_images']} | "
-            f"{_ci(r, 'hit_rate_clean', True)} → {_ci(r, 'hit_rate_protected', True)} | {_ci(r, 'ssim_region_vs_clean_edit')} |"
+            f"{_ci(r, 'hit_rate_clean', True)} → {_ci(r, 'hit_rate_protected', True)} | {_ci(r, 'ssim_region_vs_clean_edit')} |{lpips}"
         )
     lines += _section(
         "Robustness (backdoor; transformation applied to the image before editing)",
         ["source", "transform", "images", "malicious hit", "survival", "malicious SSIM region"]
-        + ["benign hit", "benign SSIM region"],
+        + ["benign hit", "benign SSIM region"]
+        + (["benign LPIPS region"] if lp else []),
     )
     rob = robustness_table(per_edit)
     for (source, transform), g in rob.groupby(["source", "transform"], sort=False):
         mal, ben = g[g["kind"] == "malicious"], g[g["kind"] == "benign"]
+        lpips = f" {_ci(ben, 'lpips_region_vs_clean_edit')} |" if lp else ""
         lines.append(
             f"| {source} | {transform} | {_first(g, 'n_images')} | {_ci(mal, 'hit_rate_protected', True)} | "
             f"{_fmt(_first(mal, 'survival'), True)} | {_ci(mal, 'ssim_region_vs_clean_edit')} | "
-            f"{_ci(ben, 'hit_rate_protected', True)} | {_ci(ben, 'ssim_region_vs_clean_edit')} |"
+            f"{_ci(ben, 'hit_rate_protected', True)} | {_ci(ben, 'ssim_region_vs_clean_edit')} |{lpips}"
         )
     if (per_edit["method"] == "backdoor_eot").any():
         lines += _section(
@@ -654,25 +681,31 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
         "Methods side by side (same images, editor and budget; no transformation)",
         ["source", "method", "malicious hit (official / fair)"]
         + ["malicious SSIM region (official / fair)", "benign hit (official / fair)"]
-        + ["benign SSIM region (official / fair)"],
+        + ["benign SSIM region (official / fair)"]
+        + (["benign LPIPS region (official / fair)"] if lp else []),
     )
     base = baseline_table(per_edit, protection)
     families = ("official", "fair")
     for (source, method), g in base.groupby(["source", "method"], sort=False):
         if (g["status"] != "ok").all():
-            lines.append(f"| {source} | {method} | not applicable | | | |")
+            lines.append(f"| {source} | {method} | not applicable | | | |" + (" |" if lp else ""))
             continue
         cells = [
             _cells(g, kind, col, col == "hit_rate_protected", "family", families, " / ")
             for kind in ("malicious", "benign")
             for col in ("hit_rate_protected", "ssim_region_vs_clean_edit")
         ]
+        if lp:
+            cells.append(
+                _cells(g, "benign", "lpips_region_vs_clean_edit", False, "family", families, " / ")
+            )
         lines.append(f"| {source} | {method} | " + " | ".join(cells) + " |")
     tr = transfer_table(per_edit)
     if len(tr):
         editors = list(dict.fromkeys(tr["editor"]))
         lines += _section(
-            "Transfer (official scenarios, no transformation): malicious hit rate / benign SSIM region",
+            "Transfer (official scenarios, no transformation): malicious hit rate / benign SSIM region"
+            + (" / benign LPIPS region" if lp else ""),
             ["method", "protected against ↓ / edited with →", *editors],
         )
         for (method, source), g in tr.groupby(["method", "source"], sort=False):
@@ -681,6 +714,8 @@ def markdown(per_edit: pd.DataFrame, protection: pd.DataFrame) -> str:
                 here = g[g["editor"] == e]
                 mal = _ci(here[here["kind"] == "malicious"], "hit_rate_protected", True)
                 ben = _ci(here[here["kind"] == "benign"], "ssim_region_vs_clean_edit")
+                if lp:
+                    ben += " / " + _ci(here[here["kind"] == "benign"], "lpips_region_vs_clean_edit")
                 cells.append(f"{mal} / {ben}")
             lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

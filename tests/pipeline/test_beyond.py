@@ -176,3 +176,70 @@ def test_params_yaml_specs_parse():
     specs = (params["beyond"]["editors"] + " " + params["beyond"]["transfer_editors"]).split()
     labels = [parse_editor_spec(spec).label for spec in specs]
     assert labels == ["pipeline", "control", "lama-s1", "control-s1"]
+
+
+@pytest.fixture(scope="module")
+def random_alexnet(tmp_path_factory):
+    """A seeded random AlexNet saved as torchvision's state dict: the plumbing, not LPIPS."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path
+
+
+def test_lpips_is_zero_for_identical_edits_and_positive_otherwise(folders, random_alexnet):
+    import torch
+
+    from runtime_backdoor.data import load_prepared
+    from runtime_backdoor.metrics import load_lpips
+
+    _, x, m = load_prepared(folders / "prepared")
+    editor = load_recorded_editor(folders / "editor" / "editor.json")
+    noisy = (x + 0.2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    df = beyond.evaluate_grid(
+        editor, x, m, {"same": x, "noisy": noisy}, {"same": x, "noisy": x},
+        names=[f"i{i}" for i in range(len(x))], kernel=5, scenarios=("mask", "ring"),
+        lpips_model=load_lpips("alex", random_alexnet),
+    )  # fmt: skip
+    same, other = df[df["method"] == "same"], df[df["method"] == "noisy"]
+    for col in ("lpips_vs_clean_edit", "lpips_region_vs_clean_edit"):
+        assert same[col].abs().max() < 1e-6
+        assert (other[col] > 1e-4).all()
+
+
+def test_stage_reports_lpips_with_a_backbone_and_says_why_not_without(
+    folders, random_alexnet, tmp_path
+):
+    d = folders
+    common = dict(
+        prepared_dir=d / "prepared", protected_dir=d / "protected",
+        editor_record=d / "editor" / "editor.json", editors="pipeline", methods="backdoor",
+        transforms="none jpeg:75", robust_scenarios="mask ring", steps=2, device="cpu",
+    )  # fmt: skip
+    without = beyond.run(tmp_path / "a", lpips_backbone=str(tmp_path / "none.pth"), **common)
+    summary = json.loads((tmp_path / "a" / "beyond" / "metrics.json").read_text())
+    assert summary["lpips_available"] is False
+    assert summary["lpips_unavailable"] == "no backbone: runtime-backdoor weights fetch lpips-alex"
+    assert (
+        "LPIPS: not computed (no backbone: runtime-backdoor weights fetch lpips-alex)."
+        in (without["markdown"])
+    )
+    assert "lpips_region_vs_clean_edit" not in without["tables"]["fair_masks"]
+    got = beyond.run(tmp_path / "b", lpips_backbone=str(random_alexnet), **common)
+    summary = json.loads((tmp_path / "b" / "beyond" / "metrics.json").read_text())
+    assert summary["lpips_available"] is True and "lpips_unavailable" not in summary
+    key = "pipeline_backdoor_mask_lpips_region"
+    assert summary[f"{key}_low"] <= summary[key] <= summary[f"{key}_high"] and summary[key] > 0
+    md = got["markdown"]
+    assert "| LPIPS region |" in md and "benign LPIPS region |" in md
+    for name in ("fair_masks", "robustness"):
+        t = got["tables"][name]
+        col = "lpips_region_vs_clean_edit"
+        assert (t[f"{col}_low"] <= t[col] + 1e-12).all() and (
+            t[col] <= t[f"{col}_high"] + 1e-12
+        ).all()
+    per_edit = pd.read_csv(tmp_path / "b" / "beyond" / "per_edit.csv")
+    assert per_edit["lpips_vs_clean_edit"].ge(0).all()

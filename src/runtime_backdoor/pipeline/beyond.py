@@ -36,7 +36,7 @@ from ..editors.specs import PIPELINE, ParsedSpec, build_from_spec, parse_editor_
 from ..masks import BENIGN as OFFICIAL_BENIGN
 from ..masks import MALICIOUS as OFFICIAL_MALICIOUS
 from ..masks import scenario_masks
-from ..metrics import reduce_ssim, ssim_map
+from ..metrics import LpipsUnavailable, load_lpips, lpips_batch, reduce_ssim, ssim_map
 from ..plots import bars, plt, save_figure, sns
 from ..project import resolve_device
 from ..robustness import FAIR_BENIGN, FAIR_MALICIOUS, fair_masks, parse_transforms, to_8bit
@@ -97,6 +97,7 @@ def evaluate_grid(
     hit_min_fraction: float = 0.5,
     batch_size: int = 12,
     clean_edits: dict | None = None,
+    lpips_model=None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Edit the clean and every protected version under every scenario and transformation.
@@ -108,7 +109,9 @@ def evaluate_grid(
     transformations other than ``none``. Returns one row per image, method,
     transformation and scenario; a scenario whose mask is empty after a crop is skipped.
     ``clean_edits``: a dict kept by the caller per editor, so that the clean images' edits
-    (the same for every method and δ₀ seed) are computed once across calls.
+    (the same for every method and δ₀ seed) are computed once across calls. ``lpips_model``
+    (:func:`runtime_backdoor.metrics.load_lpips`) adds LPIPS of each edit against the clean
+    image's edit, whole and over the region.
     """
     device = images.device
     transforms = parse_transforms(list(transforms), seed=seed)
@@ -163,6 +166,12 @@ def evaluate_grid(
             mse_reg = ((prot_edit - clean_edit) ** 2 * safe).flatten(1).sum(1) / (
                 3 * safe.flatten(1).sum(1)
             )
+            lpips = {}
+            if lpips_model is not None:
+                lpips["lpips_vs_clean_edit"] = lpips_batch(prot_edit, clean_edit, lpips_model)
+                lpips["lpips_region_vs_clean_edit"] = lpips_batch(
+                    prot_edit, clean_edit, lpips_model, safe
+                )
             for i in range(n):
                 if not valid[i]:
                     continue
@@ -182,6 +191,7 @@ def evaluate_grid(
                         "ssim_vs_clean_edit": float(ssim_all[i]),
                         "ssim_region_vs_clean_edit": float(ssim_reg[i]),
                         "mse_region_vs_clean_edit": float(mse_reg[i]),
+                        **{k: float(v[i]) for k, v in lpips.items()},
                     }
                 )
     return pd.DataFrame(rows)
@@ -209,6 +219,7 @@ def measure(
     seed: int = 0,
     seeds: int = 1,
     batch_size: int = 12,
+    lpips_model=None,
     device="cpu",
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -253,7 +264,7 @@ def measure(
     chosen = subset_names(manifest, subset)
     grid = {
         "kernel": kernel, "shift_px": shift_px, "seed": seed, "hit_tol": hit_tol,
-        "hit_min_fraction": hit_min_fraction, "batch_size": batch_size,
+        "hit_min_fraction": hit_min_fraction, "batch_size": batch_size, "lpips_model": lpips_model,
     }  # fmt: skip
     editors_built: dict[str, torch.nn.Module] = {}
 
@@ -500,24 +511,35 @@ def run(
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     batch_size: int = 12,
+    lpips_backbone: str = "",
     device: str = "auto",
 ) -> dict:
     """The stage: :func:`measure`, then every table, figure, ``results.md``,
     ``conclusions.json`` and ``metrics.json`` under ``reports_dir/beyond`` and
-    ``reports_dir/figures/beyond``. The budget (eps ... seed) is the implant stage's."""
+    ``reports_dir/figures/beyond``. The budget (eps ... seed) is the implant stage's.
+    ``lpips_backbone``: the evaluate stage's AlexNet for LPIPS-alex ("" = none); without it the
+    LPIPS columns are absent and the report says why, with the fetch command."""
     out = Path(reports_dir) / "beyond"
     fig_dir = Path(reports_dir) / "figures" / "beyond"
     budget = {
         "eps": eps, "steps": steps, "lr": lr, "init_high": init_high,
         "expand_kernel": expand_kernel, "target": target, "seed": seed,
     }  # fmt: skip
+    dev = resolve_device(device)
+    lpips_model, lpips_unavailable = None, "no backbone given (evaluate.lpips_backbone)"
+    if lpips_backbone:
+        try:
+            lpips_model, lpips_unavailable = load_lpips("alex", lpips_backbone, device=dev), None
+        except LpipsUnavailable as err:
+            print(f"LPIPS unavailable: {err}")
+            lpips_unavailable = "no backbone: runtime-backdoor weights fetch lpips-alex"
     start = time.perf_counter()
     per_edit, protection = measure(
         prepared_dir, protected_dir, editor_record,
         editors=editors, transfer_editors=transfer_editors, methods=methods, subset=subset,
         transforms=transforms, robust_scenarios=robust_scenarios, eot_transforms=eot_transforms,
         shift_px=shift_px, budget=budget, hit_tol=hit_tol, hit_min_fraction=hit_min_fraction,
-        seed=seed, seeds=seeds, batch_size=batch_size, device=resolve_device(device),
+        seed=seed, seeds=seeds, batch_size=batch_size, lpips_model=lpips_model, device=dev,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     write_csv(out / "per_edit.csv", per_edit)
@@ -543,11 +565,14 @@ def run(
     figures.append(save_figure(baseline_plot(per_edit, protection), fig_dir / "baselines.png"))
     if per_edit["editor"].nunique() > 1:
         figures.append(save_figure(transfer_plot(per_edit), fig_dir / "transfer.png"))
-    markdown = reporting.markdown(per_edit, protection)
+    markdown = reporting.markdown(per_edit, protection, lpips_unavailable)
     (out / "results.md").write_text(markdown)
     # The comparisons the text states, by stable id: what `make stability` re-checks.
     write_json(out / "conclusions.json", reporting.conclusions(per_edit))
     summary = reporting.summarize(per_edit, protection)
+    summary["lpips_available"] = lpips_model is not None
+    if lpips_unavailable:
+        summary["lpips_unavailable"] = lpips_unavailable
     summary["stage_seconds"] = seconds
     write_json(out / "metrics.json", summary)
     recorded = {
