@@ -2,7 +2,7 @@
 #   make reproduce   set up .venv, restore the data, run the whole DVC pipeline (offline, CPU)
 #   make test        set up .venv, run the fast test tier (make test-all: every test, as CI does)
 # With internet (weights) and, for the paper's settings, a GPU:
-#   make weights            fetch the default weights into models/ (big-lama, clip-vit-b-32)
+#   make weights            fetch the default weights into models/ (big-lama, clip-vit-b-32, lpips-alex)
 #   make reproduce-real     Big-LaMa at 256 px on N=6 embedded images (GPU if any, else CPU)
 #   make reproduce-paper    512 px, expansion kernel 17, all images, GPU (EDITOR=mat|sd-inpainting)
 SHELL := /bin/bash
@@ -42,10 +42,10 @@ EDITOR ?= lama
 RUN_ARGS = $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(CLIP),--clip $(CLIP))
 
 weights: install
-	# The default set: big-lama (TorchScript, 206 MB, Apache-2.0) and clip-vit-b-32 (CLIP-FID,
-	# about 600 MB, MIT); `runtime-backdoor weights list` shows the others (big-lama-ckpt,
-	# mat-places512, sd15-inpainting, sd2-inpainting), `weights fetch NAME` gets them.
-	HF_HUB_OFFLINE=0 $(BIN)/runtime-backdoor weights fetch big-lama clip-vit-b-32
+	# The default set: big-lama (TorchScript, 206 MB, Apache-2.0), clip-vit-b-32 (CLIP-FID,
+	# about 600 MB, MIT) and lpips-alex (LPIPS's AlexNet, 233 MB, BSD-3-Clause);
+	# `runtime-backdoor weights list` shows the others, `weights fetch NAME` gets them.
+	HF_HUB_OFFLINE=0 $(BIN)/runtime-backdoor weights fetch big-lama clip-vit-b-32 lpips-alex
 
 reproduce-real: install
 	$(BIN)/python -m runtime_backdoor.runs real --n $(N) $(RUN_ARGS)

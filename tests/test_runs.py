@@ -69,6 +69,20 @@ def test_real_params_are_the_project_params_with_the_preset(project):
     assert got["device"] == "auto"
 
 
+def test_a_present_lpips_backbone_is_found_from_the_run_folder_and_fingerprinted(project):
+    without = runs.run_params("real", root=project)
+    assert without["evaluate"]["lpips_backbone"] == "models/lpips/alexnet-owt-7be5be79.pth"
+    assert "lpips_backbone_id" not in without["evaluate"]  # absent: reported "not computed"
+    backbone = project / "models" / "lpips" / "alexnet-owt-7be5be79.pth"
+    backbone.parent.mkdir(parents=True)
+    backbone.write_bytes(b"alexnet")
+    params = runs.run_params("real", root=project)
+    assert params["evaluate"]["lpips_backbone"] == str(backbone)  # absolute: runs/real/ finds it
+    assert params["evaluate"]["lpips_backbone_id"] == (
+        f"sha256:{hashlib.sha256(b'alexnet').hexdigest()}"
+    )
+
+
 def test_paper_params_follow_the_paper(project):
     (project / "models" / "sd15-inpainting").mkdir()
     params = runs.run_params("paper", root=project, editor="sd-inpainting", clip="none")

@@ -435,7 +435,7 @@ def test_cli_list_shows_every_file(capsys):
     assert "md5:8ca927835fa3f5e21d65ffcb165377ed" in out
     clip = weights.primary_path(REGISTRY["clip-vit-b-32"], Path("models"))
     assert f"goes to  {clip}" in out and str(clip).startswith("models/clip/")
-    assert out.count("[make weights]") == len(weights.DEFAULT_SET)
+    assert out.count("[make weights]") == len(downloads.DEFAULT_SET)
 
 
 def test_cli_verify_and_fetch_exit_codes(server, tiny, capsys):
@@ -573,3 +573,25 @@ def test_a_server_error_is_retried_and_a_404_is_not(server, tiny):
     with pytest.raises(WeightsError, match="answered HTTP 503"):
         downloads.fetch("tiny", retries=2, progress=False)
     assert server.gets("/tiny.bin") == 3
+
+
+def test_a_published_hash_prefix_is_checked(server, monkeypatch, tmp_path):
+    """torchvision names its files with the SHA-256's first 8 digits (the LPIPS backbones)."""
+    spec = WeightFile(
+        "prefixed", "test", "file", "https://weights.invalid/prefixed.bin", "prefixed.bin",
+        "test", checksum=f"sha256:{sha256(PAYLOAD)[:8]}",
+    )  # fmt: skip
+    monkeypatch.setitem(REGISTRY, "prefixed", spec)
+    server.routes["/prefixed.bin"] = (200, PAYLOAD[::-1], {})  # another file
+    with pytest.raises(WeightsError, match=f"expected sha256:{sha256(PAYLOAD)[:8]}, found sha256:"):
+        downloads.fetch("prefixed", retries=0, progress=False)
+    server.routes["/prefixed.bin"] = (200, PAYLOAD, {})
+    path, what = downloads.fetch("prefixed", retries=0, progress=False)
+    assert path.read_bytes() == PAYLOAD and what == f"downloaded, sha256:{sha256(PAYLOAD)[:8]} ok"
+    assert weights.verify("prefixed")[0]
+    path.write_bytes(PAYLOAD[:-1])
+    ok, line = weights.verify("prefixed")
+    assert not ok and line.startswith("checksum mismatch")
+    assert weights.digest_matches("7be5be79" + "0" * 56, "7be5be79")
+    assert not weights.digest_matches("7be5be79" + "0" * 56, "7be5")  # too short to mean anything
+    assert REGISTRY["lpips-alex"].checksum == "sha256:7be5be79"

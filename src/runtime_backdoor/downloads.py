@@ -28,13 +28,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .weights import (
-    DEFAULT_SET,
     MIRROR_ENV,
     RECORD_NAME,
     REGISTRY,
     WeightFile,
     WeightsError,
     destination,
+    digest_matches,
     entry,
     file_hash,
     hub_problems,
@@ -43,6 +43,9 @@ from .weights import (
     read_record,
     verify,
 )
+
+#: what `make weights` fetches: Big-LaMa, CLIP-FID's CLIP and LPIPS-alex's backbone
+DEFAULT_SET = ("big-lama", "clip-vit-b-32", "lpips-alex")
 
 
 def source_url(spec: WeightFile) -> str:
@@ -224,7 +227,7 @@ def _download(
         try:
             with os.fdopen(fd, "wb") as out:
                 found = _stream(url, out, limit, algorithm, progress, spec.name, headers)
-            if expected and found != expected:
+            if expected and not digest_matches(found, expected):
                 raise WeightsError(
                     f"{spec.name}: checksum mismatch for {url}: expected {known_hash}, found "
                     f"{algorithm}:{found}; the download was deleted ({target} not written)"
@@ -276,7 +279,7 @@ def _fetch_file(spec, root, retries, progress) -> tuple[Path, str]:
 
 def _matches(path: Path, checksum: str | None) -> bool:
     algorithm, _, value = checksum.partition(":")
-    return file_hash(path, algorithm) == value
+    return digest_matches(file_hash(path, algorithm), value)
 
 
 def _fetch_zip(spec, root, retries, progress) -> tuple[Path, str]:

@@ -101,6 +101,12 @@ def run_params(
         _require(clip_path, "CLIP ViT-B/32 weights (CLIP-FID)", "clip-vit-b-32", "CLIP", "none")
         params["evaluate"]["clip_weights"] = str(clip_path)
         params["evaluate"]["clip_weights_id"] = fingerprint(clip_path)
+    # LPIPS is optional (its columns say "not computed" without it): the project's backbone,
+    # absolute so that the run's folder finds it, and fingerprinted like the others.
+    lpips = params["evaluate"].get("lpips_backbone") or ""
+    if lpips and _absolute(lpips, root).is_file():
+        params["evaluate"]["lpips_backbone"] = str(_absolute(lpips, root))
+        params["evaluate"]["lpips_backbone_id"] = fingerprint(_absolute(lpips, root))
     return params
 
 

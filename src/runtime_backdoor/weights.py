@@ -25,7 +25,6 @@ from pathlib import Path
 MIRROR_ENV = "RUNTIME_BACKDOOR_WEIGHTS_MIRROR"
 MODELS_ENV = "RUNTIME_BACKDOOR_MODELS"
 RECORD_NAME = "weights.json"
-DEFAULT_SET = ("big-lama", "clip-vit-b-32")  # what `make weights` fetches
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class WeightFile:
     source: str  # URL, or hub repo id
     dest: str
     licence: str
-    checksum: str | None = None  # "md5:..." / "sha256:..."; None: none published
+    checksum: str | None = None  # "md5:..." / "sha256:..."; shorter: a prefix; None: none published
     size: int | None = None  # bytes, where known
     hub_files: tuple[str, ...] = ()  # hub: the files (glob patterns) the editor needs
     check: str = ""  # zip: the extracted file that must exist and is verified
@@ -152,6 +151,7 @@ REGISTRY: dict[str, WeightFile] = {
             "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
             "lpips/alexnet-owt-7be5be79.pth",
             "BSD-3-Clause (torchvision)",
+            checksum="sha256:7be5be79",  # torchvision publishes the SHA-256's first 8 digits
         ),
         WeightFile(
             "lpips-vgg",
@@ -160,6 +160,7 @@ REGISTRY: dict[str, WeightFile] = {
             "https://download.pytorch.org/models/vgg16-397923af.pth",
             "lpips/vgg16-397923af.pth",
             "BSD-3-Clause (torchvision)",
+            checksum="sha256:397923af",
         ),
     )
 }
@@ -228,6 +229,12 @@ def hub_problems(folder: Path, files: dict) -> list[str]:
 # --------------------------------------------------------------------------- verify
 
 
+def digest_matches(found: str, expected: str) -> bool:
+    """A hex digest against a published one, or against the prefix of one that a publisher
+    puts in the file name (torchvision's ``alexnet-owt-7be5be79.pth``)."""
+    return found == expected or (8 <= len(expected) < len(found) and found.startswith(expected))
+
+
 def verify(name: str, root: Path | None = None) -> tuple[bool, str]:
     """(ok, one line) for the local copy of ``name``; never downloads."""
     spec = entry(name)
@@ -239,7 +246,7 @@ def verify(name: str, root: Path | None = None) -> tuple[bool, str]:
             return False, f"missing: {dest} ({fetch_hint})"
         algorithm, _, expected = spec.checksum.partition(":")
         found = file_hash(dest, algorithm)
-        if found != expected:
+        if not digest_matches(found, expected):
             return False, (
                 f"checksum mismatch: {dest}: expected {algorithm}:{expected}, found "
                 f"{algorithm}:{found} (delete it and {fetch_hint})"
