@@ -1073,3 +1073,283 @@ def test_the_kernel_scales_with_the_image():
 
     assert [auto_expand(s, s) for s in (64, 128, 256, 512, 1024)] == [3, 5, 9, 17, 33]
     assert auto_expand(256, 1024) == 9  # the shorter side
+
+
+# ------------------------------------------------------------------------------- ensembles
+
+PAIR = "toy-control,blur-fill"
+RANK = ("protected", "protected, with a side effect on benign edits", "not protected")
+
+
+def test_protect_against_two_editors_gives_each_verdict_and_the_ensembles(files, capsys):
+    code, out, err = run(capsys, *protect_args(files, "--steps", "5", editor=PAIR))
+    assert code == 0, err
+    protected, original = read8(files / "out.png"), read8(files / "photo.png")
+    assert protected.shape == original.shape
+    assert np.abs(protected - original).max() <= math.floor(EPS * 255)
+    report = json.loads(out)
+    assert list(report)[:3] == ["out", "verdict", "verdict_detail"]
+    assert report["editor"] == PAIR and report["editor_weights"] == [1.0, 1.0]
+    assert report["max_change_8bit"] <= math.floor(EPS * 255)
+    per_editor = report["per_editor"]
+    assert list(per_editor) == ["toy-control", "blur-fill"]
+    # each editor's numbers are those of its own edits of the written PNG
+    for name, own in per_editor.items():
+        got = _recomputed(files, files / "out.png", name, report["expand"])
+        for key in ("hit_fraction", "hit_fraction_original", "ring_hit_fraction"):
+            assert own[key] == pytest.approx(got[key], abs=1e-4), (name, key)
+        assert own["ring_psnr_vs_original_edit"] == pytest.approx(got["ring_psnr"], abs=1e-2)
+    toy, blur = per_editor["toy-control"], per_editor["blur-fill"]
+    assert toy["hit_fraction"] >= 0.5 and toy["verdict"].startswith("protected")
+    assert blur["verdict"] == "not protected" and blur["hit_fraction"] <= 0.05
+    # the ensemble is only as protected as its weakest editor
+    assert report["verdict"] == "not protected"
+    assert report["verdict"] == max((toy["verdict"], blur["verdict"]), key=RANK.index)
+    assert report["verdict_detail"].startswith("protected against 1 of 2 editors (toy-control: ")
+    losses = report["final_losses"]
+    assert losses["total"] == pytest.approx(losses["total/toy-control"] + losses["total/blur-fill"])
+    lines = [ln for ln in err.splitlines() if ln.startswith("runtime-backdoor: verdict")]
+    assert [ln.split(":")[1] for ln in lines] == [
+        " verdict",
+        " verdict for toy-control",
+        " verdict for blur-fill",
+    ]
+    assert lines[0] == f"runtime-backdoor: verdict: not protected: {report['verdict_detail']}"
+
+
+def test_editor_weights_weigh_each_editors_loss(files, capsys):
+    for weights, (a, b) in (("1,2", (1, 2)), ("1,0", (1, 0))):
+        code, out, err = run(
+            capsys, *protect_args(files, "--editor-weights", weights, "--overwrite", editor=PAIR)
+        )
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["editor_weights"] == [a, b]
+        losses = report["final_losses"]
+        total = a * losses["total/toy-control"] + b * losses["total/blur-fill"]
+        assert losses["total"] == pytest.approx(total)
+
+
+def test_one_editor_is_the_single_editor_result_bit_for_bit(files, capsys):
+    import torch
+
+    from runtime_backdoor import owner
+    from runtime_backdoor.editors import build_editor
+
+    code, out, err = run(capsys, *protect_args(files, "--steps", "5", editor="toy-control"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["editor"] == "toy-control" and "per_editor" not in report
+    assert "editor_weights" not in report and "total/toy-control" not in report["final_losses"]
+    # the owner's code given the one editor as an ensemble of one: the same bytes
+    x, m, target = owner.read_inputs(files / "photo.png", files / "photo_mask.png")
+    editor = build_editor("toy-control")
+    alone, result = owner.protect_image(
+        {"toy-control": editor}, x, m, target, torch.device("cpu"), eps=EPS, steps=5,
+        expand=None, seed=0, name={"toy-control": "--editor toy-control"},
+    )  # fmt: skip
+    owner.write_output(files / "list.png", result, overwrite=False)
+    assert (files / "list.png").read_bytes() == (files / "out.png").read_bytes()
+    assert alone["final_losses"]["total"] == report["final_losses"]["total"]
+    assert alone["editor_weights"] == [1.0]
+
+
+def test_weights_are_matched_to_editors_by_position(files, capsys):
+    from runtime_backdoor.editors.lama import load_lama
+    from runtime_backdoor.editors.mini import save_miniature
+
+    weights = save_miniature(load_lama(None, preset="mini", seed=0), files / "mini.safetensors")
+    argv = protect_args(files, "--weights", f",{weights}", editor="toy-control,mini-lama")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads(out)
+    assert list(report["per_editor"]) == ["toy-control", "mini-lama"]
+    assert all(v["verdict"] in RANK for v in report["per_editor"].values())
+    # the other way round: the file goes to the toy, which has none
+    argv = protect_args(files, "--weights", f"{weights},", editor="toy-control,mini-lama")
+    code, _, err = run(capsys, *argv, "--overwrite")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--weights entry 1 of 2 ({weights}, for toy-control): editor toy-control has no " in err
+    assert "leave its entry empty" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ("--editor", "toy-control,nonesuch"),
+            "--editor: unknown editor 'nonesuch'; known editors: ",
+        ),
+        (
+            ("--editor", "toy-control,toy-control"),
+            "--editor toy-control,toy-control: toy-control is named twice",
+        ),  # fmt: skip
+        (("--editor", "toy-control,"), "--editor toy-control,: an empty name"),
+        (("--editor", "toy-control,lama"), "--editor lama needs its --weights entry (2 of 2, "),
+        (
+            ("--editor", PAIR, "--weights", "a.ckpt"),
+            "--weights a.ckpt: 2 editors need 2 comma-separated entries",
+        ),  # fmt: skip
+        (
+            ("--editor", "toy-control,lama", "--weights", ",x.ckpt"),
+            "--weights entry 2 of 2 (x.ckpt, for lama): ",
+        ),  # fmt: skip
+        (
+            ("--editor", PAIR, "--editor-weights", "1"),
+            "--editor-weights 1: 2 editors need 2 weights",
+        ),  # fmt: skip
+        (
+            ("--editor", PAIR, "--editor-weights", "1,-1"),
+            "--editor-weights 1,-1: every weight must be a non-negative",
+        ),  # fmt: skip
+        (("--editor", PAIR, "--editor-weights", "1,nan"), "--editor-weights 1,nan: every weight"),
+        (
+            ("--editor", PAIR, "--editor-weights", "0,0"),
+            "--editor-weights 0,0: at least one weight",
+        ),
+        (("--editor", PAIR, "--editor-weights", "a,b"), "--editor-weights a,b: give 2 numbers"),
+        (
+            ("--editor", "toy-control", "--editor-weights", "1"),
+            "--editor-weights is for several editors",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_editor_lists_are_one_line_naming_the_option(files, capsys, argv, message):
+    args = list(protect_args(files))
+    i = args.index("--editor")
+    del args[i : i + 2]
+    code, out, err = run(capsys, *args, *argv)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("runtime-backdoor: error: "), err
+    assert message in err and "Traceback" not in err, err
+    assert out == "" and not (files / "out.png").exists()
+
+
+def test_edit_takes_one_editor_and_check_estimates_each(files, capsys):
+    edit = ("edit", files / "photo.png", "--mask", files / "photo_mask.png", "--out", files / "e.png")  # fmt: skip
+    code, _, err = run(capsys, *edit, "--editor", PAIR)
+    assert code == 2 and len(err.splitlines()) == 1 and "edit uses one editor" in err, err
+    check = ("check", files / "photo.png", "--mask", files / "photo_mask.png", "--editor")
+    code, out, err = run(capsys, *check, PAIR)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["editor"] == PAIR and report["eps"] == EPS
+    assert list(report["per_editor"]) == ["toy-control", "blur-fill"]
+    for name, own in report["per_editor"].items():  # each the estimate check gives it alone
+        code, out, _ = run(capsys, *check, name)
+        assert own == {k: v for k, v in json.loads(out).items() if k not in ("editor", "eps")}
+    assert report["per_editor"]["blur-fill"]["verdict"].startswith("unlikely")
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("runtime-backdoor: prediction for toy-control: ")
+    assert lines[1].startswith("runtime-backdoor: prediction for blur-fill: unlikely")
+
+
+def test_the_editor_of_an_ensemble_that_returns_nan_is_named(files, capsys, monkeypatch):
+    from runtime_backdoor import cli
+    from runtime_backdoor.editors import build_editor
+    from runtime_backdoor.editors.base import Editor
+
+    class NaNEditor(Editor):
+        def predict(self, image, mask):
+            return image * float("nan")
+
+    def load(name, weights, device):
+        return NaNEditor().eval() if name == "blur-fill" else build_editor(name)
+
+    monkeypatch.setattr(cli, "load_editor", load)
+    code, _, err = run(capsys, *protect_args(files, editor=PAIR))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "error: --editor blur-fill returned NaN or infinite values" in err
+    assert "nothing was written" in err and not (files / "out.png").exists()
+
+
+def test_no_verify_gives_no_verdict_for_any_editor(files, capsys):
+    code, out, err = run(capsys, *protect_args(files, "--no-verify", editor=PAIR))
+    assert code == 0, err
+    report = json.loads(out)
+    unverified = "not verified (--no-verify)"
+    assert report["verdict"] == unverified
+    assert report["per_editor"] == {
+        n: {"verdict": unverified} for n in ("toy-control", "blur-fill")
+    }
+    assert err == f"runtime-backdoor: verdict: {unverified}\n"
+
+
+def test_the_ensemble_is_in_the_help(capsys):
+    from runtime_backdoor.owner import ENSEMBLE_RULE
+
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in (
+        "--editor A,B",
+        "--editor-weights W1,W2",
+        "--editor toy-control,lama --weights ,models/big-lama.pt",
+        '"per_editor"',
+        '"verdict/toy-control"',
+        ENSEMBLE_RULE,
+    ):
+        assert words in text, words
+
+
+def test_folder_ensemble_records_each_verdict_and_resumes(tmp_path, capsys):
+    import pandas as pd
+
+    src, out = tmp_path / "photos", tmp_path / "protected"
+    names = make_folder(src, n=2)
+
+    def protect(*extra, editor=PAIR):
+        argv = list(folder_protect(src, out, *extra))
+        argv[argv.index("--editor") + 1] = editor
+        code, stdout, err = run(capsys, *argv)
+        assert code == 0, err
+        return [json.loads(line) for line in stdout.splitlines()]
+
+    lines = protect()
+    summary = lines[-1]
+    manifest = pd.read_csv(out / "manifest.csv").set_index("name")
+    for name in names:
+        row = manifest.loc[name]
+        each = [row["verdict/toy-control"], row["verdict/blur-fill"]]
+        assert set(each) <= set(RANK) and row["verdict/blur-fill"] == "not protected"
+        assert row["verdict"] == max(each, key=RANK.index) == "not protected"
+        assert row["hit_fraction/blur-fill"] <= 0.05 and row["hit_fraction/toy-control"] >= 0
+        assert json.loads(row["editor_weights"]) == [1.0, 1.0]
+        # the same bytes as protecting the image alone against the same editors
+        alone = tmp_path / f"{name}.png"
+        argv = ("protect", src / f"{name}_example.png", "--mask", src / f"{name}_example_mask.png")
+        code, stdout, _ = run(capsys, *argv, "--editor", PAIR, "--out", alone, "--steps", "2", "--quiet")  # fmt: skip
+        assert code == 0 and (out / f"{name}_example.png").read_bytes() == alone.read_bytes()
+        single = json.loads(stdout)
+        assert single["per_editor"]["toy-control"]["verdict"] == row["verdict/toy-control"]
+    assert [line["verdict/blur-fill"] for line in lines[:-1]] == ["not protected"] * 2
+    assert summary["verdicts"] == {"not protected": 2}
+    assert summary["verdicts_per_editor"]["blur-fill"] == {"not protected": 2}
+    tags = {manifest.loc[names[0], "settings"]}
+    # the same editors: resumed; other editors, order or weights: redone
+    again = protect()
+    assert len(again) == 1 and again[0]["computed"] == 0 and again[0]["resumed"] == 2
+    assert again[0]["verdicts_per_editor"] == summary["verdicts_per_editor"]
+    assert protect("--editor-weights", "1,1")[-1]["resumed"] == 2  # the default, spelt out
+    for extra, editor in (
+        ((), "blur-fill,toy-control"),
+        (("--editor-weights", "1,2"), "blur-fill,toy-control"),
+        ((), "toy-control"),
+    ):
+        assert protect(*extra, editor=editor)[-1]["computed"] == 2, (extra, editor)
+        tags.add(pd.read_csv(out / "manifest.csv").set_index("name").loc[names[0], "settings"])
+    assert len(tags) == 4
+
+
+def test_folder_check_estimates_each_editor(tmp_path, capsys):
+    import pandas as pd
+
+    src = tmp_path / "photos"
+    make_folder(src, n=2)
+    argv = ("check", src, "--editor", PAIR, "--out", tmp_path / "check", "--quiet")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    checked = pd.read_csv(tmp_path / "check" / "manifest.csv")
+    assert len(checked) == 2 and (checked["gain/blur-fill"] <= 1 + 1e-6).all()
+    assert checked["verdict/blur-fill"].str.startswith("unlikely").all()
+    assert (checked["gain/toy-control"] > checked["gain/blur-fill"]).all()

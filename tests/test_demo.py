@@ -22,6 +22,8 @@ from runtime_backdoor.cli import CliError, main
 
 EPS = 0.025
 TOY = "toy-control: a TOY sensitive control, not an inpainter"
+BLUR = "blur-fill: classical fill (insensitive)"
+PAIR = "toy-control,blur-fill"
 
 
 @pytest.fixture
@@ -289,6 +291,78 @@ def test_demo_command_refuses_an_unknown_editor(capsys):
     assert "unknown editor 'photoshop'" in capsys.readouterr().err
 
 
+def test_an_ensemble_on_the_page_is_the_commands_result(files, page_demo, capsys):
+    import json
+
+    from runtime_backdoor import owner
+
+    r = page_demo.protect(files / "photo.png", files / "photo_mask.png", None, [TOY, BLUR], EPS, 3, 0, 0)  # fmt: skip
+    capsys.readouterr()
+    ours = np.asarray(Image.open(r["file"]))
+    cli = cli_protect(files, files / "cli.png", "--steps", "3", "--editor", PAIR)
+    report = json.loads(capsys.readouterr().out)
+    assert np.array_equal(ours, cli)  # the bytes `protect --editor toy-control,blur-fill` writes
+    original = np.asarray(Image.open(files / "photo.png")).astype(int)
+    assert np.abs(ours.astype(int) - original).max() <= math.floor(EPS * 255)
+    # the page's verdicts are the command's, editor by editor, and the ensemble's
+    n = r["numbers"]
+    assert n["verdict"] == report["verdict"] and list(n["per_editor"]) == ["toy-control", "blur-fill"]  # fmt: skip
+    for name, own in n["per_editor"].items():
+        assert own == report["per_editor"][name], name
+    assert n["per_editor"]["blur-fill"]["verdict"] == "not protected" == n["verdict"]
+    head = f"**{D.OUTCOME_HEAD[n['verdict']]}** against the ensemble toy-control + blur-fill"
+    assert r["verdict"].startswith(head) and "A prediction" not in r["verdict"]
+    for name, own in n["per_editor"].items():
+        assert f"- **{name}**: {D.OUTCOME_HEAD[own['verdict']]}: {own['verdict_detail']}; check had predicted" in r["verdict"]  # fmt: skip
+    assert (
+        "| toy-control | " in r["table"] and "| blur-fill | not protected | 0% / 0% |" in r["table"]
+    )
+    assert f"--editor {PAIR} --eps 0.025 --steps 3 --seed 0 --expand 3 " in r["table"]
+    assert owner.ENSEMBLE_RULE in r["table"]
+    # one comparison per editor, one above the other, each under its title
+    x, m, _ = owner.read_inputs(r["file"], r["mask"])
+    base, _, _ = owner.read_inputs(files / "photo.png", files / "photo_mask.png")
+    figures = []
+    for label, name in ((TOY, "toy-control"), (BLUR, "blur-fill")):
+        _, edits = owner.compare_edits(page_demo.editor(label), base, x, m, "solid", "cpu")
+        figure, _ = owner.compare_figure(edits, n["per_editor"][name] | {"expand": 3}, owner.colour_name(edits["target"]))  # fmt: skip
+        figures.append(D.titled(figure, f"against {name}: {n['per_editor'][name]['verdict']}"))
+    assert np.array_equal(r["comparison"], D.stacked(figures))
+    assert r["comparison"].shape[0] > 2 * figures[0].shape[0] - D.owner.FONT_SIZE
+
+
+def test_an_ensemble_check_estimates_each_editor(files, page_demo):
+    from runtime_backdoor import owner
+
+    text = page_demo.check(files / "photo.png", files / "photo_mask.png", None, [TOY, BLUR], EPS)
+    assert text.startswith("**Against 2 editors at once** (one perturbation for all)")
+    x, m, _ = owner.read_inputs(files / "photo.png", files / "photo_mask.png")
+    for label, name in ((TOY, "toy-control"), (BLUR, "blur-fill")):
+        r = owner.check_image(page_demo.editor(label), x, m, "solid", "cpu", eps=EPS)
+        head = "likely protectable" if r["gain"] >= r["needed"] else "will probably not trigger"
+        assert f"- **{name}**: {head}: gain **{r['gain']:.3g}** vs needed **{r['needed']:.3g}**" in text  # fmt: skip
+    assert "- **blur-fill**: will probably not trigger" in text
+    assert "Mask: the uploaded file photo_mask.png, 12.5% of the image." in text
+    # one editor ticked twice, or alone in a list, is the single editor's prediction
+    alone = page_demo.check(files / "photo.png", files / "photo_mask.png", None, TOY, EPS)
+    assert page_demo.check(files / "photo.png", files / "photo_mask.png", None, [TOY, TOY], EPS) == alone  # fmt: skip
+
+
+def test_an_ensemble_of_choices_is_checked(files, tmp_path):
+    choices = [D.EditorChoice("a", "blur-fill"), D.EditorChoice("b", "blur-fill")]
+    page = D.Demo(choices, tmp_path / "workspace", device="cpu")
+    for labels, message in (
+        (["a", "b"], "blur-fill is chosen twice (two weight files); choose one of them"),
+        (["a", "photoshop"], "unknown editor 'photoshop'; choose one of: a; b"),
+        ([], "choose an editor to protect against"),
+    ):
+        for action in (page.check, page.protect):
+            settings = (EPS,) if action == page.check else (EPS, 2, 0, 0)
+            with pytest.raises(D.PageError, match=re.escape(message)):
+                action(files / "photo.png", files / "photo_mask.png", None, labels, *settings)
+    assert list(page.folder.glob("*")) == []  # nothing left of the failed requests
+
+
 # ------------------------------------------------------------------------------- browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -456,6 +530,50 @@ def test_the_page_in_a_browser(files, server, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
     assert not folder.exists()  # the temporary folder is removed on exit
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_an_ensemble_in_a_browser(files, server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, proc, folder = server
+    outside = []
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
+        page.goto(url)
+        verdict = page.locator("#verdict")
+        page.locator("#image-file input[type=file]").set_input_files(files / "photo.png")
+        expect(page.locator("#image-note")).to_contain_text("photo.png: 96×64 px")
+        page.locator("#mask-file input[type=file]").set_input_files(files / "photo_mask.png")
+        expect(verdict).to_contain_text("the uploaded file photo_mask.png")
+        expect(verdict).to_contain_text("against toy-control")  # one editor: as before
+        # ticking a second editor: each editor's prediction
+        page.locator("#also").get_by_role("checkbox", name=re.compile("blur-fill")).check()
+        expect(verdict).to_contain_text("Against 2 editors at once")
+        expect(verdict).to_contain_text(re.compile(r"blur-fill: will probably not trigger"))
+        page.locator("#steps input").fill("3")
+        page.locator("#protect").click()
+        results = page.locator("#results")
+        expect(results).to_contain_text(f"--editor {PAIR} ", timeout=120_000)
+        expect(verdict).to_contain_text("against the ensemble toy-control + blur-fill")
+        expect(verdict).to_contain_text(re.compile(r"toy-control: .*(Protected|Not protected)"))
+        expect(verdict).to_contain_text("blur-fill: ❌ Not protected")
+        expect(verdict).not_to_contain_text("A prediction")
+        expect(page.locator("#comparison img")).to_be_visible()
+        with page.expect_download() as download:
+            page.locator("#download").click()
+        download.value.save_as(tmp_path / "downloaded.png")
+        browser.close()
+
+    assert outside == []
+    ours = np.asarray(Image.open(tmp_path / "downloaded.png"))
+    assert np.array_equal(ours, cli_protect(files, tmp_path / "cli.png", "--steps", "3", "--editor", PAIR))  # fmt: skip
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
 
 
 def _post(url: str, path: str, body: bytes | None, headers: dict, length: int | None = None):

@@ -3,6 +3,8 @@
     runtime-backdoor protect photo.png --mask photo_mask.png --editor lama \\
         --weights models/big-lama/models/best.ckpt --out photo_protected.png
     runtime-backdoor check photo.png --mask photo_mask.png --editor lama --weights ...
+    runtime-backdoor protect photo.png --mask photo_mask.png --editor toy-control,blur-fill \\
+        --out photo_protected.png     # one perturbation against both editors (an ensemble)
     runtime-backdoor editors
     runtime-backdoor demo            # the same in a browser page (runtime_backdoor.demo)
 
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
@@ -27,6 +30,7 @@ from . import downloads
 from .owner import (
     DEFAULT_EPS,
     DEFAULT_MAX_PIXELS,
+    ENSEMBLE_RULE,
     HIT_MIN_FRACTION,
     HIT_TOL,
     NOT_PROTECTED,
@@ -46,6 +50,7 @@ from .owner import (
     parse_eps,
     protect_image,
     read_inputs,
+    verify_ensemble,
     verify_protection,
     weights_reason,
     write_output,
@@ -55,9 +60,10 @@ DESCRIPTION = """\
 Protect a region of an image (a watermark, a face, a logo) against inpainting.
 
 The command adds an imperceptible perturbation (at most EPS per pixel value) to the
-image, optimised against one editing model, so that when somebody later asks that
-model to fill the protected region the fill becomes a solid colour, while edits
-elsewhere work as usual (the run-time backdoor of Attack as Defense, arXiv 2410.14966).
+image, optimised against one editing model (or several at once: --editor A,B), so
+that when somebody later asks that model to fill the protected region the fill becomes
+a solid colour, while edits elsewhere work as usual (the run-time backdoor of Attack as
+Defense, arXiv 2410.14966).
 
 The mask is a grey PNG of the same size as the image: 255 (white) = protected
 region, 0 (black) = the rest. The original image is never modified.
@@ -94,6 +100,18 @@ exit status:
     [ "$verdict" = protected ] || echo "check the result: $verdict"
 
   For a folder: the "verdict" column of OUT/manifest.csv.
+
+several editors (an ensemble):
+  --editor A,B optimises one perturbation against all the named editors at once, their
+  losses summed each step, weighted by --editor-weights (default 1 each, e.g.
+  --editor-weights 1,2). --weights then takes one entry per editor, comma-separated, in
+  --editor's order, an empty entry for an editor without weights
+  (--editor toy-control,lama --weights ,models/big-lama.pt); with one editor it is one
+  path, as it stands. The PNG is verified against each editor: the JSON has
+  "per_editor" (each editor's verdict and numbers) and, as "verdict", the ensemble's:
+{textwrap.fill(ENSEMBLE_RULE, 88, initial_indent="    ", subsequent_indent="    ")}
+  A folder's manifest.csv has each editor's numbers as columns KEY/EDITOR
+  ("verdict/toy-control", "hit_fraction/blur-fill", ...) beside the ensemble's "verdict".
 """
 
 
@@ -164,13 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--editor",
             required=True,
-            help="editing model (see `runtime-backdoor editors`)",
+            help="editing model (see `runtime-backdoor editors`); protect and check take "
+            "several, comma-separated (A,B: protect against all at once, check each; edit: one)",
         )
         p.add_argument(
             "--weights",
             type=Path,
             default=None,
-            help="model checkpoint file or folder for the editor",
+            help="model checkpoint file or folder for the editor; with several editors one "
+            "entry per editor, comma-separated in --editor's order, empty for an editor "
+            "without weights (--editor toy-control,lama --weights ,models/big-lama.pt)",
         )
         p.add_argument(
             "--threshold",
@@ -235,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int("--seed", 0, 2**63 - 1),
         default=0,
         help="random seed of the initial perturbation (0 to 2**63 - 1)",
+    )
+    protect.add_argument(
+        "--editor-weights",
+        default=None,
+        metavar="W1,W2",
+        help="with several editors: the weight of each editor's loss, comma-separated in "
+        "--editor's order, non-negative (default 1 each)",
     )
     protect.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     protect.add_argument(
@@ -304,12 +332,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _editor_weights(text: str, count: int) -> list[float]:
+    """``--editor-weights 1,2``: one non-negative number per editor, not all zero."""
+    import math
+
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise CliError(
+            f"--editor-weights {text}: give {count} numbers separated by commas, one per editor"
+        ) from None
+    if len(values) != count:
+        raise CliError(
+            f"--editor-weights {text}: {count} editors need {count} weights, one per --editor "
+            f"name in its order; got {len(values)}"
+        )
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise CliError(f"--editor-weights {text}: every weight must be a non-negative number")
+    if not any(values):
+        raise CliError(f"--editor-weights {text}: at least one weight must be above 0")
+    return values
+
+
+def _editor_list(args) -> None:
+    """``--editor A,B`` read into ``args.editors``, ``--weights`` matched to them by position
+    (``args.weights_of``) and ``--editor-weights`` parsed, before any work. One name keeps
+    ``--weights`` whole, so a single path may hold a comma."""
+    given = getattr(args, "editor_weights", None)
+    if "," not in args.editor:
+        if given is not None:
+            raise CliError(
+                f"--editor-weights is for several editors (--editor A,B); {args.editor} alone "
+                "needs none"
+            )
+        args.editors, args.weights_of = [args.editor], [args.weights]
+        return
+    names = [n.strip() for n in args.editor.split(",")]
+    if "" in names:
+        raise CliError(
+            f"--editor {args.editor}: an empty name; separate names by single commas "
+            "(--editor toy-control,blur-fill)"
+        )
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise CliError(f"--editor {args.editor}: {twice} is named twice; name each editor once")
+    if args.command == "edit":
+        raise CliError(
+            f"--editor {args.editor}: edit uses one editor, as an attacker does; run it once "
+            "per editor"
+        )
+    weights = [None] * len(names)
+    if args.weights is not None:
+        entries = [e.strip() for e in str(args.weights).split(",")]
+        if len(entries) != len(names):
+            raise CliError(
+                f"--weights {args.weights}: {len(names)} editors need {len(names)} "
+                f"comma-separated entries, one per --editor name in its order; got "
+                f"{len(entries)} (an empty entry for an editor without weights: "
+                "--weights ,models/big-lama.pt)"
+            )
+        weights = [Path(e) if e else None for e in entries]
+    args.editor, args.editors, args.weights_of = ",".join(names), names, weights
+    if given is not None:
+        args.editor_weights = _editor_weights(given, len(names))
+
+
 def _build_editor(args, device):
-    return load_editor(args.editor, args.weights, device)
+    """The editor; for several names, ``{name: editor}`` in ``--editor``'s order."""
+    if len(args.editors) == 1:
+        return load_editor(args.editor, args.weights, device)
+    editors, count = {}, len(args.editors)
+    for i, (name, weights) in enumerate(zip(args.editors, args.weights_of, strict=True)):
+        try:
+            editors[name] = load_editor(name, weights, device)
+        except CliError as err:
+            # load_editor speaks of one editor's --weights: say which entry is meant, first,
+            # as long messages are cut at the end
+            text = str(err)
+            needs = f"--editor {name} needs --weights: "
+            if text.startswith(needs):
+                raise CliError(
+                    f"--editor {name} needs its --weights entry ({i + 1} of {count}, "
+                    f"comma-separated in --editor's order): {text.removeprefix(needs)}"
+                ) from err
+            if weights is None:
+                raise
+            text = text.removeprefix(f"--weights {weights}: ")
+            text = text.replace("drop --weights", "leave its entry empty")
+            raise CliError(f"--weights entry {i + 1} of {count} ({weights}, for {name}): {text}") from err  # fmt: skip
+    return editors
 
 
-def _who(args) -> str:
-    """The editor as named in messages about what it returned."""
+def _who(args, editor=None):
+    """The editor as named in messages about what it returned (an ensemble: each, by name)."""
+    if isinstance(editor, dict):
+        return {name: f"--editor {name}" for name in editor}
     return f"--editor {args.editor}"
 
 
@@ -360,6 +477,7 @@ def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
 
 
 def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
+    """protect's report and result; ``editor`` a dict: one perturbation against them all."""
     report, protected = protect_image(
         editor,
         x,
@@ -371,15 +489,23 @@ def _protect_one(args, editor, x, m, target, device) -> tuple[dict, object]:
         expand=args.expand,
         seed=args.seed,
         progress=not args.quiet and not _is_folder(args),
-        name=_who(args),
+        name=_who(args, editor),
+        editor_weights=args.editor_weights if isinstance(editor, dict) else None,
     )
     return {"editor": args.editor, **report}, protected
 
 
 def _verify(args, editor, x, m, target, device, out: Path, expand: int) -> dict:
-    """protect's verdict on the PNG it wrote (``--no-verify``: none)."""
+    """protect's verdict on the PNG it wrote (``--no-verify``: none); for an ensemble one per
+    editor and the ensemble's (:data:`ENSEMBLE_RULE`)."""
+    ensemble = isinstance(editor, dict)
+    if args.no_verify and ensemble:
+        return {"verdict": UNVERIFIED, "per_editor": {n: {"verdict": UNVERIFIED} for n in editor}}
     if args.no_verify:
         return {"verdict": UNVERIFIED}
+    if ensemble:
+        who = _who(args, editor)
+        return verify_ensemble(editor, x, m, target, device, out, expand=expand, name=who)
     return verify_protection(editor, x, m, target, device, out, expand=expand, name=_who(args))
 
 
@@ -389,17 +515,25 @@ def _verdict_first(report: dict) -> dict:
     return head | report
 
 
+def _verdict_line(report: dict, whose: str = "") -> str | None:
+    if "measured" in report:  # check
+        return f"prediction{whose}: {report['verdict']} ({report['measured']})"
+    if "verdict" in report:
+        detail = report.get("verdict_detail")
+        return f"verdict{whose}: {report['verdict']}" + (f": {detail}" if detail else "")
+    return None
+
+
 def _say_verdict(report: dict) -> None:
     """protect's and edit --compare's verdict, or check's prediction with how often such a
-    prediction held when measured, as one line on stderr (the JSON on stdout has them too)."""
-    if "measured" in report:  # check
-        line = f"prediction: {report['verdict']} ({report['measured']})"
-    elif "verdict" in report:
-        detail = report.get("verdict_detail")
-        line = f"verdict: {report['verdict']}" + (f": {detail}" if detail else "")
-    else:
-        return
-    print(f"runtime-backdoor: {line}", file=sys.stderr)
+    prediction held when measured, as one line on stderr (the JSON on stdout has them too);
+    for several editors, a line for the ensemble's verdict and one for each editor."""
+    lines = [_verdict_line(report)]
+    for name, own in report.get("per_editor", {}).items():
+        if "verdict_detail" in own or "measured" in own:  # --no-verify: the ensemble's line
+            lines.append(_verdict_line(own, f" for {name}"))
+    for line in filter(None, lines):
+        print(f"runtime-backdoor: {line}", file=sys.stderr)
 
 
 def _edit_one(args, editor, x, m, target, device, original=None):
@@ -452,6 +586,12 @@ def _single(args) -> dict:
 
 
 def _check_one(args, editor, x, m, target, device) -> dict:
+    if isinstance(editor, dict):  # each editor's own estimate: they do not add up
+        per_editor = {}
+        for name, each in editor.items():
+            own = check_image(each, x, m, target, device, eps=args.eps, name=f"--editor {name}")
+            per_editor[name] = {k: v for k, v in own.items() if k != "eps"}
+        return {"editor": args.editor, "eps": args.eps, "per_editor": per_editor}
     report = check_image(editor, x, m, target, device, eps=args.eps, name=_who(args))
     return {"editor": args.editor, **report}
 
@@ -503,9 +643,30 @@ def _settings(args, editor) -> str:
             "no_verify",
         )
     }
+    if isinstance(editor, dict):
+        # Every editor in its order (their losses are summed in it) and their loss weights:
+        # an output made against another ensemble is redone.
+        fingerprints = [f"{name}:{editor_fingerprint(e)}" for name, e in editor.items()]
+        codes = [code_hash(e) for e in editor.values()]
+        weights = getattr(args, "editor_weights", None) or [1.0] * len(editor)  # as used
+        options["editor_weights"] = str([float(w) for w in weights])
+        return settings_hash({"editor": fingerprints, "code": codes, **options})
     return settings_hash(
         {"editor": editor_fingerprint(editor), "code": code_hash(editor), **options}
     )
+
+
+def _flat(report: dict) -> dict:
+    """A report as one row of manifest.csv: an ensemble's ``per_editor`` numbers become
+    ``KEY/EDITOR`` columns (``verdict/toy-control``), in its place."""
+    row = {}
+    for key, value in report.items():
+        if key != "per_editor":
+            row[key] = value
+            continue
+        for field in dict.fromkeys(k for numbers in value.values() for k in numbers):
+            row |= {f"{field}/{n}": own[field] for n, own in value.items() if field in own}
+    return row
 
 
 def _sha256(path: Path) -> str:
@@ -616,7 +777,7 @@ def _folder(args) -> int:
     ):
         row = {"name": name, "settings": tag, "status": "done", "image": str(image)}
         try:
-            row |= _folder_item(args, editor, ranks.device, name, image, mask, compare)
+            row |= _flat(_folder_item(args, editor, ranks.device, name, image, mask, compare))
         except (CliError, ValueError, FileNotFoundError, RuntimeError) as err:
             if isinstance(err, CliError) and str(err).startswith("--out"):
                 raise  # the output folder, not this pair: stop
@@ -644,6 +805,12 @@ def _folder(args) -> int:
         if "verdict" in manifest:
             verdicts = manifest["verdict"].dropna()
             summary["verdicts"] = {v: int((verdicts == v).sum()) for v in VERDICTS if (verdicts == v).any()}  # fmt: skip
+        if args.command == "protect" and isinstance(editor, dict):
+            summary["verdicts_per_editor"] = {}
+            for each in editor:
+                column = manifest.get(f"verdict/{each}", pd.Series(dtype=object))
+                counts = {v: int((column == v).sum()) for v in VERDICTS}
+                summary["verdicts_per_editor"][each] = {v: n for v, n in counts.items() if n}
         _emit(json.dumps(summary))
         skipped = max(skipped, n_skipped)
     ledger.close()
@@ -660,6 +827,8 @@ def _folder_item(args, editor, device, name, image, mask, compare) -> dict:
     if args.command == "protect":
         report, result = _protect_one(args, editor, x, m, target, device)
         report["final_losses"] = json.dumps(report["final_losses"])
+        if "editor_weights" in report:
+            report["editor_weights"] = json.dumps(report["editor_weights"])
     else:
         original = None
         if compare is not None:
@@ -734,6 +903,7 @@ def _run(argv: list[str] | None) -> int:
         warnings.simplefilter("always")
         if not args.debug:
             warnings.showwarning = _show_warning
+        _editor_list(args)
         if args.image.is_dir():
             return _folder(args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -8,7 +8,10 @@ byte for byte, what ``protect`` writes for the same files, settings and seed.
 
 After protecting, the page replaces ``check``'s prediction with the verdict ``protect`` gives
 (:func:`runtime_backdoor.owner.compare_edits` on the PNG as written) and shows the labelled
-comparison ``edit --compare`` writes.
+comparison ``edit --compare`` writes. Several editors chosen at once are one perturbation
+against all of them (``protect --editor A,B``): the page gives each editor's prediction, then
+each editor's verdict, comparison and numbers, and the ensemble's verdict
+(:data:`runtime_backdoor.owner.ENSEMBLE_RULE`).
 
 The app serves this machine only (no share link, no analytics, no font or script from the
 internet), refuses requests from other origins (a page elsewhere cannot drive it) and
@@ -129,6 +132,25 @@ OUTCOME_HEAD = {
 }
 
 
+def ensemble_verdict_text(reports: dict, mask_note: str) -> str:
+    """``check``'s prediction for each editor of an ensemble (name -> report), as the page
+    shows it (Markdown), until Protect replaces it."""
+    eps = next(iter(reports.values()))["eps"]
+    lines = [
+        f"**Against {len(reports)} editors at once** (one perturbation for all), each "
+        f"estimated on its own at ε = {eps:.4g} ({eps * 255:.3g}/255). A prediction: "
+        "**Protect** tests the result against each editor and gives the verdicts.",
+        "",
+    ]
+    for name, r in reports.items():
+        head = "likely protectable" if r["gain"] >= r["needed"] else "will probably not trigger"
+        lines.append(
+            f"- **{name}**: {head}: gain **{r['gain']:.3g}** vs needed **{r['needed']:.3g}**"
+        )
+    measured = dict.fromkeys(r["measured"] for r in reports.values() if r.get("measured"))
+    return "\n".join([*lines, "", f"Mask: {mask_note}."]) + "".join(f"  \n*{m}.*" for m in measured)
+
+
 def outcome_text(numbers: dict, check: dict, editor: str, mask_note: str) -> str:
     """The verdict of the protected PNG as written, which replaces ``check``'s prediction."""
     said = "likely protectable" if check["gain"] >= check["needed"] else "unlikely to protect"
@@ -138,6 +160,27 @@ def outcome_text(numbers: dict, check: dict, editor: str, mask_note: str) -> str
         f"check had predicted {said} (gain {check['gain']:.3g} vs needed "
         f"{check['needed']:.3g}); this verdict is what the edits did. Mask: {mask_note}."
     )
+
+
+def ensemble_outcome_text(ensemble: dict, checks: dict, mask_note: str) -> str:
+    """The verdicts of the protected PNG as written against each editor of an ensemble, and
+    the ensemble's (:func:`runtime_backdoor.owner.ensemble_report`), which replace ``check``'s
+    predictions (``checks``: name -> report)."""
+    per_editor = ensemble["per_editor"]
+    lines = [
+        f"**{OUTCOME_HEAD[ensemble['verdict']]}** against the ensemble "
+        f"{' + '.join(per_editor)}, tested on the protected PNG as written against each "
+        "editor (the weakest editor's verdict is the ensemble's):",
+        "",
+    ]
+    for name, n in per_editor.items():
+        c = checks[name]
+        said = "likely protectable" if c["gain"] >= c["needed"] else "unlikely to protect"
+        lines.append(
+            f"- **{name}**: {OUTCOME_HEAD[n['verdict']]}: {n['verdict_detail']}; check had "
+            f"predicted {said} (gain {c['gain']:.3g} vs needed {c['needed']:.3g})"
+        )
+    return "\n".join([*lines, "", f"These verdicts are what the edits did. Mask: {mask_note}."])
 
 
 @contextlib.contextmanager
@@ -226,16 +269,39 @@ class Demo:
         self.max_pixels = max_pixels
         self._editors: dict[str, object] = {}
 
-    def editor(self, label: str):
-        """The editor of a choice, built once (the last two are kept)."""
+    def _known(self, label) -> None:
         if label not in self.choices:
             known = "; ".join(self.choices)
             raise PageError(f"unknown editor {label!r}; choose one of: {known}")
-        if label not in self._editors:
+
+    def editor(self, label: str, keep: int = 2):
+        """The editor of a choice, built once (the last ``keep`` used are kept)."""
+        self._known(label)
+        editor = self._editors.pop(label, None)
+        if editor is None:
             choice = self.choices[label]
             editor = owner.load_editor(choice.name, choice.weights, self.device)
-            self._editors = dict(list(self._editors.items())[-1:]) | {label: editor}
-        return self._editors[label]
+        self._editors = dict(list(self._editors.items())[1 - keep :]) | {label: editor}
+        return editor
+
+    def labels(self, label) -> list[str]:
+        """The choices asked for: one label, or a list of them (an ensemble; repeats dropped).
+        Two choices of one editor (two weight files) are refused: verdicts go by name."""
+        labels = [label] if isinstance(label, str) else list(dict.fromkeys(label or ()))
+        if not labels:
+            raise PageError("choose an editor to protect against")
+        for each in labels:
+            self._known(each)
+        names = [self.choices[each].name for each in labels]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise PageError(f"{twice} is chosen twice (two weight files); choose one of them")
+        return labels
+
+    def editors(self, labels: list[str]) -> dict:
+        """``{name: editor}`` of the choices ``labels``, all kept while they are in use."""
+        keep = max(2, len(labels))
+        return {self.choices[label].name: self.editor(label, keep) for label in labels}
 
     def run_folder(self) -> Path:
         folder = self.folder / f"run-{uuid.uuid4().hex[:12]}"
@@ -333,8 +399,12 @@ class Demo:
         return Inputs(x, m, target, image, mask, f"{note}, {share:.1%} of the image")
 
     def check(self, image_file, mask_file, painted, label, eps) -> str:
-        """``check``'s verdict (Markdown)."""
+        """``check``'s verdict (Markdown); ``label`` a list: each editor's."""
         eps = owner.parse_eps(eps)
+        labels = [label] if isinstance(label, str) else self.labels(label)
+        if len(labels) > 1:
+            return self._check_each(image_file, mask_file, painted, labels, eps)
+        label = labels[0]
         folder = self.run_folder()
         try:
             got = self.inputs(image_file, mask_file, painted, folder)
@@ -346,12 +416,29 @@ class Demo:
             shutil.rmtree(folder, ignore_errors=True)
         return verdict_text(report, self.choices[label].name, got.mask_note)
 
+    def _check_each(self, image_file, mask_file, painted, labels, eps) -> str:
+        folder = self.run_folder()
+        try:
+            got = self.inputs(image_file, mask_file, painted, folder)
+            reports = {
+                name: owner.check_image(
+                    editor, got.x, got.m, got.target, self.device, eps=eps, name=f"editor {name}"
+                )
+                for name, editor in self.editors(labels).items()
+            }
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return ensemble_verdict_text(reports, got.mask_note)
+
     def protect(self, image_file, mask_file, painted, label, eps, steps, seed, expand) -> dict:
         """Protect, then edit the original and the protected file as ``edit --compare`` does.
 
         Returns the page's panels (uint8 arrays), texts (the verdict replaces check's
         prediction) and the paths of the protected PNG and the mask, in a fresh folder of the
         workspace (removed at once if anything fails). ``expand`` 0: scaled with the image.
+        ``label`` a list of choices: one perturbation against all of them (``protect --editor
+        A,B``); ``numbers`` is then :func:`runtime_backdoor.owner.ensemble_report`'s, and the
+        comparison holds each editor's figure, one above the other.
         """
         eps = owner.parse_eps(eps)
         steps = _whole(steps, "steps", 1, 10000)
@@ -367,6 +454,10 @@ class Demo:
 
     def _protect(self, image_file, mask_file, painted, label, folder, eps, steps, seed, expand):
         got = self.inputs(image_file, mask_file, painted, folder)
+        labels = [label] if isinstance(label, str) else self.labels(label)
+        if len(labels) > 1:
+            return self._protect_ensemble(labels, got, folder, eps, steps, seed, expand)
+        label = labels[0]
         editor = self.editor(label)
         name = self.choices[label].name
         who = f"editor {name}"
@@ -375,36 +466,87 @@ class Demo:
             editor, got.x, got.m, got.target, self.device,
             eps=eps, steps=steps, expand=expand, seed=seed, progress=True, name=who,
         )  # fmt: skip
-        out = folder / f"{got.image.stem}_protected.png"
-        owner.write_output(out, protected, overwrite=False)
-        mask = folder / f"{got.image.stem}_mask.png"
-        if got.mask != mask:
-            shutil.copyfile(got.mask, mask)
+        out, mask = self._write(got, folder, protected)
         # The edits run on the file as published, read back as `edit` reads it.
         published, m, _ = owner.read_inputs(out, mask, max_pixels=self.max_pixels)
         numbers, _, figure = owner.edit_image(
             editor, published, m, got.target, self.device, original=got.x,
             expand=report["expand"], name=who,
         )  # fmt: skip
-        original = owner.eight_bit(got.x[0])
-        k = max(1, SMALL_SIDE // max(original.shape[:2]))
-        delta = np.clip(0.5 + AMPLIFY * (protected - original), 0, 1)
         command = (
             f"runtime-backdoor protect {got.image.name} --mask {mask.name} --editor {name} "
             f"--eps {eps:.6g} --steps {steps} --seed {seed} --expand {report['expand']} "
             f"--out {out.name}"
         )
-        return {
+        return self._panels(got, protected) | {
             "verdict": outcome_text(numbers, check, name, got.mask_note),
             "numbers": numbers,
-            "original": to_display(original, enlarge=k),
-            "protected": to_display(protected, enlarge=k),
-            "delta": to_display(delta, enlarge=k),
             "comparison": figure,
             "table": results_table(report, numbers, command),
             "file": out,
             "mask": mask,
             "folder": folder,
+        }
+
+    def _protect_ensemble(self, labels, got, folder, eps, steps, seed, expand):
+        editors = self.editors(labels)
+        who = {name: f"editor {name}" for name in editors}
+        checks = {
+            name: owner.check_image(
+                editor, got.x, got.m, got.target, self.device, eps=eps, name=who[name]
+            )
+            for name, editor in editors.items()
+        }
+        report, protected = owner.protect_image(
+            editors, got.x, got.m, got.target, self.device,
+            eps=eps, steps=steps, expand=expand, seed=seed, progress=True, name=who,
+        )  # fmt: skip
+        out, mask = self._write(got, folder, protected)
+        published, m, _ = owner.read_inputs(out, mask, max_pixels=self.max_pixels)
+        per_editor, figures = {}, []
+        for name, editor in editors.items():
+            per_editor[name], _, figure = owner.edit_image(
+                editor, published, m, got.target, self.device, original=got.x,
+                expand=report["expand"], name=who[name],
+            )  # fmt: skip
+            figures.append(titled(figure, f"against {name}: {per_editor[name]['verdict']}"))
+        ensemble = owner.ensemble_report(per_editor)
+        panels = self._panels(got, protected)
+        command = (
+            f"runtime-backdoor protect {got.image.name} --mask {mask.name} --editor "
+            f"{','.join(editors)} --eps {eps:.6g} --steps {steps} --seed {seed} --expand "
+            f"{report['expand']} --out {out.name}"
+        )
+        return panels | {
+            "verdict": ensemble_outcome_text(ensemble, checks, got.mask_note),
+            "numbers": ensemble,
+            "comparison": stacked(figures),
+            "table": ensemble_table(report, ensemble, command),
+            "file": out,
+            "mask": mask,
+            "folder": folder,
+        }
+
+    @staticmethod
+    def _write(got: Inputs, folder: Path, protected) -> tuple[Path, Path]:
+        """The protected PNG and the mask in ``folder``, as the page offers them."""
+        out = folder / f"{got.image.stem}_protected.png"
+        owner.write_output(out, protected, overwrite=False)
+        mask = folder / f"{got.image.stem}_mask.png"
+        if got.mask != mask:
+            shutil.copyfile(got.mask, mask)
+        return out, mask
+
+    @staticmethod
+    def _panels(got: Inputs, protected) -> dict:
+        """Original, protected and δ ×AMPLIFY as shown (small images enlarged)."""
+        original = owner.eight_bit(got.x[0])
+        k = max(1, SMALL_SIDE // max(original.shape[:2]))
+        delta = np.clip(0.5 + AMPLIFY * (protected - original), 0, 1)
+        return {
+            "original": to_display(original, enlarge=k),
+            "protected": to_display(protected, enlarge=k),
+            "delta": to_display(delta, enlarge=k),
         }
 
 
@@ -443,6 +585,67 @@ def results_table(report: dict, numbers: dict, command: str) -> str:
             f"The same from the command line: `{command}`",
         ]
     )
+
+
+def ensemble_table(report: dict, ensemble: dict, command: str) -> str:
+    """The numbers under an ensemble's comparisons (Markdown): a row per editor."""
+
+    def share(value) -> str:
+        return "–" if value is None else f"{value:.0%}"
+
+    def db(value) -> str:
+        return "–" if value is None else f"{value:.1f} dB"
+
+    rows = [
+        "| editor | verdict | malicious edit on the target colour, original's / protected's "
+        "| PSNR vs original's | benign ring edit on the target colour, original's / "
+        "protected's | PSNR vs original's |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, n in ensemble["per_editor"].items():
+        rows.append(
+            f"| {name} | {n['verdict']} | {share(n['hit_fraction_original'])} / "
+            f"{share(n['hit_fraction'])} | {db(n['psnr_region_vs_original_edit'])} "
+            f"| {share(n['ring_hit_fraction_original'])} / {share(n['ring_hit_fraction'])} "
+            f"| {db(n['ring_psnr_vs_original_edit'])} |"
+        )
+    weights = ", ".join(f"{w:g}" for w in report["editor_weights"])
+    return "\n".join(
+        [
+            *rows,
+            "",
+            f"Largest change {report['max_change_8bit']:.0f}/255 (ε = {report['eps'] * 255:.3g}/255), "
+            f"{report['steps']} steps in {report['seconds']:.1f} s against all {len(rows) - 2} "
+            f"editors at once (loss weights {weights}), expansion kernel {report['expand']} px, "
+            f"target colour {ensemble['target_colour']}. Each editor's verdict: "
+            f"{owner.VERDICT_RULE} {owner.ENSEMBLE_RULE}",
+            "",
+            f"The same from the command line: `{command}`",
+        ]
+    )
+
+
+def titled(figure: np.ndarray, title: str) -> np.ndarray:
+    """``figure`` (H x W x 3 uint8) under a line of ``title``, on white."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=owner.FONT_SIZE)
+    line = owner.FONT_SIZE + 10
+    canvas = Image.new("RGB", (figure.shape[1], figure.shape[0] + line), "white")
+    ImageDraw.Draw(canvas).text((8, 6), title, fill=(20, 40, 120), font=font)
+    canvas.paste(Image.fromarray(figure), (0, line))
+    return np.asarray(canvas)
+
+
+def stacked(figures: list[np.ndarray]) -> np.ndarray:
+    """Figures one above the other, a white gap between them (widths may differ)."""
+    width = max(f.shape[1] for f in figures)
+    gap = np.full((owner.COMPARE_GAP * 4, width, 3), 255, np.uint8)
+    rows = []
+    for f in figures:
+        pad = np.full((f.shape[0], width - f.shape[1], 3), 255, np.uint8)
+        rows += [np.concatenate([f, pad], axis=1), gap]
+    return np.concatenate(rows[:-1], axis=0)
 
 
 # --------------------------------------------------------------------------- the page
@@ -497,21 +700,26 @@ def build_app(demo: Demo):
             return f"⚠ {page_message(err, demo.folder)}", gr.Number(), *shown(None)
         return note, kernel, *shown(drawn)
 
-    def on_check(image_file, mask_file, painted, label, eps):
+    def chosen(label, also):
+        """The editor, or with others ticked the list of them all (an ensemble)."""
+        picked = list(dict.fromkeys(c for c in [label, *(also or ())] if c))
+        return picked[0] if len(picked) == 1 else picked
+
+    def on_check(image_file, mask_file, painted, label, eps, also):
         if not image_file:
             return "Upload an image to start."
         try:
-            return demo.check(image_file, mask_file, painted, label, eps)
+            return demo.check(image_file, mask_file, painted, chosen(label, also), eps)
         except Exception as err:
             return f"⚠ {page_message(err, demo.folder)}"
 
     def on_protect(
-        image_file, mask_file, painted, label, eps, steps, seed, expand, previous,
+        image_file, mask_file, painted, label, eps, also, steps, seed, expand, previous,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (how Gradio attaches a bar)
     ):  # fmt: skip
         progress(0, desc="checking and preparing")
         r = on_page_errors(demo.protect)(
-            image_file, mask_file, painted, label, eps, steps, seed, expand
+            image_file, mask_file, painted, chosen(label, also), eps, steps, seed, expand
         )
         if previous:  # the session's previous results are no longer shown
             shutil.rmtree(previous, ignore_errors=True)
@@ -527,7 +735,8 @@ def build_app(demo: Demo):
             "An imperceptible change (at most ε per pixel value) makes the chosen editor fill "
             "the region with a solid colour when somebody asks it to replace that region, "
             "while other edits work as usual. Protection is specific to the editor it is made "
-            "against. Everything runs on this machine."
+            "against; tick more editors to protect against several at once. Everything runs "
+            "on this machine."
         )
         with gr.Row():
             with gr.Column(scale=3):
@@ -574,6 +783,13 @@ def build_app(demo: Demo):
                     label="3. Editor to protect against",
                     elem_id="editor",
                 )
+                also = gr.CheckboxGroup(
+                    labels,
+                    value=[],
+                    label="... and also against (optional): one perturbation for all the "
+                    "editors ticked, each tested after protecting",
+                    elem_id="also",
+                )
                 eps = gr.Number(
                     owner.DEFAULT_EPS,
                     label="ε: fraction of the range, or 8-bit units above 1 (0.025 = 6.4/255, the paper's)",
@@ -611,7 +827,7 @@ def build_app(demo: Demo):
             )
         previous = gr.State(None, delete_callback=lambda p: p and shutil.rmtree(p, True))
 
-        check_inputs = [image_file, mask_file, painter, editor, eps]
+        check_inputs = [image_file, mask_file, painter, editor, eps, also]
         uploads = [image_file, mask_file]
         image_file.change(on_image, uploads, [painter, note, expand, mask_view]).then(
             on_check, check_inputs, verdict
@@ -619,7 +835,7 @@ def build_app(demo: Demo):
         mask_file.change(on_mask, uploads, [note, expand, mask_view, painter]).then(
             on_check, check_inputs, verdict
         )
-        for trigger in (painter.change, editor.change, eps.change):
+        for trigger in (painter.change, editor.change, eps.change, also.change):
             trigger(
                 on_check, check_inputs, verdict, trigger_mode="always_last", show_progress="hidden"
             )
@@ -723,7 +939,7 @@ def serve(
         app.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, theme=theme,
             show_error=True, allowed_paths=[str(folder)], max_file_size=MAX_UPLOAD_BYTES,
-            app_kwargs={"middleware": [Middleware(RequestGuard, max_body=MAX_REQUEST_BYTES)]} if not os.environ.get("RB_NO_GUARD") else {},
+            app_kwargs={"middleware": [Middleware(RequestGuard, max_body=MAX_REQUEST_BYTES)]},
         )  # fmt: skip
     return 0
 

@@ -8,14 +8,18 @@ seed. Every failure is a one-line :class:`CliError` naming the file or the optio
 After protecting, :func:`verify_protection` edits the PNG as written the way an attacker
 would (:func:`compare_edits`: the malicious edit of the region and the benign edit of the
 ring around it, against the same edits of the original) and gives one of :data:`VERDICTS`
-(the rule: :data:`VERDICT_RULE`); ``check``'s first-order prediction comes with how often
-such a prediction held when measured (:data:`CHECK_RELIABILITY`). Images are refused from
-their header above :data:`DEFAULT_MAX_PIXELS` before anything is decoded.
+(the rule: :data:`VERDICT_RULE`; against several editors at once, one per editor and the
+ensemble's, :func:`verify_ensemble` and :data:`ENSEMBLE_RULE`); ``check``'s first-order
+prediction comes with how often such a prediction held when measured
+(:data:`CHECK_RELIABILITY`). Images are refused from their header above
+:data:`DEFAULT_MAX_PIXELS` before anything is decoded.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 DEFAULT_EPS = 0.025  # the paper's 6.4/255
@@ -49,6 +53,16 @@ VERDICT_RULE = (
     f"hits but the benign edit (the editor fills the ring E(m) - m around the region) of the "
     f"protected image is below {SIDE_EFFECT_PSNR_DB:g} dB PSNR against the original's ring "
     f"edit, or hits the target while the original's does not. '{NOT_PROTECTED}' otherwise."
+)
+
+
+#: how several editors' verdicts make one: the weakest editor decides, since an attacker
+#: picks the editor the protection does not hold against
+ENSEMBLE_RULE = (
+    f"With several editors the verdict is the weakest editor's: '{PROTECTED}' only when "
+    f"protected against every editor, '{SIDE_EFFECT}' when protected against every editor "
+    f"with a side effect on at least one, '{NOT_PROTECTED}' when not protected against at "
+    "least one."
 )
 
 
@@ -396,8 +410,6 @@ def reliability_note(likely: bool) -> str:
 def check_image(editor, x, m, target, device, *, eps, name: str = "the editor") -> dict:
     """The first-order estimate of whether protection can work: gain against gain needed,
     with how often such a prediction held when measured (``measured``)."""
-    import math
-
     from .implant import sensitivity
 
     s = sensitivity(editor, x.to(device), m.to(device), eps=eps, target=target)
@@ -420,21 +432,30 @@ def check_image(editor, x, m, target, device, *, eps, name: str = "the editor") 
 
 def protect_image(
     editor, x, m, target, device, *, eps, steps, expand, seed, progress=False,
-    name: str = "the editor",
+    name: str | Mapping[str, str] = "the editor", editor_weights=None,
 ) -> tuple[dict, object]:  # fmt: skip
     """Protect ``x`` (1, 3, H, W) in the region ``m``: a report and the H x W x 3 result.
 
     The result is on the 8-bit grid, as :func:`write_output` writes it. ``expand`` None:
     scaled with the image (:func:`auto_expand`); the report says which kernel was used.
+
+    ``editor`` may be a mapping label -> editor: one perturbation against all of them (an
+    ensemble, :func:`runtime_backdoor.implant.implant` given the list, weighted by
+    ``editor_weights``, default 1 each; one editor alone is the single-editor result, bit
+    for bit). ``name`` is then a mapping label -> how messages name it (default: the label);
+    the report adds ``editor_weights`` and each editor's last total loss as ``total/LABEL``.
     """
     import torch
 
     from .implant import implant
 
+    ensemble = isinstance(editor, Mapping)
+    labels = list(editor) if ensemble else []
+    names = {k: (name.get(k, k) if isinstance(name, Mapping) else k) for k in labels}
     expand = resolve_expand(expand, m)
     _check_expansion(m, expand)
     result = implant(
-        editor,
+        list(editor.values()) if ensemble else editor,
         x.to(device),
         m.to(device),
         eps=eps,
@@ -443,14 +464,23 @@ def protect_image(
         target=target,
         seed=seed,
         progress=progress,
+        editor_weights=editor_weights,
     )
     losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
+    if ensemble:
+        # implant numbers each editor's total in list order; the report names it
+        losses = {_label_loss(k, labels): v for k, v in losses.items()}
+        # NaN spreads to every editor through δ: blame the first to return it
+        first = {k: _first_non_finite(result.losses.get(f"total/{i}")) for i, k in enumerate(labels)}  # fmt: skip
+        bad = [names[k] for k in labels if first[k] == min(first.values()) < math.inf]
+        name = bad[0] if len(bad) == 1 else "one of " + ", ".join(bad or names.values())
     _finite(
         torch.cat([result.protected.flatten(), torch.tensor(list(losses.values()) or [0.0])]),
         name,
         "during the optimisation",
     )
-    report = {
+    report = {"editor_weights": _weights_used(editor_weights, labels)} if ensemble else {}
+    report |= {
         "eps": eps,
         "steps": steps,
         "expand": expand,
@@ -459,6 +489,25 @@ def protect_image(
         "final_losses": losses,
     }
     return report, eight_bit(result.protected[0])
+
+
+def _first_non_finite(history) -> float:
+    """The first step whose loss (steps, B) is NaN or infinite; inf when none is."""
+    import torch
+
+    if history is None or not len(history):
+        return math.inf
+    bad = torch.nonzero(~torch.isfinite(history.reshape(len(history), -1)).all(1))
+    return int(bad[0, 0]) if len(bad) else math.inf
+
+
+def _label_loss(key: str, labels: list[str]) -> str:
+    head, _, index = key.partition("/")
+    return f"{head}/{labels[int(index)]}" if index.isdigit() else key
+
+
+def _weights_used(editor_weights, labels: list[str]) -> list[float]:
+    return [1.0] * len(labels) if editor_weights is None else [float(w) for w in editor_weights]
 
 
 def read_back(path: Path):
@@ -564,6 +613,53 @@ def verify_protection(
         editor, original, read_back(written), m, target, device, expand=expand, name=name
     )
     return numbers
+
+
+def ensemble_verdict(verdicts: Mapping[str, str]) -> tuple[str, str]:
+    """One of :data:`VERDICTS` for several editors' verdicts (label -> verdict), by
+    :data:`ENSEMBLE_RULE`, and the verdicts behind it in words."""
+    worst = max(verdicts.values(), key=VERDICTS.index)
+    held = sum(v != NOT_PROTECTED for v in verdicts.values())
+    each = "; ".join(f"{k}: {v}" for k, v in verdicts.items())
+    return worst, (
+        f"protected against {held} of {len(verdicts)} editors ({each}); the weakest editor's "
+        "verdict is the ensemble's"
+    )
+
+
+def ensemble_report(per_editor: Mapping[str, dict]) -> dict:
+    """The verdict of an ensemble from each editor's :func:`compare_edits` numbers (label ->
+    numbers): ``verdict``, ``verdict_detail`` (:func:`ensemble_verdict`), the target colour and
+    ``per_editor``, each editor's numbers with its own verdict first."""
+    verdict, detail = ensemble_verdict({k: n["verdict"] for k, n in per_editor.items()})
+    first = next(iter(per_editor.values()))
+    shared = ("expand", "target_colour", "verdict", "verdict_detail")  # said once, or first
+    return {
+        "verdict": verdict,
+        "verdict_detail": detail,
+        "target_colour": first["target_colour"],
+        "per_editor": {
+            k: {"verdict": n["verdict"], "verdict_detail": n["verdict_detail"]}
+            | {key: v for key, v in n.items() if key not in shared}
+            for k, n in per_editor.items()
+        },
+    }
+
+
+def verify_ensemble(
+    editors: Mapping, original, m, target, device, written: Path, *, expand=None, name=None
+) -> dict:
+    """:func:`verify_protection` against each editor (label -> editor) of an ensemble, on the
+    PNG as written, and the ensemble's verdict (:func:`ensemble_report`). ``name``: label ->
+    how messages name the editor (default: the label)."""
+    published = read_back(written)
+    per_editor = {}
+    for label, editor in editors.items():
+        who = (name or {}).get(label, label)
+        per_editor[label], _ = compare_edits(
+            editor, original, published, m, target, device, expand=expand, name=who
+        )
+    return ensemble_report(per_editor)
 
 
 def edit_image(
