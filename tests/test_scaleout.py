@@ -171,6 +171,24 @@ def test_a_killed_run_resumes_without_losing_or_repeating(photos, single, tmp_pa
     assert not list(out.glob(".parts/*")) and not list(out.glob(".*.tmp"))
 
 
+def test_start_folds_a_killed_runs_parts_and_drops_its_unfinished_writes(tmp_path):
+    """A process killed inside an atomic write leaves a temporary file, in the folder or in
+    .parts/: the next run removes it and keeps the finished rows."""
+    from runtime_backdoor.launch import Ledger
+
+    out = tmp_path / "out"
+    (out / ".parts").mkdir(parents=True)
+    pd.DataFrame({"name": ["a"], "status": ["done"]}).to_csv(out / "manifest.csv", index=False)
+    pd.DataFrame({"name": ["b"], "status": ["done"]}).to_csv(
+        out / ".parts" / "manifest.rank1.csv", index=False
+    )
+    (out / ".parts" / ".manifest.rank0.csv.9buknl97.tmp").write_text("name,sta")
+    (out / ".a.png.x1y2.tmp").write_bytes(b"\x89PNG")
+    tables = Ledger(out).start()
+    assert list(tables["manifest"]["name"]) == ["a", "b"]
+    assert not list(out.glob(".parts/*")) and not list(out.glob(".*.tmp"))
+
+
 def _prepared(folder, n=4, size=24):
     folder.mkdir()
     gen = np.random.default_rng(1)

@@ -128,7 +128,8 @@ class Ledger:
         """Fold an interrupted run's parts into the tables; every process then reads the same."""
         if self.ranks.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.out_dir.glob(".*.tmp"):  # a killed run's unfinished atomic write
+            # a killed run's unfinished atomic writes, of outputs and of its parts
+            for stale in [*self.out_dir.glob(".*.tmp"), *self.parts.glob(".*.tmp")]:
                 stale.unlink()
             for table in self.tables:
                 if self._parts(table):
