@@ -36,3 +36,15 @@ def run_notebook():
         return out
 
     return run
+
+
+@pytest.fixture(scope="session")
+def random_alexnet(tmp_path_factory):
+    """A seeded random AlexNet saved as torchvision's state dict, under torchvision's file name:
+    for LPIPS's plumbing, never for its values."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path

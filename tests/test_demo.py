@@ -1,5 +1,6 @@
 """The browser demo: its logic without a browser, then the page in headless Chromium."""
 
+import contextlib
 import io
 import math
 import os
@@ -368,6 +369,26 @@ def test_an_ensemble_of_choices_is_checked(files, tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@contextlib.contextmanager
+def browser_page(url: str):
+    """Headless Chromium on ``url``: ``(page, outside)``, ``outside`` the URLs the page asked
+    for beyond 127.0.0.1. Every check waits up to a minute: on a loaded 2-core machine the
+    page can take seconds to update after an upload (Playwright's default is 5 s)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    outside = []
+    expect.set_options(timeout=60_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
+        page.goto(url)
+        try:
+            yield page, outside
+        finally:
+            browser.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -422,18 +443,10 @@ def _paint_share(shot: np.ndarray) -> float:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_the_page_in_a_browser(files, server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, proc, folder = server
-    outside = []
-    # Every check waits up to a minute: on a loaded 2-core machine the page can take seconds
-    # to update after an upload (Playwright's default is 5 s).
-    expect.set_options(timeout=60_000)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-        page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
-        page.goto(url)
+    with browser_page(url) as (page, outside):
         verdict = page.locator("#verdict")
 
         # No models here: the default editor is the toy, said to be one.
@@ -518,7 +531,6 @@ def test_the_page_in_a_browser(files, server, tmp_path):
         expect(page.locator("#painter")).to_be_visible()
         expect(page.locator("#mask-view")).to_be_hidden()
         expect(verdict).to_contain_text("Mask: the painted region")  # the stroke is still there
-        browser.close()
 
     assert outside == []  # nothing fetched from outside this machine
     ours = np.asarray(Image.open(tmp_path / "downloaded.png"))
@@ -535,16 +547,10 @@ def test_the_page_in_a_browser(files, server, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_an_ensemble_in_a_browser(files, server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, proc, folder = server
-    outside = []
-    expect.set_options(timeout=60_000)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-        page.on("request", lambda r: outside.append(r.url) if "127.0.0.1" not in r.url else None)
-        page.goto(url)
+    with browser_page(url) as (page, outside):
         verdict = page.locator("#verdict")
         page.locator("#image-file input[type=file]").set_input_files(files / "photo.png")
         expect(page.locator("#image-note")).to_contain_text("photo.png: 96×64 px")
@@ -567,7 +573,6 @@ def test_an_ensemble_in_a_browser(files, server, tmp_path):
         with page.expect_download() as download:
             page.locator("#download").click()
         download.value.save_as(tmp_path / "downloaded.png")
-        browser.close()
 
     assert outside == []
     ours = np.asarray(Image.open(tmp_path / "downloaded.png"))

@@ -369,17 +369,6 @@ def test_load_clip_without_open_clip_is_unavailable_not_a_crash(no_default_weigh
         metrics.load_clip()
 
 
-@pytest.fixture(scope="module")
-def random_alexnet(tmp_path_factory):
-    """A seeded random AlexNet saved as torchvision's state dict: tests the plumbing, not LPIPS."""
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("lpips") / "alexnet-owt-7be5be79.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    return path
-
-
 def test_lpips_is_the_packages_on_the_given_backbone(random_alexnet):
     import lpips
     import torchvision

@@ -178,18 +178,6 @@ def test_params_yaml_specs_parse():
     assert labels == ["pipeline", "control", "lama-s1", "control-s1"]
 
 
-@pytest.fixture(scope="module")
-def random_alexnet(tmp_path_factory):
-    """A seeded random AlexNet saved as torchvision's state dict: the plumbing, not LPIPS."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
-    return path
-
-
 def test_lpips_is_zero_for_identical_edits_and_positive_otherwise(folders, random_alexnet):
     import torch
 

@@ -53,10 +53,7 @@ def test_an_identical_edit_counts_as_100_db_not_infinity(folders):
     assert all(v != float("inf") for v in result["summary"].values() if isinstance(v, float))
 
 
-def test_lpips_columns_with_a_backbone_and_the_reason_without(folders, tmp_path):
-    import torch
-    import torchvision
-
+def test_lpips_columns_with_a_backbone_and_the_reason_without(folders, tmp_path, random_alexnet):
     d = folders
     common = dict(prepared_dir=d / "prepared", protected_dir=d / "protected",
                   edited_dir=d / "edited", clip_weights="", device="cpu")  # fmt: skip
@@ -67,10 +64,7 @@ def test_lpips_columns_with_a_backbone_and_the_reason_without(folders, tmp_path)
         == "no backbone: runtime-backdoor weights fetch lpips-alex"
     )
     assert "lpips_vs_clean_edit" not in without["per_edit"]
-    torch.manual_seed(0)
-    backbone = tmp_path / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
-    got = evaluate.run(tmp_path / "b", lpips_backbone=str(backbone), **common)
+    got = evaluate.run(tmp_path / "b", lpips_backbone=str(random_alexnet), **common)
     summary = got["summary"]
     assert summary["lpips_available"] is True and "lpips_unavailable" not in summary
     assert (got["imperceptibility"]["lpips"] >= 0).all()
