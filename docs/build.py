@@ -267,7 +267,7 @@ def markdown_page(root: Path, path: str) -> Page | None:
         if path == "docs/results.md":
             note += (
                 " Its table of the control's rates and its list of conclusions are generated "
-                "from the committed reports by `python -m runtime_backdoor.reporting`."
+                "from the committed reports by `python -m runtime_backdoor.docs_text`."
             )
     elif path.startswith("reports/"):
         stage = stage_of_output(root, path)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from runtime_backdoor import reporting
+from runtime_backdoor import docs_text, reporting
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -113,12 +113,12 @@ def copy_project(dest: Path) -> list[str]:
     """The generated documents and every file their blocks are made from, copied from this
     checkout's working tree; the documents refreshed from those copies, as a commit would
     have them. Returns the copied paths."""
-    files = [*dict.fromkeys(reporting.GENERATED.values()), *reporting.DATA_FILES]
+    files = [*dict.fromkeys(docs_text.GENERATED.values()), *docs_text.DATA_FILES]
     files = [f for f in files if (ROOT / f).exists()]  # a stage may not have run yet
     for f in files:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, dest / f)
-    reporting.update_docs(dest)
+    docs_text.update_docs(dest)
     return files
 
 
@@ -128,7 +128,7 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
     results = (tmp_path / "docs/results.md").read_text()
     found = {
         f: json.loads((tmp_path / f).read_text())
-        for f in reporting.CONCLUSION_FILES
+        for f in docs_text.CONCLUSION_FILES
         if (tmp_path / f).exists()
     }
     directional = sum(c["verdict"] != "no difference" for cs in found.values() for c in cs)
@@ -138,7 +138,7 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
     for source in ("`reports/metrics.json`", "`reports/eps_sweep.json`"):
         assert source in headline
     # The control's rates: each named by its definition, with its file.
-    block = results[results.index(reporting.CONTROL_BEGIN) : results.index(reporting.CONTROL_END)]
+    block = results[results.index(docs_text.CONTROL_BEGIN) : results.index(docs_text.CONTROL_END)]
     for name, source in (
         ("ε-sweep hit rate", "reports/eps_sweep.json"),
         ("beyond: hit rate, edit *m*", "reports/beyond/fair_masks.csv"),
@@ -148,10 +148,10 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
         assert source in row
     # The full list: one line per directional conclusion, none in the README.
     listed = results[
-        results.index(reporting.CONCLUSIONS_BEGIN) : results.index(reporting.CONCLUSIONS_END)
+        results.index(docs_text.CONCLUSIONS_BEGIN) : results.index(docs_text.CONCLUSIONS_END)
     ].count("\n- ")
     assert listed == directional
-    assert reporting.CONCLUSIONS_BEGIN not in readme
+    assert docs_text.CONCLUSIONS_BEGIN not in readme
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -161,24 +161,24 @@ def test_docs_check_follows_the_committed_reports(tmp_path):
     git(repo, "init", "-q")
     git(repo, "add", *files)
     git(repo, "commit", "-q", "-m", "reports and docs")
-    assert reporting.docs_match_committed(repo) == []
+    assert docs_text.docs_match_committed(repo) == []
 
     # (i) A local pipeline run rewrites the working-tree reports: the committed ones count.
-    target = repo / reporting.CONCLUSION_FILES[1]
+    target = repo / docs_text.CONCLUSION_FILES[1]
     before = target.read_text()
     perturb(target)
     assert target.read_text() != before
-    assert reporting.docs_match_committed(repo) == []
+    assert docs_text.docs_match_committed(repo) == []
 
     # (ii) Refreshing the documents from reports that are not committed: the check fails.
-    assert reporting.update_docs(repo) == ["docs/results.md"]
-    problems = reporting.docs_match_committed(repo)
+    assert docs_text.update_docs(repo) == ["docs/results.md"]
+    problems = docs_text.docs_match_committed(repo)
     assert problems and problems[0].startswith("docs/results.md conclusions block line")
     assert "commit them together" in problems[-1]
 
     # (iii) Committing the reports with the refreshed documents settles it.
     git(repo, "commit", "-q", "-am", "new numbers, docs refreshed")
-    assert reporting.docs_match_committed(repo) == []
+    assert docs_text.docs_match_committed(repo) == []
 
     # (iv) Committing new reports without refreshing the documents fails, in the README too.
     metrics = repo / "reports/metrics.json"
@@ -186,33 +186,33 @@ def test_docs_check_follows_the_committed_reports(tmp_path):
     data["protection_psnr"] += 1.0
     metrics.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     git(repo, "commit", "-q", "-am", "new metrics, README not refreshed")
-    problems = reporting.docs_match_committed(repo)
+    problems = docs_text.docs_match_committed(repo)
     assert problems and problems[0].startswith("README.md headline block line")
 
     # (v) A block edited by hand fails at once.
-    reporting.update_docs(repo)
+    docs_text.update_docs(repo)
     git(repo, "commit", "-q", "-am", "README refreshed")
     readme = repo / "README.md"
     readme.write_text(readme.read_text().replace("directional conclusions", "conclusions", 1))
-    assert reporting.docs_match_committed(repo)
+    assert docs_text.docs_match_committed(repo)
 
 
 def test_docs_check_without_git_reads_the_files(tmp_path):
     copy_project(tmp_path)
-    assert reporting.docs_match_committed(tmp_path) == []
-    perturb(tmp_path / reporting.CONCLUSION_FILES[0])
-    assert reporting.docs_match_committed(tmp_path)
+    assert docs_text.docs_match_committed(tmp_path) == []
+    perturb(tmp_path / docs_text.CONCLUSION_FILES[0])
+    assert docs_text.docs_match_committed(tmp_path)
     # A stage that has not run: its conclusions are named as not written yet.
-    (tmp_path / reporting.CONCLUSION_FILES[0]).unlink()
-    reporting.update_docs(tmp_path)
-    assert reporting.docs_match_committed(tmp_path) == []
+    (tmp_path / docs_text.CONCLUSION_FILES[0]).unlink()
+    docs_text.update_docs(tmp_path)
+    assert docs_text.docs_match_committed(tmp_path) == []
     text = (tmp_path / "docs/results.md").read_text()
-    assert f"Not written yet (its stage has not run): `{reporting.CONCLUSION_FILES[0]}`" in text
+    assert f"Not written yet (its stage has not run): `{docs_text.CONCLUSION_FILES[0]}`" in text
     # The other reports must be there.
     (tmp_path / "reports/metrics.json").unlink()
-    assert "reports/metrics.json: missing" in reporting.docs_match_committed(tmp_path)
+    assert "reports/metrics.json: missing" in docs_text.docs_match_committed(tmp_path)
     (tmp_path / "docs/results.md").write_text("# Results\n")
     assert (
         "docs/results.md: no <!-- control-rates:begin --> ... <!-- control-rates:end --> block"
-        in (reporting.docs_match_committed(tmp_path))
+        in (docs_text.docs_match_committed(tmp_path))
     )

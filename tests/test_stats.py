@@ -31,77 +31,106 @@ def test_constant_non_binary_values_and_empty_input():
     assert S.estimate([0, 1, 1, 0]).format(pct=True).startswith("50% [")
 
 
-def test_comparisons_state_a_direction_only_when_the_interval_excludes_zero():
+def test_hit_rates_use_the_exact_sign_test_and_its_interval():
+    from scipy import stats
+
     n = 18
-    clear = S.compare([1] * 8 + [0] * 10, [0] * n, label_a="A", label_b="B", metric="hit rate")
-    assert clear.verdict == "higher" and clear.difference.low > 0
-    assert clear.sentence(pct=True).startswith("hit rate is higher for A than for B (+44 points")
-    weak = S.compare([1] * 3 + [0] * 15, [0] * n, label_a="A", label_b="B", metric="hit rate")
-    assert weak.verdict == "no difference" and weak.difference.low <= 0
-    assert weak.sentence(pct=True).startswith(
-        "no detectable difference in hit rate between A and B at n = 18"
+    clear = S.compare([1] * 8 + [0] * 10, [0] * n, label_a="A", label_b="B", metric="hit rate",
+                      kind=S.RATE)  # fmt: skip
+    # 8 images up, none down: exact McNemar p = 2 * 0.5^8.
+    assert clear.p == pytest.approx(2 * 0.5**8) and (clear.up, clear.down) == (8, 0)
+    assert clear.verdict == "higher" and clear.difference.mean == pytest.approx(8 / 18)
+    assert clear.sentence(pct=True).startswith(
+        "hit rate is higher for A than for B (net share of images up +44 points [+12, +44]: "
+        "8 up, 0 down, n = 18 images; exact sign test, p = 0.0078)"
     )
+    # 3 up of 18: p = 0.25, no direction, whatever a bootstrap interval would say.
+    weak = S.compare([1] * 3 + [0] * 15, [0] * n, label_a="A", label_b="B", metric="hit rate",
+                     kind=S.RATE)  # fmt: skip
+    assert weak.verdict == "no difference" and weak.p == pytest.approx(0.25)
+    assert weak.difference.low <= 0 < weak.difference.high
+    # The interval excludes 0 exactly when the sign test rejects (every split of 10 movers).
+    for up in range(11):
+        c = S.compare([1] * up + [0] * (10 - up) + [0] * 8, [0] * up + [1] * (10 - up) + [0] * 8,
+                      label_a="a", label_b="b", metric="m", kind=S.RATE)  # fmt: skip
+        excludes = c.difference.low > 0 or c.difference.high < 0
+        assert excludes == (stats.binomtest(up, 10).pvalue < 0.05) == (c.verdict != "no difference")
+    # Seed shares: an image counts once, up or down, by the sign of its share's change.
+    shares = S.compare([2 / 3] * 7 + [0.0] * 11, [1 / 3] * 7 + [0.0] * 11, label_a="a",
+                       label_b="b", metric="m", kind=S.RATE)  # fmt: skip
+    assert (shares.up, shares.p) == (7, pytest.approx(2 * 0.5**7))
+    assert shares.mean_difference == pytest.approx(7 / 18 / 3)
+    with pytest.raises(ValueError, match="kind"):
+        S.compare([1], [0], label_a="a", label_b="b", metric="m", kind="ratio")
+
+
+def test_values_use_the_signed_rank_test_and_the_interval_must_agree():
+    from scipy import stats
+
     lower = S.compare([0.5] * 4 + [0.6] * 4, [0.9] * 8, label_a="A", label_b="B", metric="SSIM")
     assert lower.verdict == "lower" and lower.difference.high < 0
-
-
-def test_identical_differences_use_a_sign_test():
-    # Every image differs by the same amount: significant from 6 images on (p = 2^(1-n)).
-    assert (
-        S.compare([1] * 5, [0] * 5, label_a="a", label_b="b", metric="m").verdict == "no difference"
-    )
-    assert S.compare([1] * 6, [0] * 6, label_a="a", label_b="b", metric="m").verdict == "higher"
-    assert (
-        S.compare([0] * 9, [0] * 9, label_a="a", label_b="b", metric="m").verdict == "no difference"
-    )
+    assert lower.p == pytest.approx(stats.wilcoxon([-0.4] * 4 + [-0.3] * 4).pvalue)
+    # 8 images: the t interval excludes 0, but 2 of 8 differences are negative and the
+    # signed-rank test keeps p above 0.05 only if they rank high; here they rank lowest:
+    diff = np.array([5.0, 5.0, 5.0, 5.0, 5.0, 5.0, -0.1, -0.1])
+    c = S.compare(diff, np.zeros(8), label_a="a", label_b="b", metric="m")
+    low, high = stats.t.interval(0.95, 7, loc=diff.mean(), scale=stats.sem(diff))
+    assert (c.difference.low, c.difference.high) == pytest.approx((low, high))
+    assert c.p == pytest.approx(stats.wilcoxon(diff).pvalue)
+    assert (c.verdict == "higher") == (c.p < 0.05)
+    # No difference at all: p = 1.
+    assert S.compare([0.3] * 9, [0.3] * 9, label_a="a", label_b="b", metric="m").p == 1.0
     with pytest.raises(ValueError, match="align"):
         S.compare([1, 2], [1], label_a="a", label_b="b", metric="m")
 
 
 def test_fewer_than_min_n_images_never_state_a_direction():
-    # Two images, both a little lower: the percentile bootstrap's interval is their range,
-    # which excludes 0; that is no evidence of a direction.
     c = S.compare([0.1, 0.2], [0.100123, 0.200125], label_a="A", label_b="B", metric="MSE")
     assert S.MIN_N == 6 and c.verdict == "no difference" and c.difference.n == 2
     assert c.sentence().startswith(
         "no direction can be shown in MSE between A and B at n = 2 images (fewer than 6; "
         "difference -0.000124 ["
     )
-    # Five images all far lower: still none; from six on, the same pattern is "lower".
-    five = S.compare([0.1, 0.2, 0.3, 0.4, 0.5], [1.1, 1.3, 1.2, 1.6, 1.5], label_a="A",
-                     label_b="B", metric="m")  # fmt: skip
+    five = S.compare([1] * 5, [0] * 5, label_a="a", label_b="b", metric="m", kind=S.RATE)
     assert five.verdict == "no difference" and "fewer than 6" in five.sentence()
-    six = S.compare([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.1, 1.3, 1.2, 1.6, 1.5, 1.6],
-                    label_a="A", label_b="B", metric="m")  # fmt: skip
-    assert six.verdict == "lower" and "fewer than" not in six.sentence()
+    six = S.compare([1] * 6, [0] * 6, label_a="a", label_b="b", metric="m", kind=S.RATE)
+    assert six.verdict == "higher" and six.p == pytest.approx(2 ** (1 - 6))
 
 
-def test_small_n_uses_the_t_interval_and_needs_the_sign_test_too():
-    from scipy import stats
+def test_holm_within_a_family_decides_the_verdicts():
+    from statsmodels.stats.multitest import multipletests
 
-    # 8 images: the t interval excludes 0, but only 6 of 8 differences are positive
-    # (sign test p = 0.29): no direction. The percentile bootstrap would have stated one.
-    diff = np.array([5.0, 5.0, 5.0, 5.0, 5.0, 5.0, -0.1, -0.1])
-    c = S.compare(diff, np.zeros(8), label_a="a", label_b="b", metric="m")
-    low, high = stats.t.interval(0.95, 7, loc=diff.mean(), scale=stats.sem(diff))
-    assert (c.difference.low, c.difference.high) == pytest.approx((low, high))
-    assert low > 0 and c.verdict == "no difference"
-    # All 8 positive: the t interval and the sign test agree.
-    assert S.compare(np.abs(diff), np.zeros(8), label_a="a", label_b="b", metric="m").verdict == (
-        "higher"
+    strong = S.compare([1] * 8 + [0] * 10, [0] * 18, label_a="a", label_b="b", metric="m",
+                       kind=S.RATE)  # p = 0.0078  # fmt: skip
+    modest = S.compare([1] * 6 + [0] * 12, [0] * 18, label_a="a", label_b="b", metric="m",
+                       kind=S.RATE)  # p = 0.031  # fmt: skip
+    found = S.Findings()
+    found.add("alone", "f1", modest)
+    for i in range(3):
+        found.add(f"s{i}", "f2", strong)
+    found.add("m", "f2", modest)
+    found.add("m1", "f3", modest)
+    found.add("m2", "f3", modest)
+    out = {c["id"]: c for c in found.decide()}
+    assert out["alone"]["verdict"] == "higher" and out["alone"]["m"] == 1  # family of one
+    expected = multipletests([strong.p] * 3 + [modest.p], method="holm")[1]
+    assert [out[k]["p_adjusted"] for k in ("s0", "s1", "s2", "m")] == pytest.approx(
+        expected, rel=1e-3
     )
-    # Estimates below SMALL_N: Student t for values, Wilson for 0/1 values.
-    v = [0.2, 0.4, 0.5, 0.9]
-    e = S.estimate(v)
-    assert (e.low, e.high) == pytest.approx(
-        stats.t.interval(0.95, 3, loc=np.mean(v), scale=stats.sem(v))
-    )
-    w = S.estimate([1, 0, 0, 0])
-    ci = stats.binomtest(1, 4).proportion_ci(0.95, method="wilson")
-    assert (w.low, w.high) == pytest.approx((ci.low, ci.high))
-    # From SMALL_N on, the seeded percentile bootstrap: its bounds are values' means.
-    b = S.estimate([0.0, 1.0, 0.5] * 4)
-    assert S.SMALL_N <= 12 and b.low >= 0 and b.high <= 1
+    assert out["m"]["verdict"] == out["s0"]["verdict"] == "higher"  # 4 x 0.0078 < 0.05
+    # Two modest comparisons in one family: 2 x 0.031 > 0.05, neither states a direction.
+    assert out["m1"]["verdict"] == out["m2"]["verdict"] == "no difference"
+    assert out["m1"]["p_adjusted"] == pytest.approx(2 * modest.p, rel=1e-3)
+    assert out["m"]["family"] == "f2" and out["m"]["m"] == 4 and out["m"]["test"] == S.SIGN_TEST
+    assert "Holm-adjusted p = 0.031 in a family of 4" in out["s0"]["sentence"]
+
+
+def test_power_of_the_exact_test():
+    # At alpha = 0.05 alone: 6 images all one way (p = 1/32); after Holm in a family of 40 the
+    # first p faces 0.05 / 40, so 11 images (2^-10 < 1/800 < 2^-9).
+    assert S.detectable_net_share(18) == pytest.approx(6 / 18)
+    assert S.detectable_net_share(18, 40) == pytest.approx(11 / 18)
+    assert S.detectable_net_share(5) == float("inf")
 
 
 def test_numbers_keep_significant_digits():
@@ -124,12 +153,11 @@ def test_numbers_keep_significant_digits():
     b = rng.uniform(0.2, 0.3, size=18)
     c = S.compare(b - 0.000123 + noise - noise.mean(), b, label_a="A", label_b="B", metric="MSE")
     assert c.verdict == "lower"
-    assert c.sentence().startswith("MSE is lower for A than for B (-0.000123 [-0.0001")
-    assert c.sentence().endswith("], n = 18 images)")
+    assert c.sentence().startswith("MSE is lower for A than for B (difference -0.000123 [-0.0001")
+    assert "], n = 18 images; Wilcoxon signed-rank test, p = " in c.sentence()
     pct = S.compare([0.01] * 9 + [0.0] * 9, [0.0] * 18, label_a="A", label_b="B", metric="m")
-    assert (
-        pct.sentence(pct=True)
-        == "m is higher for A than for B (+0.50 points [+0.28, +0.72], n = 18 images)"
+    assert pct.sentence(pct=True).startswith(
+        "m is higher for A than for B (difference +0.50 points [+0.28, +0.72], n = 18 images; "
     )
 
 
@@ -156,7 +184,7 @@ def test_group_estimates_average_seeds_within_an_image_first():
 
 
 def test_conclusions_block_lists_directional_conclusions_and_counts_the_rest(tmp_path):
-    from runtime_backdoor import reporting
+    from runtime_backdoor import docs_text, reporting
 
     found = {
         "reports/x.json": [
@@ -164,27 +192,27 @@ def test_conclusions_block_lists_directional_conclusions_and_counts_the_rest(tmp
             {"id": "b", "verdict": "no difference", "sentence": "no detectable difference"},
         ]
     }
-    block = reporting.conclusions_block(found)
+    block = docs_text.conclusions_block(found)
     assert "- hit rate is higher for A than for B (`reports/x.json`: `a`)." in block
     assert "1 further comparisons show no detectable difference" in block
     assert "too few" not in block
     few = {"reports/x.json": [*found["reports/x.json"], {"id": "c", "verdict": "no difference",
                                                            "n": 2, "sentence": "no direction"}]}  # fmt: skip
     assert "1 more had fewer than 6 images, too few to show a direction at all." in (
-        reporting.conclusions_block(few)
+        docs_text.conclusions_block(few)
     )
     page = tmp_path / "results.md"
-    begin, end = reporting.markers("conclusions")
+    begin, end = docs_text.markers("conclusions")
     page.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
-    new = reporting.replace_block(page.read_text(), "conclusions", block)
+    new = docs_text.replace_block(page.read_text(), "conclusions", block)
     assert new == f"intro\n{block}\noutro\n"
-    assert reporting.replace_block(new, "conclusions", block) == new
+    assert docs_text.replace_block(new, "conclusions", block) == new
     with pytest.raises(ValueError, match="headline"):
-        reporting.replace_block(new, "headline", "x")
+        docs_text.replace_block(new, "headline", "x")
 
 
 def test_headline_states_rates_with_intervals_and_counts():
-    from runtime_backdoor import reporting
+    from runtime_backdoor import docs_text, reporting
 
     metrics = {"n_images": 18, "protection_linf_8bit_max": 6.000007}
     for key, (m, lo, hi) in {
@@ -197,12 +225,12 @@ def test_headline_states_rates_with_intervals_and_counts():
              "control_hit_rate_at_paper_eps_low": 0.204, "control_hit_rate_at_paper_eps_high": 0.574}  # fmt: skip
     found = {"a.json": [{"id": "x", "verdict": "lower", "n": 18, "sentence": "s"},
                         {"id": "y", "verdict": "no difference", "n": 18, "sentence": "t"}]}  # fmt: skip
-    block = reporting.headline_block(metrics, sweep, found, 0.025)
+    block = docs_text.headline_block(metrics, sweep, found, 0.025)
     assert "clean 0% [0, 18] → protected 50% [30, 70] over 18 images" in block
     assert "3 δ₀ seeds: 39% [20, 57]" in block
     assert "PSNR 32.8 [32.7, 32.8] dB" in block and "at most 6/255" in block
     assert "**1 directional conclusions** and 1 comparisons with no detectable difference" in block
-    assert block.startswith(reporting.HEADLINE_BEGIN) and block.endswith(reporting.HEADLINE_END)
+    assert block.startswith(docs_text.HEADLINE_BEGIN) and block.endswith(docs_text.HEADLINE_END)
 
 
 def test_docs_state_exactly_the_committed_reports():
@@ -212,7 +240,7 @@ def test_docs_state_exactly_the_committed_reports():
     Against the reports as committed in git, not as a local pipeline run rewrote them
     (another CPU changes their last digits); tests/test_reporting.py checks both ways.
     """
-    from runtime_backdoor import reporting
+    from runtime_backdoor import docs_text, reporting
 
     root = Path(__file__).resolve().parents[1]
-    assert reporting.docs_match_committed(root) == []
+    assert docs_text.docs_match_committed(root) == []

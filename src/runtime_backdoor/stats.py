@@ -41,7 +41,7 @@ points), e.g. ``-0.000123 [-0.000201, -0.000045]`` rather than ``-0.000 [-0.000,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -175,15 +175,57 @@ def group_estimates(
     return pd.DataFrame(rows)
 
 
+#: Kinds of per-image outcome a comparison is made on (:func:`compare`).
+RATE, VALUE = "rate", "value"
+#: The tests, as the conclusions name them.
+SIGN_TEST = "exact sign test"
+SIGNED_RANK = "Wilcoxon signed-rank test"
+#: Multiplicity control within a family of comparisons (:func:`decide`).
+ADJUSTMENT = "holm"
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Condition ``a`` against ``b`` on the same images: the mean difference ``a - b``."""
+    """Condition ``a`` against ``b`` on the same images.
+
+    ``kind`` :data:`RATE`: per-image hit outcomes (0/1, or the share of δ₀ seeds that hit);
+    ``difference`` is the *net share of images* whose outcome is higher under ``a`` (images up
+    minus images down, over ``n``) with the exact interval that agrees with the exact sign test
+    (with one seed per image it is the paired difference of hit rates). ``kind``
+    :data:`VALUE`: continuous per-image values (PSNR, SSIM, MSE); ``difference`` is the mean
+    paired difference with its 95 % interval, the test Wilcoxon's signed-rank test.
+
+    ``p`` is the test's two-sided p value, ``p_adjusted`` the same after Holm's adjustment
+    within ``family`` (:func:`decide`; equal to ``p`` until then), ``m`` the family's size.
+    ``verdict`` states a direction only where ``p_adjusted`` < 1 - CONFIDENCE (and, for values,
+    the interval excludes 0 on the same side), from :data:`MIN_N` images on.
+    """
 
     a: str
     b: str
     metric: str
     difference: Estimate
     verdict: str  #: "higher", "lower" or "no difference"
+    kind: str = VALUE
+    test: str = SIGNED_RANK
+    p: float = 1.0
+    p_adjusted: float = 1.0
+    family: str = ""
+    m: int = 1
+    up: int = 0  #: images whose value is higher under ``a``
+    down: int = 0  #: images whose value is lower under ``a``
+    mean_difference: float = float("nan")
+
+    def adjusted(self, p_adjusted: float, family: str, m: int) -> Comparison:
+        """The same comparison decided at ``p_adjusted`` in ``family`` of ``m`` comparisons."""
+        verdict = _verdict(self.kind, self.difference, p_adjusted)
+        return replace(self, p_adjusted=float(p_adjusted), family=family, m=int(m), verdict=verdict)
+
+    def _tested(self) -> str:
+        p = format_p(self.p)
+        if self.m > 1:
+            return f"{self.test}, p = {p}, Holm-adjusted p = {format_p(self.p_adjusted)} in a family of {self.m}"
+        return f"{self.test}, p = {p}"
 
     def sentence(self, pct: bool = False) -> str:
         """The comparison in words; numbers with significant digits (:func:`format_numbers`)."""
@@ -197,57 +239,177 @@ class Comparison:
         else:
             m, lo, hi = format_numbers([d.mean, d.low, d.high], sign=True)
             diff = f"{m} [{lo}, {hi}]"
+        diff = f"difference {diff}"
+        if self.kind == RATE:
+            diff = f"net share of images up {diff[11:]}: {self.up} up, {self.down} down"
         if 0 < d.n < MIN_N:
             return (
                 f"no direction can be shown in {self.metric} between {self.a} and {self.b} "
-                f"at n = {d.n} images (fewer than {MIN_N}; difference {diff})"
+                f"at n = {d.n} images (fewer than {MIN_N}; {diff})"
             )
         if self.verdict == "no difference":
             return (
                 f"no detectable difference in {self.metric} between {self.a} and {self.b} "
-                f"at n = {d.n} images (difference {diff})"
+                f"at n = {d.n} images ({diff}; {self._tested()})"
             )
-        return f"{self.metric} is {self.verdict} for {self.a} than for {self.b} ({diff}, n = {d.n} images)"
+        return (
+            f"{self.metric} is {self.verdict} for {self.a} than for {self.b} "
+            f"({diff}, n = {d.n} images; {self._tested()})"
+        )
+
+    def record(self, cid: str, pct: bool = False, **extra) -> dict:
+        """The comparison as a ``conclusions.json`` entry."""
+        return {
+            "id": cid, "family": self.family, "m": self.m, "verdict": self.verdict,
+            "n": self.difference.n, "test": self.test, "p": _rounded(self.p),
+            "p_adjusted": _rounded(self.p_adjusted), "up": self.up, "down": self.down,
+            "sentence": self.sentence(pct=pct), **extra,
+        }  # fmt: skip
 
 
-def _sign_test_significant(diff: np.ndarray) -> bool:
-    """Exact two-sided sign test over the non-zero differences, at 1 - CONFIDENCE."""
+def format_p(p: float) -> str:
+    """A p value with 2 significant figures (``0.031``, ``7.6e-06``, ``1``)."""
+    if p >= 0.9995:
+        return "1"
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _rounded(p: float) -> float:
+    """A p value as stored: 4 significant figures (last-bit float noise kept out of the JSON)."""
+    return float(f"{p:.4g}")
+
+
+def _sign_test_p(up: int, down: int) -> float:
+    """Exact two-sided sign test of ``up`` against ``down`` images (exact McNemar on the
+    discordant pairs when each image has one 0/1 outcome per condition)."""
+    return float(stats.binomtest(up, up + down).pvalue) if up + down else 1.0
+
+
+def _net_share(up: int, down: int, n: int) -> Estimate:
+    """Net share of images up, ``(up - down) / n``, with the exact interval that agrees with
+    :func:`_sign_test_p`: given the ``d = up + down`` images that moved, ``up`` is binomial in
+    ``d`` with probability π, and the net share is ``d/n · (2π - 1)``; the Clopper–Pearson
+    interval of π maps to an interval that excludes 0 exactly when the two-sided sign test
+    rejects at 1 - CONFIDENCE (the null π = 1/2 is symmetric)."""
+    d = up + down
+    if d == 0:
+        return Estimate(0.0, 0.0, 0.0, n)
+    ci = stats.binomtest(up, d).proportion_ci(CONFIDENCE, method="exact")
+    scale = d / n
+    return Estimate((up - down) / n, scale * (2 * ci.low - 1), scale * (2 * ci.high - 1), n)
+
+
+def _signed_rank_p(diff: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p over the non-zero differences (1 when none)."""
     nonzero = diff[diff != 0]
     if not len(nonzero):
-        return False
-    return bool(stats.binomtest(int((nonzero > 0).sum()), len(nonzero)).pvalue < 1 - CONFIDENCE)
+        return 1.0
+    return float(stats.wilcoxon(nonzero, alternative="two-sided").pvalue)
 
 
-def compare(a, b, *, label_a: str, label_b: str, metric: str, seed: int = SEED) -> Comparison:
+def _verdict(kind: str, d: Estimate, p: float) -> str:
+    if d.n < MIN_N or not p < 1 - CONFIDENCE:
+        return "no difference"
+    if kind == VALUE and not (d.low > 0 or d.high < 0):
+        return "no difference"  # the test and the interval must agree
+    if d.mean == 0:
+        return "no difference"
+    return "higher" if d.mean > 0 else "lower"
+
+
+def compare(
+    a, b, *, label_a: str, label_b: str, metric: str, kind: str = VALUE, seed: int = SEED
+) -> Comparison:
     """Paired comparison of per-image values ``a`` and ``b`` (same images, same order).
 
-    The interval of the mean difference ``a - b`` decides: the percentile bootstrap from
-    :data:`SMALL_N` images on; below, the Student t interval, and a direction needs the
-    exact sign test too; below :data:`MIN_N` images, never a direction (verdict "no
-    difference"; :meth:`Comparison.sentence` says that ``n`` is too small). Every image
-    differing by the same amount: the sign test alone decides (no spread to resample).
+    ``kind`` :data:`RATE` (hit outcomes, 0/1 or shares of seeds): the exact sign test over the
+    images whose outcome differs, and the net share of images up with its agreeing exact
+    interval. ``kind`` :data:`VALUE`: Wilcoxon's signed-rank test, and the interval of the mean
+    difference (percentile bootstrap from :data:`SMALL_N` images on, Student t below). Below
+    :data:`MIN_N` images, never a direction. The verdict here is the comparison's alone;
+    :func:`decide` re-decides it within its family.
     """
+    if kind not in (RATE, VALUE):
+        raise ValueError(f"kind: {RATE!r} or {VALUE!r}, got {kind!r}")
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired values must align: {a.shape} vs {b.shape}")
     keep = np.isfinite(a) & np.isfinite(b)
     diff = a[keep] - b[keep]
     n = len(diff)
-    if n == 0:
-        return Comparison(label_a, label_b, metric, estimate(diff), "no difference")
-    if np.all(diff == diff[0]):
-        # The bootstrap cannot resample a spread that is not there: a sign test decides.
-        d = Estimate(float(diff[0]), float(diff[0]), float(diff[0]), n)
-        significant = _sign_test_significant(diff)
-    elif n < SMALL_N:
-        d = Estimate(float(diff.mean()), *_t_interval(diff), n)
-        significant = (d.low > 0 or d.high < 0) and _sign_test_significant(diff)
+    up, down = int((diff > 0).sum()), int((diff < 0).sum())
+    mean_diff = float(diff.mean()) if n else float("nan")
+    if kind == RATE:
+        d, p, test = _net_share(up, down, n), _sign_test_p(up, down), SIGN_TEST
     else:
-        d = estimate(diff, seed=seed)
-        significant = d.low > 0 or d.high < 0
-    significant = significant and n >= MIN_N
-    verdict = "no difference" if not significant else ("higher" if d.mean > 0 else "lower")
-    return Comparison(label_a, label_b, metric, d, verdict)
+        test = SIGNED_RANK
+        if n == 0:
+            d = estimate(diff)
+        elif np.all(diff == diff[0]):
+            d = Estimate(float(diff[0]), float(diff[0]), float(diff[0]), n)
+        elif n < SMALL_N:
+            d = Estimate(mean_diff, *_t_interval(diff), n)
+        else:
+            d = estimate(diff, seed=seed)
+        p = _signed_rank_p(diff)
+    return Comparison(
+        label_a, label_b, metric, d, _verdict(kind, d, p), kind=kind, test=test, p=p,
+        p_adjusted=p, up=up, down=down, mean_difference=mean_diff,
+    )  # fmt: skip
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment of ``pvalues`` (statsmodels' ``multipletests``)."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, dtype=float)
+    if not len(p):
+        return p
+    return multipletests(p, alpha=1 - CONFIDENCE, method=ADJUSTMENT)[1]
+
+
+class Findings:
+    """A stage's comparisons, each filed under a family (one question), decided together.
+
+    ``add`` files a :class:`Comparison`; :meth:`decide` adjusts the p values within each family
+    (Holm: the chance of any false direction in the family stays below 1 - CONFIDENCE) and
+    returns the ``conclusions.json`` entries in the order added.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, str, Comparison, bool, dict]] = []
+
+    def add(self, cid: str, family: str, comparison: Comparison, pct: bool = False, **extra):
+        self._items.append((cid, family, comparison, pct, extra))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def decide(self) -> list[dict]:
+        by_family: dict[str, list[int]] = {}
+        for i, (_, family, *_rest) in enumerate(self._items):
+            by_family.setdefault(family, []).append(i)
+        decided: dict[int, Comparison] = {}
+        for family, idx in by_family.items():
+            adjusted = holm([self._items[i][2].p for i in idx])
+            for i, p in zip(idx, adjusted, strict=True):
+                decided[i] = self._items[i][2].adjusted(min(float(p), 1.0), family, len(idx))
+        return [
+            decided[i].record(cid, pct=pct, **extra)
+            for i, (cid, _, _, pct, extra) in enumerate(self._items)
+        ]
+
+
+def detectable_net_share(n: int, m: int = 1) -> float:
+    """The smallest net share of ``n`` images (all moving images in one direction) that the
+    exact sign test can show at 1 - CONFIDENCE after Holm in a family of ``m`` (the first,
+    smallest p faces α/m): ``k/n`` for the least ``k`` with ``2^(1-k) < α/m``; inf when ``n``
+    images cannot."""
+    alpha = (1 - CONFIDENCE) / m
+    for k in range(1, n + 1):
+        if 2.0 ** (1 - k) < alpha:
+            return k / n
+    return float("inf")
 
 
 def paired_frames(
@@ -261,6 +423,12 @@ def paired_frames(
 
 
 __all__ = [
+    "RATE",
+    "VALUE",
+    "Findings",
+    "detectable_net_share",
+    "format_p",
+    "holm",
     "MIN_N",
     "SMALL_N",
     "Comparison",
