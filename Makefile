@@ -53,14 +53,15 @@ reproduce-real: install
 reproduce-paper: install
 	$(BIN)/python -m runtime_backdoor.runs paper --editor $(EDITOR) $(RUN_ARGS) $(if $(filter 1,$(FORCE)),--force)
 
-# The fast tier (a few minutes): every test not marked slow.
+# The fast tier (a few minutes): every test not marked slow; the 15 slowest are listed.
+# tests/README.md: the tiers, their times, how to run one stage's or one folder's tests.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 # Every tier: adds the notebooks end to end, dvc repro, the browser, multi-process and subprocess
 # tests (about half an hour on 2 cores). .ci/run calls this.
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The pipeline twice more in scratch copies (MKL_CBWR=COMPATIBLE; implant.seed + 1), compared
 # with the committed reports: reports/stability.md. About twice `make reproduce`'s time.

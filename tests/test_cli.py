@@ -815,12 +815,12 @@ def test_protect_gives_one_verdict_from_the_written_png(files, capsys, editor):
 
 
 def test_no_verify_skips_the_edits(files, capsys, monkeypatch):
-    from runtime_backdoor import cli
+    from runtime_backdoor import batch
 
     def fail(*args, **kwargs):
         raise AssertionError("verification ran")
 
-    monkeypatch.setattr(cli, "verify_protection", fail)
+    monkeypatch.setattr(batch, "verify_editors", fail)
     code, out, err = run(capsys, *protect_args(files, "--no-verify"))
     assert code == 0, err
     report = json.loads(out)
@@ -897,13 +897,13 @@ def test_resume_redoes_damaged_outputs(tmp_path, capsys):
 
 
 def test_an_unwritable_out_is_refused_before_any_work(files, capsys, monkeypatch):
-    from runtime_backdoor import cli
+    from runtime_backdoor import batch
 
     def no_work(*args, **kwargs):
         raise AssertionError("the work started")
 
-    monkeypatch.setattr(cli, "load_editor", no_work)
-    monkeypatch.setattr(cli, "protect_image", no_work)
+    monkeypatch.setattr(batch, "load_editor", no_work)
+    monkeypatch.setattr(batch, "protect_image", no_work)
     # /proc takes no files, even from root (a chmod-ed folder would not stop root)
     argv = list(protect_args(files))
     argv[argv.index("--out") + 1] = "/proc/runtime-backdoor-test/out.png"
@@ -918,9 +918,9 @@ def test_an_unwritable_out_is_refused_before_any_work(files, capsys, monkeypatch
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_folder_is_refused_before_any_work(files, capsys, monkeypatch):
-    from runtime_backdoor import cli
+    from runtime_backdoor import batch
 
-    monkeypatch.setattr(cli, "protect_image", lambda *a, **k: pytest.fail("the work started"))
+    monkeypatch.setattr(batch, "protect_image", lambda *a, **k: pytest.fail("the work started"))
     (files / "ro").mkdir()
     (files / "ro").chmod(0o555)
     argv = list(protect_args(files))
@@ -952,14 +952,14 @@ def test_a_kernel_that_covers_the_image_is_blamed_not_the_out_path(files, capsys
 def test_an_editor_that_returns_nan_is_named(files, capsys, monkeypatch):
     import torch
 
-    from runtime_backdoor import cli
+    from runtime_backdoor import batch
     from runtime_backdoor.editors.base import Editor
 
     class NaNEditor(Editor):
         def predict(self, image, mask):
             return image * float("nan")
 
-    monkeypatch.setattr(cli, "load_editor", lambda *a: NaNEditor().eval())
+    monkeypatch.setattr(batch, "load_editor", lambda *a: NaNEditor().eval())
     assert isinstance(NaNEditor()(torch.zeros(1, 3, 8, 8), torch.ones(1, 1, 8, 8)), torch.Tensor)
     code, _, err = run(capsys, *protect_args(files))
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -1245,7 +1245,7 @@ def test_edit_takes_one_editor_and_check_estimates_each(files, capsys):
 
 
 def test_the_editor_of_an_ensemble_that_returns_nan_is_named(files, capsys, monkeypatch):
-    from runtime_backdoor import cli
+    from runtime_backdoor import batch
     from runtime_backdoor.editors import build_editor
     from runtime_backdoor.editors.base import Editor
 
@@ -1256,7 +1256,7 @@ def test_the_editor_of_an_ensemble_that_returns_nan_is_named(files, capsys, monk
     def load(name, weights, device):
         return NaNEditor().eval() if name == "blur-fill" else build_editor(name)
 
-    monkeypatch.setattr(cli, "load_editor", load)
+    monkeypatch.setattr(batch, "load_editor", load)
     code, _, err = run(capsys, *protect_args(files, editor=PAIR))
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "error: --editor blur-fill returned NaN or infinite values" in err

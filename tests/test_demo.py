@@ -212,10 +212,10 @@ def test_fetched_weights_are_offered_first(tmp_path):
 
 
 def test_the_page_and_the_command_share_the_owners_code(tmp_path):
-    from runtime_backdoor import cli, owner
+    from runtime_backdoor import batch, owner
 
     assert CliError is owner.CliError and D.owner is owner
-    assert cli.load_editor is owner.load_editor and cli.protect_image is owner.protect_image
+    assert batch.load_editor is owner.load_editor and batch.protect_image is owner.protect_image
     with pytest.raises(CliError, match=r"^--device: 'cpu:1' does not exist"):
         D.Demo(D.available_editors(tmp_path / "none"), tmp_path, device="cpu:1")
 

@@ -22,7 +22,18 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-DEFAULT_EPS = 0.025  # the paper's 6.4/255
+from .budget import Budget, resolve_budget
+
+# The labelled comparison figure lives in its own module; owner's callers find it here.
+from .comparison import (  # noqa: F401 (re-exported)
+    FIGURE_MAX_SIDE,
+    FIGURE_MIN_SIDE,
+    FONT_SIZE,
+    colour_name,
+    compare_figure,
+)
+
+DEFAULT_EPS = Budget.eps  # the paper's 6.4/255 (runtime_backdoor.budget)
 COMPARE_GAP = 4  # px of white between the panels of an edit's comparison
 
 #: images above this many pixels are refused from their header, before decoding
@@ -124,7 +135,8 @@ def weights_reason(err: BaseException, path=None) -> str:
 
 def _weights_hint(name: str) -> str:
     """What to pass as ``--weights`` for ``name``, and where ``weights fetch`` puts it."""
-    from .editors import EDITORS, weight_paths
+    from .editors import EDITORS
+    from .weights import weight_paths
 
     hint = EDITORS[name].description
     if name == "lama":
@@ -454,15 +466,16 @@ def protect_image(
     names = {k: (name.get(k, k) if isinstance(name, Mapping) else k) for k in labels}
     expand = resolve_expand(expand, m)
     _check_expansion(m, expand)
+    # the command's options as one budget (an image target rides beside it)
+    budget, target = resolve_budget(
+        eps=eps, steps=steps, expand_kernel=expand, target=target, seed=seed
+    )
     result = implant(
         list(editor.values()) if ensemble else editor,
         x.to(device),
         m.to(device),
-        eps=eps,
-        steps=steps,
-        expand_kernel=expand,
+        budget=budget,
         target=target,
-        seed=seed,
         progress=progress,
         editor_weights=editor_weights,
     )
@@ -608,11 +621,10 @@ def verdict_of(n: dict) -> tuple[str, str]:
 def verify_protection(
     editor, original, m, target, device, written: Path, *, expand=None, name="the editor"
 ) -> dict:
-    """:func:`compare_edits` on the PNG as written (read back in full from ``written``)."""
-    numbers, _ = compare_edits(
-        editor, original, read_back(written), m, target, device, expand=expand, name=name
-    )
-    return numbers
+    """:func:`compare_edits` on the PNG as written (read back in full from ``written``): the
+    verification of an ensemble of one."""
+    per_editor = _verify_each({name: editor}, original, m, target, device, written, expand=expand)
+    return per_editor[name]
 
 
 def ensemble_verdict(verdicts: Mapping[str, str]) -> tuple[str, str]:
@@ -646,12 +658,12 @@ def ensemble_report(per_editor: Mapping[str, dict]) -> dict:
     }
 
 
-def verify_ensemble(
+def _verify_each(
     editors: Mapping, original, m, target, device, written: Path, *, expand=None, name=None
 ) -> dict:
-    """:func:`verify_protection` against each editor (label -> editor) of an ensemble, on the
-    PNG as written, and the ensemble's verdict (:func:`ensemble_report`). ``name``: label ->
-    how messages name the editor (default: the label)."""
+    """:func:`compare_edits` against each editor (label -> editor) on the PNG as written, read
+    back once: label -> numbers. ``name``: label -> how messages name the editor (default:
+    the label)."""
     published = read_back(written)
     per_editor = {}
     for label, editor in editors.items():
@@ -659,7 +671,39 @@ def verify_ensemble(
         per_editor[label], _ = compare_edits(
             editor, original, published, m, target, device, expand=expand, name=who
         )
+    return per_editor
+
+
+def verify_ensemble(
+    editors: Mapping, original, m, target, device, written: Path, *, expand=None, name=None
+) -> dict:
+    """:func:`verify_protection` against each editor (label -> editor) of an ensemble, on the
+    PNG as written, and the ensemble's verdict (:func:`ensemble_report`). ``name``: label ->
+    how messages name the editor (default: the label)."""
+    per_editor = _verify_each(
+        editors, original, m, target, device, written, expand=expand, name=name
+    )
     return ensemble_report(per_editor)
+
+
+def verdict_report(per_editor: Mapping[str, dict]) -> dict:
+    """The verdict as ``protect`` reports it from each editor's :func:`compare_edits` numbers
+    (label -> numbers): one editor's numbers as they are, several editors'
+    :func:`ensemble_report`."""
+    if len(per_editor) == 1:
+        return dict(next(iter(per_editor.values())))
+    return ensemble_report(per_editor)
+
+
+def verify_editors(
+    editors: Mapping, original, m, target, device, written: Path, *, expand=None, name=None
+) -> dict:
+    """The verification of the PNG as written against one editor or several (label ->
+    editor; one is an ensemble of one): :func:`verdict_report` of each editor's numbers."""
+    per_editor = _verify_each(
+        editors, original, m, target, device, written, expand=expand, name=name
+    )
+    return verdict_report(per_editor)
 
 
 def edit_image(
@@ -676,123 +720,3 @@ def edit_image(
     numbers, edits = compare_edits(editor, original, x, m, target, device, expand=expand, name=name)
     panel, _ = compare_figure(edits, numbers, colour_name(edits["target"]))
     return numbers, edits["malicious_protected"], panel
-
-
-# ------------------------------------------------------------------------------- figure
-
-FIGURE_MIN_SIDE = 160  # px: smaller images are enlarged (whole pixels) so labels fit
-FIGURE_MAX_SIDE = 1024  # px: larger images are shown downscaled in the figure
-FONT_SIZE = 14
-
-
-def colour_name(phi) -> str | None:
-    """'blue (0, 0, 255)' for a solid target (H x W x 3 on the 8-bit grid), else None."""
-    import numpy as np
-
-    from .targets import SOLID_COLOURS
-
-    flat = phi.reshape(-1, 3)
-    if not (flat == flat[0]).all():
-        return None
-    rgb = tuple(int(round(v * 255)) for v in flat[0])
-    names = {tuple(round(c * 255) for c in v): k for k, v in SOLID_COLOURS.items()}
-    label = names.get(rgb, "colour")
-    return f"{label} {rgb}" if np.isfinite(flat[0]).all() else None
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split():
-        trial = f"{line} {word}".strip()
-        if line and font.getlength(trial) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return [*lines, line] if line else lines
-
-
-def compare_figure(edits: dict, numbers: dict, colour: str | None = None):
-    """The labelled comparison ``edit --compare`` writes and the demo shows.
-
-    Two rows (the malicious edit of the protected region, the benign ring edit), each
-    original's edit | protected's edit | their absolute difference, a swatch of the target
-    colour (or the target image), and the numbers and the verdict under them. Images under
-    :data:`FIGURE_MIN_SIDE` px are enlarged by whole pixels, over :data:`FIGURE_MAX_SIDE`
-    downscaled. Returns ``(figure, boxes)``: an H x W x 3 uint8 array and, per panel
-    (``malicious_original``, ..., ``target``), its ``(top, left, height, width)``.
-    """
-    import math
-
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    h, w = edits["target"].shape[:2]
-    side = max(h, w)
-    k = math.ceil(FIGURE_MIN_SIDE / side) if side < FIGURE_MIN_SIDE else 1
-    shrink = min(1.0, FIGURE_MAX_SIDE / side)
-    ph, pw = (
-        (h * k, w * k) if shrink == 1 else (max(1, round(h * shrink)), max(1, round(w * shrink)))
-    )
-
-    def shown(a):
-        u8 = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
-        if k > 1:
-            return np.repeat(np.repeat(u8, k, axis=0), k, axis=1)
-        if shrink < 1:
-            return np.asarray(Image.fromarray(u8).resize((pw, ph), Image.Resampling.LANCZOS))
-        return u8
-
-    font = ImageFont.load_default(size=FONT_SIZE)
-    line = FONT_SIZE + 6
-    pad, gap = 8, COMPARE_GAP
-    swatch_w = max(pw, 170)
-    width = pad + 3 * pw + 2 * gap + 3 * gap + swatch_w + pad
-    rows = [
-        ("malicious", "malicious edit: the editor fills the protected region"),
-        (
-            "benign",
-            f"benign edit: the editor fills the ring around it (kernel {numbers['expand']})",
-        ),
-    ]
-    labels = ("original's edit", "protected's edit", "|difference| (black: same)")
-    text_width = width - 2 * pad
-    verdict = numbers.get("verdict", "")
-    footer = [f"verdict: {verdict}"] + _wrap(numbers.get("verdict_detail", ""), font, text_width)
-    height = pad + 2 * (2 * line + ph + pad) + len(footer) * line + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    boxes = {}
-    top = pad
-    for edit, title in rows:
-        draw.text((pad, top), title, fill=(20, 40, 120), font=font)
-        top += line
-        for i, (suffix, label) in enumerate(zip(("original", "protected", "difference"), labels, strict=True)):  # fmt: skip
-            left = pad + i * (pw + gap)
-            draw.text((left, top), label, fill="black", font=font)
-            key = f"{edit}_{suffix}"
-            if key in edits:
-                canvas.paste(Image.fromarray(shown(edits[key])), (left, top + line))
-                boxes[key] = (top + line, left, ph, pw)
-            else:
-                draw.text((left, top + line), "(no ring: kernel 1)", fill="grey", font=font)
-        top += line + ph + pad
-    # the target: a swatch of a solid colour, else the target image
-    left = pad + 3 * pw + 2 * gap + 3 * gap
-    top = pad + line
-    draw.text((left, top), "target colour" if colour else "target", fill="black", font=font)
-    if colour:
-        rgb = tuple(int(v) for v in np.round(edits["target"][0, 0] * 255))
-        sw = min(ph, 96)
-        draw.rectangle((left, top + line, left + sw - 1, top + line + sw - 1), fill=rgb)
-        boxes["target"] = (top + line, left, sw, sw)
-        draw.text((left, top + line + sw + 2), colour, fill="black", font=font)
-    else:
-        canvas.paste(Image.fromarray(shown(edits["target"])), (left, top + line))
-        boxes["target"] = (top + line, left, ph, pw)
-    top = pad + 2 * (2 * line + ph + pad)
-    shade = {PROTECTED: (0, 110, 40), SIDE_EFFECT: (170, 90, 0), NOT_PROTECTED: (190, 0, 0)}
-    for i, text in enumerate(footer):
-        colour_of_line = shade.get(verdict, "black") if i == 0 else "black"
-        draw.text((pad, top + i * line), text, fill=colour_of_line, font=font)
-    return np.asarray(canvas), boxes

@@ -13,17 +13,12 @@ import pytest
 import torch
 
 from runtime_backdoor import demo, runs, weights
-from runtime_backdoor.editors import (
-    EDITORS,
-    WEIGHT_KINDS,
-    build_editor,
-    default_weights,
-    weight_paths,
-)
+from runtime_backdoor.editors import EDITORS, WEIGHT_KINDS, build_editor
 from runtime_backdoor.editors.simple import BlurFillEditor
 from runtime_backdoor.editors.specs import PIPELINE, build_from_spec, parse_editor_spec
+from runtime_backdoor.weights import default_weights, weight_paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "runtime_backdoor"
 NAMES = {"lama", "mini-lama", "sd-inpainting", "tiny-sd", "mat", "blur-fill", "toy-control", "global-mix"}  # fmt: skip
 
@@ -247,8 +242,8 @@ def _string_constants(path: Path) -> set[str]:
 def test_no_module_keeps_its_own_editor_to_weights_table():
     """Editors' weight files are looked up through the registry, never named beside them."""
     editor_weights = {key for entry in EDITORS.values() for key in entry.weights}
-    for module in ("cli.py", "owner.py", "demo.py", "runs.py"):
-        named = _string_constants(SRC / module) & editor_weights
+    for module in ("cli.py", "batch.py", "owner.py", "demo", "runs.py"):
+        named = set().union(*map(_string_constants, _sources(module))) & editor_weights
         assert not named, (module, named)
     scripts = [*sorted((ROOT / "benchmarks").glob("*.py")), ROOT / "benchmarks" / "gpu_check.sh"]
     for path in [*SRC.rglob("*.py"), *scripts]:
@@ -258,24 +253,35 @@ def test_no_module_keeps_its_own_editor_to_weights_table():
 # --------------------------------------------------------------------------- import graph
 
 
-def _module_level_imports(path: Path) -> set[str]:
-    """Modules of the package ``path`` imports at module level (not inside functions)."""
+def _sources(module: str) -> list[Path]:
+    """The files of the package's module ``module`` (``x.py``) or subpackage (``x``)."""
+    return [SRC / module] if module.endswith(".py") else sorted((SRC / module).glob("*.py"))
+
+
+def _module_level_imports(module: str) -> set[str]:
+    """Modules of the package that ``module`` (``x.py``, or a subpackage ``x``: all its files)
+    imports at module level (not inside functions); a subpackage's imports of its own files
+    are left out."""
     found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom | ast.Import):
-            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]  # fmt: skip
-            found |= {n.split(".")[1] for n in names if n and n.startswith("runtime_backdoor.")}
+    depth = 1 if module.endswith(".py") else 2  # the relative level of the package itself
+    for path in _sources(module):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level == depth:
+                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}  # fmt: skip
+            elif isinstance(node, ast.ImportFrom) and node.level:
+                continue  # inside the subpackage
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]  # fmt: skip
+                found |= {n.split(".")[1] for n in names if n and n.startswith("runtime_backdoor.")}
     return found
 
 
 def test_cli_and_demo_share_owner_and_do_not_import_each_other():
-    cli, page, owner = (_module_level_imports(SRC / f"{m}.py") for m in ("cli", "demo", "owner"))
-    assert "owner" in cli and "owner" in page
-    assert "demo" not in cli and "cli" not in page
-    assert not {"cli", "demo", "study"} & owner
-    assert "study" not in cli | page
+    cli, batch, page, owner = map(_module_level_imports, ("cli.py", "batch.py", "demo", "owner.py"))
+    assert "owner" in cli and "owner" in batch and "owner" in page
+    assert "demo" not in cli | batch and not {"cli", "batch"} & page
+    assert not {"cli", "batch", "demo", "study"} & owner
+    assert "study" not in cli | batch | page
     # and not through other modules: a fresh interpreter loads each without the other
     check = (
         "import sys, runtime_backdoor.owner; "

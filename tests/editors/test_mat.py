@@ -31,7 +31,7 @@ from runtime_backdoor.editors.mat import (
     read_mat_weights,
 )
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "mat_generator.json").read_text())
+FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "mat_generator.json").read_text())
 NOISE_KEYS = [k for k in FIXTURE["state_dict"] if k.endswith((".noise_strength", ".noise_const"))]
 
 
@@ -478,7 +478,7 @@ def _noise_keys(state):
 def test_benchmark_rows_count_mat_and_reach_the_gpu_script():
     import importlib.util
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_protection.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark_protection.py"
     spec = importlib.util.spec_from_file_location("benchmark_protection", script)
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses resolve their module by name
@@ -512,7 +512,7 @@ def test_dvc_exp_run_with_mat_on_a_tiny_setting(tmp_path):
 
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     committed = {p: p.read_bytes() for p in (root / "reports").glob("*.json")}
     project = tmp_path / "project"
     from runtime_backdoor.runs import copy_project
