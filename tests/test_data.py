@@ -290,6 +290,18 @@ def test_list_pairs_requires_masks(tmp_path):
         data.mask_path_for(tmp_path / "a.png")
 
 
+def test_scan_pairs_reports_every_incomplete_pair_in_one_line(tmp_path):
+    px = np.zeros((4, 4, 3), np.float32)
+    for name in ("a_example.png", "a_example_mask.png", "b_example.png", "c_example_mask.png"):
+        data.write_png(tmp_path / name, px if "mask" not in name else px[..., 0])
+    pairs, problems = data.scan_pairs(tmp_path)
+    assert [p[0] for p in pairs] == ["a"] and [p[0] for p in problems] == ["b", "c"]
+    assert "no mask next to it" in problems[0][1] and "without its image" in problems[1][1]
+    assert data.scan_pairs(tmp_path, orphans=False)[1] == problems[:1]
+    with pytest.raises(FileNotFoundError, match="b_example_mask.png"):
+        data.list_pairs(tmp_path)  # strict: the first image without its mask
+
+
 # --- writing ------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import torch
 from runtime_backdoor import cli, weights
 from runtime_backdoor import purifiers as P
 from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.eot import EOTEditor
 from runtime_backdoor.robustness import jpeg as robust_jpeg
 from runtime_backdoor.robustness import to_8bit
 
@@ -57,7 +58,7 @@ def test_specs_parse_name_and_family():
 
 @pytest.mark.parametrize(
     "bad", ["blur:1", "jpeg", "jpeg:101", "jpeg:7.5", "noise:-0.1", "crop:1", "diffpure:0",
-            "adverse-cleaner:3", "upscale:x"],
+            "adverse-cleaner:3", "upscale:x", "noise:0.05", "crop:0.1", "crop:100%", "crop:6px"],
 )  # fmt: skip
 def test_bad_specs_are_refused(bad):
     with pytest.raises(ValueError, match="purifier"):
@@ -80,10 +81,10 @@ def test_jpeg_is_the_robustness_round_trip():
 
 def test_noise_is_seeded_batch_independent_and_of_the_stated_sigma():
     grey = torch.full((2, 3, 64, 64), 0.5)
-    a = P.build_purifier("noise:0.05", seed=3)(grey)
-    assert torch.equal(a, P.build_purifier("noise:0.05", seed=3)(grey))
+    a = P.build_purifier("noise:12.75", seed=3)(grey)  # σ 12.75 levels = 0.05 on [0, 1]
+    assert torch.equal(a, P.build_purifier("noise:12.75", seed=3)(grey))
     assert torch.equal(a[1:], P.gaussian_noise(grey[1:], 0.05, seed=3))  # batch-independent
-    assert not torch.equal(a, P.build_purifier("noise:0.05", seed=4)(grey))
+    assert not torch.equal(a, P.build_purifier("noise:12.75", seed=4)(grey))
     assert on_8bit_grid(a)
     # σ of the added noise within 5 % (12 288 draws; rounding to 8 bits adds 1/(255·√12))
     for sigma in (0.05, 0.1):
@@ -101,7 +102,7 @@ def test_crop_resize_keeps_the_size_and_maps_masks_like_images():
     # a centred square grows by 1/0.9 about the centre; the mask follows the same geometry
     m = torch.zeros(1, 1, 64, 64)
     m[..., 16:48, 16:48] = 1
-    framed = P.parse_purifier("crop:0.1").frame(m, mask=True)
+    framed = P.parse_purifier("crop:10%").frame(m, mask=True)
     side = int(framed[0, 0, 32].sum())
     assert abs(side - 32 / 0.9) <= 2
     img = m.repeat(1, 3, 1, 1)
@@ -417,7 +418,7 @@ def test_jpeg_differentiable_is_close_to_the_real_round_trip_and_has_gradients()
 
 def test_adaptive_editor_draws_purifiers_and_passes_gradients():
     editor = GlobalMixEditor(gain=50, reach=3).requires_grad_(False)
-    eot = P.PurifierEOTEditor(editor, P.CLASSICAL, seed=0)
+    eot = EOTEditor(editor, P.CLASSICAL, pick="one", jpeg_grad="kornia", seed=0)
     x = astronaut(32).repeat(4, 1, 1, 1).requires_grad_(True)
     m = torch.zeros(4, 1, 32, 32)
     m[..., 10:20, 10:20] = 1
@@ -428,5 +429,5 @@ def test_adaptive_editor_draws_purifiers_and_passes_gradients():
     assert float(x.grad.abs().sum()) > 0
     with torch.no_grad():  # the optimiser's clean reference: the plain editor
         assert torch.equal(eot(x, m), editor(x, m))
-    with pytest.raises(ValueError, match="classical"):
-        P.PurifierEOTEditor(editor, ["diffpure:0.1"])
+    with pytest.raises(ValueError, match="'diffpure' is not taken here"):
+        EOTEditor(editor, ["diffpure:0.1"], pick="one")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from runtime_backdoor import robustness as R
 from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.eot import EOTEditor
 from runtime_backdoor.implant import implant
 from runtime_backdoor.masks import expand
 
@@ -118,14 +119,14 @@ def test_benign_box_that_cannot_fit_is_an_error():
 
 
 @pytest.mark.parametrize(
-    "spec", ["none", "jpeg:95", "jpeg:75", "jpeg:50", "resize:0.5", "blur:1", "noise:2", "crop:6"]
+    "spec", ["none", "jpeg:95", "jpeg:75", "jpeg:50", "resize:0.5", "blur:1", "noise:2", "crop:6px"]
 )
 def test_transforms_keep_range_and_8_bits(spec):
     x = natural_images()
     t = R.parse_transform(spec)
     y = t(x)
     assert t.name == spec
-    expected = (52, 52) if spec == "crop:6" else (64, 64)  # 6 px off each side
+    expected = (52, 52) if spec == "crop:6px" else (64, 64)  # 6 px off each side
     assert y.shape == (2, 3, *expected) and y.dtype == x.dtype
     assert y.min() >= 0 and y.max() <= 1
     assert torch.allclose(y * 255, torch.round(y * 255), atol=1e-4)
@@ -156,15 +157,15 @@ def test_blur_noise_resize_and_crop_do_what_they_say():
     assert abs(float(R.gaussian_blur(x, 1.0).mean() - x.mean())) < 1e-3
 
 
-@pytest.mark.parametrize("bad", ["sharpen:1", "jpeg", "crop:40"])
+@pytest.mark.parametrize("bad", ["sharpen:1", "jpeg", "crop:40px", "crop:6", "crop:0.1", "crop:10%"])
 def test_bad_transforms_are_refused(bad):
     with pytest.raises(ValueError):
         R.parse_transform(bad)(natural_images(1))
 
 
 def test_parse_transforms_from_a_params_string():
-    ts = R.parse_transforms("none jpeg:75  crop:6")
-    assert [t.name for t in ts] == ["none", "jpeg:75", "crop:6"]
+    ts = R.parse_transforms("none jpeg:75  crop:6px")
+    assert [t.name for t in ts] == ["none", "jpeg:75", "crop:6px"]
 
 
 # ------------------------------------------------------------------------------- EOT
@@ -180,11 +181,11 @@ def test_jpeg_straight_through_forward_is_jpeg_backward_is_identity():
 
 def test_eot_editor_is_the_plain_editor_without_gradients():
     editor = GlobalMixEditor(gain=400, reach=4)
-    eot = R.EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=0)
+    eot = EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=0)
     x, m = natural_images(), text_like_mask()
     with torch.no_grad():
         assert torch.equal(eot(x, m), editor(x, m))
-    forced = R.EOTEditor(editor, ("jpeg",), p=1.0, jpeg_quality=(60, 60), active=True)
+    forced = EOTEditor(editor, ("jpeg",), p=1.0, jpeg_quality=(60, 60), active=True)
     with torch.no_grad():
         y = forced(x, m)
         assert torch.allclose(y * m, editor(R.jpeg(x, 60), m) * m)
@@ -199,7 +200,7 @@ def test_eot_editor_draws_transformations_and_passes_gradients():
     plain = editor(x, m)
     draws = []
     for seed in (0, 1):
-        eot = R.EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=seed)
+        eot = EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=seed)
         xr = x.clone().requires_grad_(True)
         y = eot(xr, m)
         assert y.shape == x.shape
@@ -208,13 +209,15 @@ def test_eot_editor_draws_transformations_and_passes_gradients():
         draws.append(y.detach())
     assert not torch.allclose(draws[0], plain) and not torch.allclose(draws[0], draws[1])
     # Same seed, same draws.
-    again = R.EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=0)
+    again = EOTEditor(editor, ("jpeg", "resize", "noise", "dilate", "shift"), p=1.0, seed=0)
     assert torch.equal(again(x.clone().requires_grad_(True), m).detach(), draws[0])
 
 
 def test_eot_editor_refuses_unknown_transformations():
-    with pytest.raises(ValueError, match="unknown EOT"):
-        R.EOTEditor(GlobalMixEditor(), ("rotate",))
+    with pytest.raises(ValueError, match="EOT draw 'rotate': unknown word"):
+        EOTEditor(GlobalMixEditor(), ("rotate",))
+    with pytest.raises(ValueError, match="crop:P%"):  # px crops change the size: not drawn
+        EOTEditor(GlobalMixEditor(), ("crop:6px",))
 
 
 def test_implant_through_eot_stays_within_budget_and_survives_jpeg_better():
@@ -224,7 +227,7 @@ def test_implant_through_eot_stays_within_budget_and_survives_jpeg_better():
     m[..., 24:40, 20:44] = 1
     kw = {"eps": 0.025, "steps": 20, "expand_kernel": 5, "progress": False}
     plain = implant(editor, x, m, **kw)
-    eot = implant(R.EOTEditor(editor, ("jpeg",), p=1.0, jpeg_quality=(50, 75)), x, m, **kw)
+    eot = implant(EOTEditor(editor, ("jpeg",), p=1.0, jpeg_quality=(50, 75)), x, m, **kw)
     assert (eot.protected - x).abs().max() <= 0.025 + 1e-6
     assert torch.allclose(eot.protected * 255, torch.round(eot.protected * 255), atol=1e-4)
 

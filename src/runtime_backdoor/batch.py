@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .data import IMAGE_SUFFIX, MASK_SUFFIX, scan_pairs
 from .owner import (
     UNVERIFIED,
     VERDICTS,
@@ -37,8 +38,6 @@ from .owner import (
     verify_editors,
     write_output,
 )
-
-IMAGE_SUFFIX, MASK_SUFFIX = "_example.png", "_example_mask.png"
 
 
 # ------------------------------------------------------------------------------- output
@@ -262,22 +261,10 @@ def run_single(args) -> dict:
 
 
 def _folder_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
-    """``(name, image, mask)`` of every complete pair, and ``(name, problem)`` of the others."""
-    pairs, problems = [], []
-    for image in sorted(folder.glob("*" + IMAGE_SUFFIX)):
-        name = image.name[: -len(IMAGE_SUFFIX)]
-        if name.endswith("_example") or image.name.endswith(MASK_SUFFIX):
-            continue
-        mask = image.with_name(name + MASK_SUFFIX)
-        if not mask.is_file():
-            problems.append((name, f"{image}: no mask next to it (expected {mask.name})"))
-        else:
-            pairs.append((name, image, mask))
-    for mask in sorted(folder.glob("*" + MASK_SUFFIX)):
-        name = mask.name[: -len(MASK_SUFFIX)]
-        if not mask.with_name(name + IMAGE_SUFFIX).exists():
-            problems.append((name, f"{mask}: a mask without its image {name}{IMAGE_SUFFIX}"))
-    return pairs, problems
+    """``(name, image, mask)`` of every complete pair, and ``(name, problem)`` of the others
+    (:func:`runtime_backdoor.data.scan_pairs`); ``NAME_example_example.png`` is skipped."""
+    pairs, problems = scan_pairs(folder)
+    return [p for p in pairs if not p[0].endswith("_example")], problems
 
 
 _SETTINGS = ("command", "eps", "steps", "seed", "target", "expand", "threshold", "compare", "no_verify")  # fmt: skip

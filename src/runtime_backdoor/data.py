@@ -32,6 +32,7 @@ __all__ = [
     "read_image",
     "read_mask",
     "read_pair",
+    "scan_pairs",
     "temp_file_for",
     "to_array",
     "to_mask_tensor",
@@ -58,20 +59,39 @@ def mask_path_for(image_path: str | os.PathLike) -> Path:
     return p.with_name(p.name[: -len(".png")] + "_mask.png")
 
 
+def scan_pairs(
+    folder: str | os.PathLike, *, orphans: bool = True
+) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
+    """The one folder reader: ``(name, image_path, mask_path)`` of every complete
+    ``NAME_example.png`` + ``NAME_example_mask.png`` pair, sorted, and ``(name, problem)`` (one
+    line) of every image without its mask and, with ``orphans``, every mask without its image."""
+    folder = Path(folder)
+    pairs, problems = [], []
+    for img in sorted(folder.glob("*" + IMAGE_SUFFIX)):
+        name, mask = img.name[: -len(IMAGE_SUFFIX)], mask_path_for(img)
+        if mask.is_file():
+            pairs.append((name, img, mask))
+        else:
+            problems.append((name, f"{img}: no mask next to it (expected {mask.name})"))
+    for mask in sorted(folder.glob("*" + MASK_SUFFIX)) if orphans else []:
+        name = mask.name[: -len(MASK_SUFFIX)]
+        if not (folder / (name + IMAGE_SUFFIX)).exists():
+            problems.append((name, f"{mask}: a mask without its image {name}{IMAGE_SUFFIX}"))
+    return pairs, problems
+
+
 def list_pairs(folder: str | os.PathLike) -> list[tuple[str, Path, Path]]:
-    """``(name, image_path, mask_path)`` for every ``NAME_example.png`` in ``folder``, sorted.
+    """``(name, image_path, mask_path)`` for every ``NAME_example.png`` in ``folder``, sorted
+    (:func:`scan_pairs`, strict).
 
     Raises ``FileNotFoundError`` if the folder is missing, holds no image, or an image has no mask.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    pairs = []
-    for img in sorted(folder.glob("*" + IMAGE_SUFFIX)):
-        mask = mask_path_for(img)
-        if not mask.is_file():
-            raise FileNotFoundError(f"{img}: no mask next to it (expected {mask.name})")
-        pairs.append((img.name[: -len(IMAGE_SUFFIX)], img, mask))
+    pairs, problems = scan_pairs(folder, orphans=False)
+    if problems:
+        raise FileNotFoundError(problems[0][1])
     if not pairs:
         raise FileNotFoundError(f"{folder}: no '*{IMAGE_SUFFIX}' images")
     return pairs

@@ -2,20 +2,23 @@
 
 Every purifier is a plain function ``image -> image`` on (B, 3, H, W) tensors in [0, 1] that
 returns an image of the same size on the 8-bit grid (how a purified image is stored). Every
-parameter is stated here; :func:`parse_purifier` names them by compact specs (``jpeg:75``) so
-that ``params.yaml`` holds a suite as one string.
+parameter is stated here; :func:`parse_purifier` names them by compact specs (``jpeg:75``) in
+the one vocabulary of :mod:`runtime_backdoor.transforms` (forms
+:data:`~runtime_backdoor.transforms.PURIFY`, one unit per word) so that ``params.yaml`` holds a
+suite as one string.
 
 Classical, offline (no weights):
 
 - ``none``: the 8-bit image itself (the reference row);
 - ``jpeg:Q``: a PIL JPEG round trip of quality Q (:func:`runtime_backdoor.robustness.jpeg`,
   4:2:0 chroma subsampling); the suite runs Q = 95, 75, 50;
-- ``noise:S``: Gaussian noise of standard deviation S on [0, 1] (0.05 and 0.1), drawn from a
-  seed; every image of a batch gets the same noise field, so a clean image and its protected
-  copy see the same noise whatever the batch (:func:`gaussian_noise`);
-- ``crop:F``: the central ``1 - F`` of each side kept (F/2 cut on each side, F = 0.1) and
-  resized back to the full size (bicubic): the only purifier that moves the content, so masks
-  and references are mapped into its frame by :meth:`PurifierSpec.frame`;
+- ``noise:σ``: Gaussian noise of standard deviation σ in 8-bit levels, i.e. σ/255 on [0, 1]
+  (12.75 and 25.5 = 0.05 and 0.1 on [0, 1]), drawn from a seed; every image of a batch gets the
+  same noise field, so a clean image and its protected copy see the same noise whatever the
+  batch (:func:`gaussian_noise`, which takes σ on [0, 1]);
+- ``crop:P%``: the central ``100 - P`` % of each side kept (P/2 % cut on each side, P = 10)
+  and resized back to the full size (bicubic): the only purifier that moves the content, so
+  masks and references are mapped into its frame by :meth:`PurifierSpec.frame`;
 - ``adverse-cleaner``: AdverseCleaner (lllyasviel, 2023): 64 bilateral filters (diameter 5,
   σ_color 8, σ_space 8, in 8-bit units) then 4 guided filters (radius 4, eps 16 in 8-bit²
   units) guided by the input, in OpenCV (``cv2.bilateralFilter``,
@@ -58,8 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import weights as W
-from .editors.base import Editor
+from . import transforms as T
+from .model_paths import fetch_command, models_dir
 from .robustness import gaussian_noise as _robust_noise
 from .robustness import jpeg as _robust_jpeg
 from .robustness import to_8bit
@@ -69,9 +72,9 @@ CLASSICAL = (
     "jpeg:95",
     "jpeg:75",
     "jpeg:50",
-    "noise:0.05",
-    "noise:0.1",
-    "crop:0.1",
+    "noise:12.75",
+    "noise:25.5",
+    "crop:10%",
     "adverse-cleaner",
 )
 #: the suite's diffusion part (each needs its weights: :data:`WEIGHTS_OF`)
@@ -110,7 +113,7 @@ class WeightsUnavailable(FileNotFoundError):
 
 def unavailable_message(weights_name: str) -> str:
     """The stage's status of a purifier whose weights are missing."""
-    return f"unavailable: weights (runtime-backdoor weights fetch {weights_name})"
+    return f"unavailable: weights ({fetch_command(weights_name)})"
 
 
 # ------------------------------------------------------------------------------- classical
@@ -380,17 +383,19 @@ def upscale(
 
 
 def weights_status(name: str, root: Path | None = None) -> tuple[bool, str]:
-    """(available, status) of a purifier weight set under ``root`` (default ``models/``);
-    never downloads. The status of a missing set is :func:`unavailable_message`."""
-    ok, _ = W.verify(name, root)
+    """(available, status) of a purifier weight set: whether its diffusers folder
+    (``model_index.json``) is at ``root/NAME`` (default ``models/``); never downloads, and
+    checks no checksum (``runtime-backdoor weights verify`` does). The status of a missing set
+    is :func:`unavailable_message`."""
+    ok = (Path(root or models_dir()) / name / "model_index.json").is_file()
     return ok, "ok" if ok else unavailable_message(name)
 
 
 def _folder(name: str, folder: str | Path | None) -> Path:
-    path = Path(folder) if folder is not None else W.destination(W.REGISTRY[name])
+    path = Path(folder) if folder is not None else models_dir() / name
     if not (path / "model_index.json").is_file():
         raise WeightsUnavailable(
-            f"{name}: no diffusers folder at {path} (run `runtime-backdoor weights fetch {name}`)"
+            f"{name}: no diffusers folder at {path} (run `{fetch_command(name)}`)"
         )
     return path
 
@@ -453,14 +458,15 @@ LOADERS: dict[str, Callable[..., DiffusionModel]] = {
 
 @dataclass(frozen=True)
 class PurifierSpec:
-    """A purifier named in ``params.yaml``: ``kind`` or ``kind:value`` (see the module text)."""
+    """A purifier named in ``params.yaml``: ``kind`` or ``kind:value``, ``value`` in the unit of
+    :data:`runtime_backdoor.transforms.TABLE` (noise σ in 8-bit levels, crop in % of the side)."""
 
     kind: str
     value: float | None = None
 
     @property
     def name(self) -> str:
-        return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
+        return T.Spec(self.kind, self.value, "%" if self.kind == "crop" else "").name
 
     @property
     def family(self) -> str:
@@ -476,42 +482,18 @@ class PurifierSpec:
         the content; every other purifier keeps the geometry."""
         if self.kind != "crop":
             return spatial
-        return crop_resize_mask(spatial, self.value) if mask else crop_resize(spatial, self.value)
+        fraction = self.value / 100
+        return crop_resize_mask(spatial, fraction) if mask else crop_resize(spatial, fraction)
 
 
 def parse_purifier(text: str | PurifierSpec) -> PurifierSpec:
-    """``none``, ``jpeg:75``, ``noise:0.05``, ``crop:0.1``, ``adverse-cleaner``,
-    ``noisy-upscale:20``, ``upscale:320``, ``diffpure:0.1``, ``gridpure`` (= ``gridpure:0.1``)."""
+    """``none``, ``jpeg:75``, ``noise:12.75`` (σ in 8-bit levels), ``crop:10%``,
+    ``adverse-cleaner``, ``noisy-upscale:20``, ``upscale:320``, ``diffpure:0.1``, ``gridpure``
+    (= ``gridpure:0.1``): the forms :data:`runtime_backdoor.transforms.PURIFY`."""
     if isinstance(text, PurifierSpec):
         return text
-    kind, colon, value = str(text).strip().partition(":")
-    if kind not in KINDS:
-        raise ValueError(f"unknown purifier {text!r}; known kinds: {', '.join(KINDS)}")
-    if kind in ("none", "adverse-cleaner"):
-        if colon:
-            raise ValueError(f"purifier {kind!r} takes no value, got {text!r}")
-        return PurifierSpec(kind)
-    if not colon:
-        if kind not in DEFAULT_VALUE:
-            raise ValueError(f"purifier {text!r} needs a value, e.g. jpeg:75 or noise:0.05")
-        return PurifierSpec(kind, DEFAULT_VALUE[kind])
-    try:
-        v = float(value)
-    except ValueError:
-        raise ValueError(f"purifier {text!r}: {value!r} is not a number") from None
-    checks = {
-        "jpeg": (1 <= v <= 100 and v == int(v), "an integer quality in [1, 100]"),
-        "noise": (v >= 0, "a standard deviation >= 0 on [0, 1]"),
-        "crop": (0 <= v < 1, "a fraction of the side in [0, 1)"),
-        "noisy-upscale": (0 <= v and v == int(v), "an integer noise_level >= 0"),
-        "upscale": (0 <= v and v == int(v), "an integer noise_level >= 0"),
-        "diffpure": (0 < v <= 1, "a strength in (0, 1]"),
-        "gridpure": (0 < v <= 1, "a strength in (0, 1]"),
-    }
-    ok, what = checks[kind]
-    if not ok:
-        raise ValueError(f"purifier {text!r}: the value must be {what}")
-    return PurifierSpec(kind, v)
+    s = T.parse(text, T.PURIFY, what="purifier", defaults=DEFAULT_VALUE)
+    return PurifierSpec(s.word, s.value)
 
 
 def parse_purifiers(text: str | list) -> list[PurifierSpec]:
@@ -536,9 +518,9 @@ def build_purifier(
     if k == "jpeg":
         return partial(jpeg, quality=int(v))
     if k == "noise":
-        return partial(gaussian_noise, sigma=v, seed=seed)
+        return partial(gaussian_noise, sigma=v / 255, seed=seed)
     if k == "crop":
-        return partial(crop_resize, fraction=v)
+        return partial(crop_resize, fraction=v / 100)
     if k == "adverse-cleaner":
         return adverse_cleaner
     model = (models or {}).get(spec.weights)
@@ -574,66 +556,6 @@ def straight_through(image: torch.Tensor, purify: Callable) -> torch.Tensor:
     return image + (purify(image.detach()) - image).detach()
 
 
-class PurifierEOTEditor(Editor):
-    """``editor`` behind a purifier drawn at random per image and call: the adaptive defence.
-
-    ``implant(PurifierEOTEditor(editor), ...)`` optimises the expectation over the classical
-    purifiers ``purifiers`` (equal probabilities, ``none`` included when listed): JPEG by kornia's
-    differentiable JPEG (:func:`jpeg_differentiable`), noise as a seeded differentiable sum,
-    crop-and-resize by differentiable interpolation (the mask follows; the output is mapped
-    back by the inverse crop-resize and pasted over the caller's image), AdverseCleaner
-    straight through (its real output forward, the identity backward). Under ``torch.no_grad()``
-    it is the plain editor (the optimiser's clean ring reference).
-    """
-
-    size_multiple = 1
-
-    def __init__(self, editor: torch.nn.Module, purifiers=CLASSICAL, *, seed: int = 0) -> None:
-        super().__init__()
-        specs = parse_purifiers(purifiers)
-        bad = [s.name for s in specs if s.family != "classical"]
-        if bad:
-            raise ValueError(f"the adaptive defence takes classical purifiers only, got {bad}")
-        self.editor = editor
-        self.name = f"purifier-eot({getattr(editor, 'name', type(editor).__name__)})"
-        self.specs = specs
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _purify(self, spec: PurifierSpec, x: torch.Tensor) -> torch.Tensor:
-        if spec.kind == "jpeg":
-            return jpeg_differentiable(x, spec.value)
-        if spec.kind == "noise":
-            noise = torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
-            return x + spec.value * noise
-        if spec.kind == "crop":
-            return _crop_resize(x, spec.value, "bilinear")
-        if spec.kind == "adverse-cleaner":
-            return straight_through(x, adverse_cleaner)
-        return x
-
-    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return self.editor(image, mask)
-        # one draw per image; the images that drew the same purifier go through it as one batch
-        draws = torch.randint(len(self.specs), (image.shape[0],), generator=self.generator)
-        parts, order = [], []
-        for j, spec in enumerate(self.specs):
-            idx = torch.nonzero(draws == j).flatten().tolist()
-            if not idx:
-                continue
-            x, m = image[idx], mask[idx]
-            xp = self._purify(spec, x)
-            xp = xp + (xp.clamp(0, 1) - xp).detach()  # the clip passes gradients straight through
-            mp = spec.frame(m, mask=True) if spec.kind == "crop" else m
-            out = self.editor(xp, mp)
-            if spec.kind == "crop":
-                out = _uncrop(out, x, spec.value)
-            parts.append(out)
-            order += idx
-        out = torch.cat(parts)
-        return out[torch.argsort(torch.tensor(order, device=out.device))]
-
-
 def _uncrop(out: torch.Tensor, image: torch.Tensor, fraction: float) -> torch.Tensor:
     """Map an edit of the crop-resized image back into the original frame (differentiably);
     the cut border keeps the original pixels."""
@@ -653,7 +575,6 @@ __all__ = [
     "WEIGHTS_OF",
     "WEIGHT_SETS",
     "DiffusionModel",
-    "PurifierEOTEditor",
     "PurifierSpec",
     "WeightsUnavailable",
     "adverse_cleaner",

@@ -9,10 +9,12 @@ Three tools for testing a protection beyond the official scenarios:
   at random away from the content.
 - **Transforms** (:class:`Transform`, :func:`parse_transform`): what can happen to a protected
   image before someone edits it — JPEG (a real PIL round trip), downscale and back, Gaussian
-  blur, Gaussian noise, a border crop. Outputs are 8-bit, as the image would be stored.
-- **EOT** (:class:`EOTEditor`): an editor wrapper that applies random differentiable
-  transformations before the editor, so that ``implant(EOTEditor(editor), ...)`` optimises the
-  expectation over them without touching the optimiser.
+  blur, Gaussian noise, a border crop. Outputs are 8-bit, as the image would be stored. Specs
+  are the one vocabulary of :mod:`runtime_backdoor.transforms` (forms
+  :data:`~runtime_backdoor.transforms.BEYOND`: ``jpeg:75``, ``resize:0.5``, ``blur:1``,
+  ``noise:2`` in 8-bit levels, ``crop:6px`` per side).
+- **EOT ops** (:func:`jpeg_straight_through`, :func:`resize_differentiable`): the
+  differentiable stand-ins that :class:`runtime_backdoor.eot.EOTEditor` draws from.
 
 Masks are float (B, 1, H, W) tensors of 0/1 as in :mod:`runtime_backdoor.masks`; images are
 (B, 3, H, W) in [0, 1].
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .editors.base import Editor
+from . import transforms as T
 from .masks import check_mask, free_squares
 
 #: Fair malicious scenarios: each covers (most of) the protected content.
@@ -38,7 +40,6 @@ FAIR_BENIGN = ("benign_small", "benign_medium", "benign_large")
 FAIR_SCENARIOS = FAIR_MALICIOUS + FAIR_BENIGN
 
 TRANSFORM_KINDS = ("none", "jpeg", "resize", "blur", "noise", "crop")
-EOT_KINDS = ("jpeg", "resize", "noise", "dilate", "shift")
 
 
 # ------------------------------------------------------------------------------- fair masks
@@ -314,10 +315,11 @@ def crop_border(x: torch.Tensor, px: int) -> torch.Tensor:
 class Transform:
     """One transformation applied to an image before it is edited.
 
-    ``kind`` is one of :data:`TRANSFORM_KINDS`; ``value`` is the JPEG quality, the
-    resize scale, the blur σ in px, the noise σ in 8-bit units (2 = 2/255) or the crop
-    in px per side. Calling it returns an 8-bit image; :meth:`frame` maps a mask or a
-    target into the transformed image's frame (only ``crop`` changes the geometry).
+    ``kind`` is one of :data:`TRANSFORM_KINDS`; ``value`` is in the unit of
+    :data:`runtime_backdoor.transforms.TABLE`: the JPEG quality, the resize scale, the blur σ
+    in px, the noise σ in 8-bit levels (2 = 2/255) or the crop in px per side (``crop:6px``).
+    Calling it returns an 8-bit image; :meth:`frame` maps a mask or a target into the
+    transformed image's frame (only ``crop`` changes the geometry).
     """
 
     kind: str = "none"
@@ -325,14 +327,13 @@ class Transform:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in TRANSFORM_KINDS:
-            raise ValueError(
-                f"unknown transform {self.kind!r}; known: {', '.join(TRANSFORM_KINDS)}"
-            )
+        T.parse(self.name, T.BEYOND)  # one-line ValueError naming the accepted forms
 
     @property
     def name(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.value:g}"
+        if self.kind == "none":
+            return "none"
+        return f"{self.kind}:{T.number(self.value)}{'px' if self.kind == 'crop' else ''}"
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.kind == "none":
@@ -353,15 +354,12 @@ class Transform:
 
 
 def parse_transform(spec: str | Transform, seed: int = 0) -> Transform:
-    """``"none"``, ``"jpeg:75"``, ``"resize:0.5"``, ``"blur:1"``, ``"noise:2"``, ``"crop:6"``."""
+    """``"none"``, ``"jpeg:75"``, ``"resize:0.5"``, ``"blur:1"``, ``"noise:2"`` (8-bit levels),
+    ``"crop:6px"`` (px per side): the forms :data:`runtime_backdoor.transforms.BEYOND`."""
     if isinstance(spec, Transform):
         return spec
-    kind, _, value = str(spec).strip().partition(":")
-    if kind == "none":
-        return Transform()
-    if not value:
-        raise ValueError(f"transform {spec!r} needs a value, e.g. jpeg:75 or crop:6")
-    return Transform(kind, float(value), seed)
+    s = T.parse(spec, T.BEYOND)
+    return Transform() if s.word == "none" else Transform(s.word, s.value, seed)
 
 
 def parse_transforms(specs: str | list, seed: int = 0) -> list[Transform]:
@@ -395,127 +393,7 @@ def _translate(x: torch.Tensor, dy: int, dx: int, mode: str) -> torch.Tensor:
     return padded[..., s - dy : s - dy + h, s - dx : s - dx + w]
 
 
-class EOTEditor(Editor):
-    """``editor`` behind random transformations: the expectation over transformations (EOT).
-
-    Design: the optimiser (:func:`runtime_backdoor.implant.implant`) only sees an
-    editor, so EOT is an editor too. Every call draws, independently for every image
-    of the batch, each transformation of ``transforms`` with probability ``p``:
-
-    - ``jpeg``: a real PIL JPEG round trip of quality in ``jpeg_quality``; gradients
-      pass straight through (the identity backward, as for the optimiser's own clip);
-    - ``resize``: bilinear downscale by a factor in ``scale`` and back (differentiable);
-    - ``noise``: Gaussian noise of σ ``noise`` (in [0, 1] units);
-    - ``dilate``: the edit mask grown by 1..``dilate_px`` px (mask jitter: a user's
-      mask is rarely exactly the optimisation mask; growing, not shrinking, keeps the
-      loss regions filled by the editor);
-    - ``shift``: image and mask translated by up to ``shift_px`` px (reflected borders)
-      and the output translated back (the grid misalignment a crop causes).
-
-    The output is composited with the caller's mask on the caller's image, so the
-    wrapper keeps the editor interface. One draw per optimiser step: Adam's averaging
-    over the steps takes the expectation, at no extra editor passes (the draws of a batch
-    go through the editor as one batch); the cost is the transformations themselves (a
-    PIL JPEG per image and call) and a noisier descent.
-
-    ``active``: ``None`` (default) transforms only while gradients are recorded and
-    is the plain editor under ``torch.no_grad()`` — ``implant`` computes its clean
-    ring reference ``IM(x, R)`` that way, and that reference must be the editor's
-    normal behaviour, not one random transformation of it. ``True``/``False`` force it.
-    """
-
-    size_multiple = 1
-
-    def __init__(
-        self,
-        editor: torch.nn.Module,
-        transforms: tuple[str, ...] = ("jpeg", "resize", "dilate"),
-        *,
-        p: float = 0.5,
-        jpeg_quality: tuple[int, int] = (50, 95),
-        scale: tuple[float, float] = (0.5, 1.0),
-        noise: float = 2 / 255,
-        dilate_px: int = 2,
-        shift_px: int = 4,
-        seed: int = 0,
-        active: bool | None = None,
-    ) -> None:
-        super().__init__()
-        unknown = set(transforms) - set(EOT_KINDS)
-        if unknown:
-            raise ValueError(
-                f"unknown EOT transforms {sorted(unknown)}; known: {', '.join(EOT_KINDS)}"
-            )
-        if not 0 <= p <= 1:
-            raise ValueError(f"p must be a probability, got {p}")
-        if not 1 <= jpeg_quality[0] <= jpeg_quality[1] <= 100:
-            raise ValueError(
-                f"jpeg_quality must be (low, high) within [1, 100], got {jpeg_quality}"
-            )
-        if not 0 < scale[0] <= scale[1] <= 1:
-            raise ValueError(f"scale must be (low, high) within (0, 1], got {scale}")
-        self.editor = editor
-        self.name = f"eot({getattr(editor, 'name', type(editor).__name__)})"
-        self.transforms = tuple(transforms)
-        self.p = p
-        self.jpeg_quality = jpeg_quality
-        self.scale = scale
-        self.noise = noise
-        self.dilate_px = dilate_px
-        self.shift_px = shift_px
-        self.active = active
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def _uniform(self, low: float, high: float) -> float:
-        return low + (high - low) * float(torch.rand((), generator=self.generator))
-
-    def _integer(self, low: int, high: int) -> int:
-        return int(torch.randint(low, high + 1, (), generator=self.generator))
-
-    def transform(self, image: torch.Tensor, mask: torch.Tensor):
-        """One random draw for one image (1, 3, H, W): (image, mask, shift) to edit with."""
-        dy = dx = 0
-        for kind in self.transforms:
-            if float(torch.rand((), generator=self.generator)) >= self.p:
-                continue
-            if kind == "jpeg":
-                image = jpeg_straight_through(image, self._integer(*self.jpeg_quality))
-            elif kind == "resize":
-                image = resize_differentiable(image, self._uniform(*self.scale))
-            elif kind == "noise":
-                noise = torch.randn(image.shape, generator=self.generator)
-                image = image + self.noise * noise.to(image.device, image.dtype)
-            elif kind == "dilate":
-                r = self._integer(1, max(1, self.dilate_px))
-                mask = F.max_pool2d(mask, 2 * r + 1, stride=1, padding=r)
-            elif kind == "shift":
-                dy = self._integer(-self.shift_px, self.shift_px)
-                dx = self._integer(-self.shift_px, self.shift_px)
-        # The [0, 1] clip passes gradients straight through, as in the optimiser.
-        image = image + (image.clamp(0, 1) - image).detach()
-        return image, mask, (dy, dx)
-
-    def predict(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        active = torch.is_grad_enabled() if self.active is None else self.active
-        if not active:
-            return self.editor(image, mask)
-        images, masks, moves = [], [], []
-        for i in range(image.shape[0]):
-            img, msk, (dy, dx) = self.transform(image[i : i + 1], mask[i : i + 1])
-            mode = "reflect" if max(abs(dy), abs(dx)) < min(img.shape[-2:]) else "replicate"
-            images.append(_translate(img, dy, dx, mode))
-            masks.append(_translate(msk, dy, dx, "constant"))
-            moves.append((dy, dx, mode))
-        # Every draw keeps the image size: one batched editor call for all of them.
-        out = self.editor(torch.cat(images), torch.cat(masks))
-        return torch.cat(
-            [_translate(out[i : i + 1], -dy, -dx, mode) for i, (dy, dx, mode) in enumerate(moves)]
-        )
-
-
 __all__ = [
-    "EOTEditor",
-    "EOT_KINDS",
     "FAIR_BENIGN",
     "FAIR_MALICIOUS",
     "FAIR_SCENARIOS",

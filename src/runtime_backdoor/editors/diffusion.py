@@ -2,7 +2,7 @@
 
 diffusers' ``StableDiffusionInpaintPipeline.__call__`` runs under
 ``torch.no_grad()``, so this module runs its own sampler with the pipeline's
-conventions (checked against the pipeline in ``tests/test_diffusion.py``):
+conventions (checked against the pipeline in ``tests/editors/test_diffusion.py``):
 
 1. ``x`` in [0, 1] is mapped to [-1, 1]; the hole is binarised (``mask >= 0.5``)
    and blanked: ``masked = (2x - 1) * (mask < 0.5)`` (mid-grey in the hole).

@@ -104,7 +104,7 @@ def _spandrel_mat_module():
     if installed != SPANDREL_EXTRA_ARCHES_VERSION:  # the corrections target this version's code
         warnings.warn(
             f"spandrel-extra-arches {installed} is installed, but the MAT editor is checked "
-            f"against {SPANDREL_EXTRA_ARCHES_VERSION} (tests/test_mat.py): {INSTALL_HINT}",
+            f"against {SPANDREL_EXTRA_ARCHES_VERSION} (tests/editors/test_mat.py): {INSTALL_HINT}",
             stacklevel=2,
         )
     return module
