@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def miniature() -> Path:
     """Where the pipeline's editor stage leaves the trained miniature (the registry says)."""
-    from runtime_backdoor.editors import default_weights
+    from runtime_backdoor.weights import default_weights
 
     return default_weights("mini-lama", ROOT / "models")
 

@@ -144,6 +144,7 @@ def clip_fid(prepared: Path, edited: Path, device) -> dict:
 def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *, prepared: Path,
                batch_size: int, echo=print, **implant_kwargs) -> None:  # fmt: skip
     """implant -> edit -> evaluate -> figures against the editor ``editor_fn()`` returns."""
+    from runtime_backdoor.budget import Budget
     from runtime_backdoor.data import load_prepared, read_folder, write_csv, write_json
     from runtime_backdoor.pipeline import edit as edit_stage
     from runtime_backdoor.pipeline import evaluate as evaluate_stage
@@ -173,7 +174,7 @@ def run_stages(rec: Recorder, label: str, editor_fn, work: Path, s: Settings, *,
     def implant():
         manifest = implant_stage.implant_folder(
             state["editor"], prepared, protected, batch_size=batch_size, device=dev,
-            steps=s.steps, expand_kernel=s.kernel, progress=False, **implant_kwargs,
+            budget=Budget(steps=s.steps, expand_kernel=s.kernel), progress=False, **implant_kwargs,
         )  # fmt: skip
         losses = pd.read_csv(protected / "losses.csv")
         save_figure(implant_stage.loss_plot(losses), reports / "figures" / "loss_curves.png")

@@ -8,7 +8,7 @@ from runtime_backdoor import baselines as B
 from runtime_backdoor.editors.simple import GlobalMixEditor
 from runtime_backdoor.implant import ImplantResult, implant
 from runtime_backdoor.masks import expand, ring
-from runtime_backdoor.pipeline.beyond import hit_fraction
+from runtime_backdoor.metrics import hit_fraction_batch as hit_fraction
 
 EPS = 0.025
 KW = {"eps": EPS, "steps": 20, "expand_kernel": 5, "progress": False}

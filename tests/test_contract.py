@@ -220,3 +220,117 @@ def test_a_new_budget_reruns_from_implant_on_without_retraining_the_editor():
     assert (
         "implant" not in str(DVC["editor"]["params"]) and "${implant." not in DVC["editor"]["cmd"]
     )
+
+
+# ----------------------------------------------------------------------- the budget, the hit
+
+
+def builds_budget(notebook: Path) -> bool:
+    return "budget = Budget(" in notebook_code(notebook)
+
+
+BUDGET_STAGES = sorted(n for n, s in DVC.items() if builds_budget(stage_notebook(s)))
+#: stages that count hits (their notebooks take the evaluate stage's thresholds)
+HIT_STAGES = sorted(n for n, s in DVC.items() if "hit_tol" in notebook_defaults(stage_notebook(s)))
+
+
+def test_the_budget_stages_and_the_hit_stages_are_the_expected_ones():
+    assert BUDGET_STAGES == ["beyond", "ensemble", "eps_sweep", "implant", "purify"]
+    assert HIT_STAGES == ["beyond", "ensemble", "eps_sweep", "evaluate", "purify"]
+
+
+@pytest.mark.parametrize("name", BUDGET_STAGES)
+def test_every_stage_that_builds_a_budget_passes_all_of_implant(name):
+    """Each budget field from params.yaml's ``implant`` section, none from a code default; the
+    notebook builds the Budget in one expression from them, right after the parameters."""
+    from runtime_backdoor.budget import BUDGET_FIELDS
+
+    stage = DVC[name]
+    words = shlex.split(stage["cmd"].split("&&")[-1])
+    passed = {words[i + 1]: words[i + 2] for i, w in enumerate(words) if w == "-p"}
+    for field in BUDGET_FIELDS:
+        assert passed.get(field) == f"${{implant.{field}}}", (
+            f"{name}: -p {field} ${{implant.{field}}}"
+        )
+    assert "implant" in [str(p) for p in stage["params"]], f"{name}: params lists implant whole"
+    nb = nbformat.read(stage_notebook(stage), as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    built = nb.cells[at + 1].source
+    call = ", ".join(f"{f}={f}" for f in BUDGET_FIELDS)
+    assert f"budget = Budget({call})" in built, f"{name}: the cell after the parameters"
+
+
+@pytest.mark.parametrize("name", HIT_STAGES)
+def test_every_stage_that_counts_hits_passes_the_evaluate_thresholds(name):
+    stage = DVC[name]
+    words = shlex.split(stage["cmd"].split("&&")[-1])
+    passed = {words[i + 1]: words[i + 2] for i, w in enumerate(words) if w == "-p"}
+    listed = [str(p) for p in stage["params"]]
+    for key in ("hit_tol", "hit_min_fraction"):
+        assert passed.get(key) == f"${{evaluate.{key}}}", f"{name}: -p {key} ${{evaluate.{key}}}"
+        assert f"evaluate.{key}" in listed or "evaluate" in listed, f"{name}: params evaluate.{key}"
+
+
+def test_the_budget_defaults_are_the_papers_and_match_the_modules():
+    from runtime_backdoor.budget import Budget
+    from runtime_backdoor.masks import PAPER_EXPAND_KERNEL
+    from runtime_backdoor.targets import TARGET_KINDS
+
+    b = Budget()
+    assert (b.eps, b.steps, b.lr, b.init_high, b.target, b.seed) == (
+        0.025,
+        20,
+        0.1,
+        0.01,
+        "solid",
+        0,
+    )
+    assert b.expand_kernel == PAPER_EXPAND_KERNEL and b.target in TARGET_KINDS
+    assert b.eps_8bit == 6.375
+
+
+# ----------------------------------------------------------------- what no stage may import
+
+#: front ends, the weight registry and the docs generator: editing them re-runs no stage
+FORBIDDEN_IN_STAGES = (
+    "runtime_backdoor.cli",
+    "runtime_backdoor.demo",
+    "runtime_backdoor.owner",
+    "runtime_backdoor.downloads",
+    "runtime_backdoor.weights",
+    "runtime_backdoor.runs",
+    "runtime_backdoor.docs_text",
+)
+
+
+def forbidden_files() -> list[str]:
+    """The files of :data:`FORBIDDEN_IN_STAGES` (every file of a package)."""
+    out = []
+    for m in FORBIDDEN_IN_STAGES:
+        base = SRC.joinpath(*m.split("."))
+        files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+        out += [str(f.relative_to(ROOT)) for f in files]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_no_stage_depends_on_a_front_end_the_registry_or_the_docs(name):
+    notebook = stage_notebook(DVC[name])
+    found = sorted(set(forbidden_files()) & code_deps(notebook))
+    assert not found, f"stage {name} imports {found} (transitively)"
+    deps = [str(d) for d in DVC[name]["deps"]]
+    assert not set(forbidden_files()) & set(deps), f"dvc.yaml stage {name} lists {found}"
+
+
+def test_editing_the_registry_downloads_or_docs_changes_no_stage_deps():
+    """A comment appended to downloads.py, weights.py or docs_text.py changes no stage's deps
+    hash: those files are in no stage's deps, listed or imported."""
+    touched = {
+        "src/runtime_backdoor/downloads.py",
+        "src/runtime_backdoor/weights.py",
+        "src/runtime_backdoor/docs_text.py",
+    }
+    for name, stage in DVC.items():
+        listed = {str(d) for d in stage["deps"]}
+        assert not touched & listed, name
+        assert not touched & code_deps(stage_notebook(stage)), name

@@ -244,3 +244,46 @@ def test_protected_image_follows_the_official_loop(batch, editor):
     assert (ours.protected - official).abs().max() <= 1 / 255 + 1e-6
     assert (all_updates.protected - official).abs().max() > 3 / 255
     assert (ours.protected - x).abs().max() > 0
+
+
+# ------------------------------------------------------------------------------- the budget
+
+
+def test_budget_defaults_validation_and_helpers():
+    from runtime_backdoor.budget import BUDGET_FIELDS, Budget
+
+    b = Budget()
+    assert b.kwargs() == {
+        "eps": 0.025, "steps": 20, "lr": 0.1, "init_high": 0.01, "expand_kernel": 17,
+        "target": "solid", "seed": 0,
+    }  # fmt: skip
+    assert tuple(b.kwargs()) == BUDGET_FIELDS and b.eps_8bit == 6.375
+    assert b.with_seed(3).seed == 3 and b.replace(eps=0.05).eps == 0.05 and b.seed == 0
+    with pytest.raises(AttributeError):
+        b.eps = 0.1  # frozen
+    for field, bad in (
+        ("eps", 0), ("eps", 2), ("steps", 1.5), ("lr", 0), ("init_high", -1),
+        ("expand_kernel", 4), ("expand_kernel", 0), ("target", "blue"), ("seed", 0.5),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=field) as err:
+            Budget(**{field: bad})
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="eps"):
+        b.replace(eps=-1)
+
+
+def test_implant_takes_a_budget_or_its_fields_alike():
+    from runtime_backdoor.budget import Budget
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 24, 24, generator=g)
+    m = torch.zeros(2, 1, 24, 24)
+    m[..., 8:16, 8:16] = 1
+    editor = GlobalMixEditor(gain=50)
+    budget = Budget(eps=0.03, steps=3, lr=0.05, init_high=0.02, expand_kernel=5, seed=2)
+    a = implant(editor, x, m, budget=budget, progress=False)
+    b = implant(editor, x, m, progress=False, **budget.kwargs())
+    assert torch.equal(a.protected, b.protected)
+    c = implant(editor, x, m, budget=budget, steps=2, progress=False)  # a field overrides it
+    d = implant(editor, x, m, progress=False, **budget.replace(steps=2).kwargs())
+    assert torch.equal(c.protected, d.protected)

@@ -432,3 +432,56 @@ def test_lpips_without_a_backbone_is_unavailable_with_the_fetch_command(tmp_path
         metrics.load_lpips("alex", tmp_path / "junk.pth")
     with pytest.raises(ValueError, match="lpips net"):
         metrics.load_lpips("squeeze-me")
+
+
+# ------------------------------------------------------------ batched hit and PSNR vs reference
+
+
+def _random_edits(seed: int, dtype=torch.float64):
+    """Edits near a solid target (so that some pixels are on target and some are not), on the
+    8-bit grid and off it, with 0/1 regions."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.zeros(4, 3, 16, 16, dtype=dtype)
+    target[:, 1] = 1.0
+    edited = (target + (torch.rand(4, 3, 16, 16, generator=g, dtype=dtype) - 0.5) * 0.4).clamp(0, 1)
+    edited[2] = torch.round(edited[2] * 255) / 255
+    region = (torch.rand(4, 1, 16, 16, generator=g) > 0.6).to(dtype)
+    return edited, target, region
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hit_fraction_batch_is_the_reference_bit_for_bit_in_float64(seed):
+    edited, target, region = _random_edits(seed)
+    for tol in (0.05, 0.1, 0.2):
+        got = metrics.hit_fraction_batch(edited, target, region, tol)
+        hits = metrics.hits_batch(edited, target, region, tol, 0.3)
+        for i in range(4):
+            ref = metrics.target_hit_fraction(edited[i], target[i], region[i, 0] > 0, tol)
+            assert float(got[i]) == ref  # tolerance: none (float64)
+            assert bool(hits[i]) == metrics.target_hit(
+                edited[i], target[i], region[i, 0] > 0, tol, 0.3
+            )
+
+
+def test_hit_fraction_batch_in_float32_matches_the_former_stage_copies():
+    """beyond and purify counted ``<= tol + 1e-9`` in float32: for tol = 0.1 the same threshold
+    once rounded to float32, so the same hits; fractions agree with the reference to float32
+    rounding (1e-6)."""
+    edited, target, region = _random_edits(7, torch.float32)
+    old = ((edited - target).abs().amax(1, keepdim=True) <= 0.1 + 1e-9).float()
+    old = (old * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+    got = metrics.hit_fraction_batch(edited, target, region, 0.1)
+    assert torch.equal(got, old)
+    for i in range(4):
+        ref = metrics.target_hit_fraction(edited[i], target[i], region[i, 0] > 0, 0.1)
+        assert abs(float(got[i]) - ref) < 1e-6
+
+
+def test_psnr_batch_matches_the_reference_and_caps():
+    edited, target, _ = _random_edits(3)
+    got = metrics.psnr_batch(edited, target)
+    for i in range(4):
+        assert abs(float(got[i]) - metrics.psnr(edited[i], target[i])) < 1e-9  # dB
+    same = metrics.psnr_batch(target, target, cap=100.0)
+    assert torch.all(same == 100.0) and metrics.psnr(target[0], target[0]) == float("inf")
+    assert torch.all(metrics.psnr_batch(edited, target, cap=5.0) <= 5.0)

@@ -208,7 +208,7 @@ def test_pipeline_stages_split_by_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     prepared = _prepared(tmp_path / "prepared")
     record = write_json(tmp_path / "editor.json", editor_record("blur-fill"))
-    settings = {"eps": 0.025, "steps": 3, "expand_kernel": 5, "batch_size": 2, "progress": False}
+    settings = {"budget": {"steps": 3, "expand_kernel": 5}, "batch_size": 2, "progress": False}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

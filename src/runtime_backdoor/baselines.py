@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from .budget import BUDGET_FIELDS, Budget, resolve_budget
 from .implant import ImplantResult, check_inputs, implant, masked_mse, optimise
 from .masks import PAPER_EXPAND_KERNEL, expand
 from .targets import make_target
@@ -180,21 +181,26 @@ def protect(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
+    budget: Budget | None = None,
     eot: dict | None = None,
-    **budget,
+    **settings,
 ) -> ImplantResult:
     """Run the protection ``method`` (one of :data:`METHODS`) with the shared ``budget``.
 
-    ``budget``: keyword arguments every method accepts (``eps``, ``steps``, ``lr``,
-    ``init_high``, ``expand_kernel``, ``target``, ``seed``, ``progress``...).
+    ``budget``: the :class:`~runtime_backdoor.implant.Budget` every method shares (default:
+    the paper's); ``settings``: other keyword arguments every method accepts (``progress``...)
+    or budget fields that override it.
     ``backdoor_eot`` is :func:`~runtime_backdoor.implant.implant` against
     ``EOTEditor(editor, **eot)``. Raises :class:`NotApplicable` where the method does
     not apply to ``editor``.
     """
+    fields = {k: settings.pop(k) for k in BUDGET_FIELDS if k in settings}
+    b, target = resolve_budget(budget, **fields)
+    budget = b.kwargs() | {"target": target} | settings
     if method == "backdoor":
         return implant(editor, image, mask, **budget)
     if method == "backdoor_eot":
-        from .robustness import EOTEditor
+        from .eot import EOTEditor
 
         options = dict(eot or {})
         options.setdefault("seed", budget.get("seed", 0))

@@ -26,8 +26,9 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
+from .budget import Budget, check_params, resolve_budget  # noqa: F401 (check_params: re-exported)
 from .editors.base import check_image_mask
-from .masks import PAPER_EXPAND_KERNEL, check_mask, expand, ring
+from .masks import check_mask, expand, ring
 from .targets import make_target
 
 TERMS = ("implant", "incomplete", "hide")
@@ -61,18 +62,6 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return (((a - b) ** 2) * mask).flatten(1).sum(1) / area
 
 
-def check_params(eps: float, steps: int, lr: float, init_high: float) -> None:
-    if not 0 < eps <= 1:
-        raise ValueError(f"eps must be in (0, 1] (fraction of the pixel range), got {eps}")
-    if not 0 <= steps <= 100_000 or int(steps) != steps:
-        raise ValueError(f"steps must be a whole number in [0, 100000], got {steps}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    # δ₀ above ε is allowed: like the official code, δ is clipped to [-ε, ε] before every step.
-    if not 0 <= init_high <= 1:
-        raise ValueError(f"init_high must be in [0, 1], got {init_high}")
-
-
 LossFn = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
 
 
@@ -100,13 +89,13 @@ def optimise(
     loss_fn: LossFn,
     target: torch.Tensor,
     *,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
+    eps: float = Budget.eps,
+    steps: int = Budget.steps,
+    lr: float = Budget.lr,
     betas: tuple[float, float] = (0.5, 0.5),
     adam_eps: float = 1e-10,
-    init_high: float = 0.01,
-    seed: int = 0,
+    init_high: float = Budget.init_high,
+    seed: int = Budget.seed,
     final_update: bool = False,
     progress: bool = True,
     desc: str = "implant",
@@ -160,16 +149,17 @@ def implant(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
+    budget: Budget | None = None,
+    eps: float | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
     betas: tuple[float, float] = (0.5, 0.5),
     adam_eps: float = 1e-10,
-    init_high: float = 0.01,
+    init_high: float | None = None,
     weights: tuple[float, float, float] = (1.0, 1.0, 2.0),
-    expand_kernel: int = PAPER_EXPAND_KERNEL,
-    target: str | torch.Tensor = "solid",
-    seed: int = 0,
+    expand_kernel: int | None = None,
+    target: str | torch.Tensor | None = None,
+    seed: int | None = None,
     final_update: bool = False,
     batch_passes: bool = True,
     autocast_dtype: torch.dtype | None = None,
@@ -192,6 +182,9 @@ def implant(
     activation memory). ``autocast_dtype`` (e.g. ``torch.bfloat16`` on a GPU) runs
     the editor under autocast while δ, the losses and Adam stay in float32. A
     compiled editor (``torch.compile(editor)``) can be passed as it is.
+    ``budget`` (a :class:`Budget`, default the paper's) sets ε, steps, lr, init_high, the
+    expansion kernel, the target and the δ₀ seed; any of those given as keywords override it
+    (``target`` may also be an image tensor).
     Returns an :class:`ImplantResult`.
 
     Where this follows the official loop (``LaMa/implant_LaMa.py``) and where it does not:
@@ -205,9 +198,15 @@ def implant(
       computes its result images from the unquantised float ``x'``. Both make the reported
       numbers those of the file an owner actually publishes.
     """
+    check_image_mask(image, mask)
+    b, target = resolve_budget(
+        budget, eps=eps, steps=steps, lr=lr, init_high=init_high, expand_kernel=expand_kernel,
+        target=target, seed=seed,
+    )  # fmt: skip
+    expand_kernel = b.expand_kernel
     settings = dict(
-        eps=eps, steps=steps, lr=lr, betas=betas, adam_eps=adam_eps, init_high=init_high,
-        seed=seed, final_update=final_update, progress=progress,
+        eps=b.eps, steps=b.steps, lr=b.lr, betas=betas, adam_eps=adam_eps, init_high=b.init_high,
+        seed=b.seed, final_update=final_update, progress=progress,
     )  # fmt: skip
     x, m = check_inputs(image, mask, settings)
     if len(weights) != 3 or any(w < 0 for w in weights):
@@ -358,7 +357,7 @@ def sensitivity(
     image: torch.Tensor,
     mask: torch.Tensor,
     *,
-    eps: float = 0.025,
+    eps: float = Budget.eps,
     target: str | torch.Tensor = "solid",
 ) -> Sensitivity:
     """Estimate whether ``editor`` can be pushed to the target within ``eps``.

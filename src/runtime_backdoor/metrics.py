@@ -31,6 +31,8 @@ __all__ = [
     "feature_stats",
     "fid_from_features",
     "frechet_distance",
+    "hit_fraction_batch",
+    "hits_batch",
     "linf",
     "linf_8bit",
     "load_clip",
@@ -40,6 +42,7 @@ __all__ = [
     "LpipsUnavailable",
     "masked_mse",
     "psnr",
+    "psnr_batch",
     "reduce_ssim",
     "ssim",
     "ssim_batch",
@@ -231,6 +234,45 @@ def target_hit_fraction(edited, target, mask, tol: float = 0.1) -> float:
 def target_hit(edited, target, mask, tol: float = 0.1, min_fraction: float = 0.5) -> bool:
     """Whether at least ``min_fraction`` of the mask pixels reached the target (see above)."""
     return target_hit_fraction(edited, target, mask, tol) >= min_fraction
+
+
+# Batched versions of the reference metrics above (torch, (B, 3, H, W) on any device); the
+# stages use these. tests/test_metrics.py checks them against the references.
+
+
+def hit_fraction_batch(
+    edited: torch.Tensor, target: torch.Tensor, region: torch.Tensor, tol: float = 0.1
+) -> torch.Tensor:
+    """(B,) :func:`target_hit_fraction` of a batch: the share of ``region``'s pixels (a 0/1
+    (B, 1, H, W) mask) whose 3 channels are all within ``tol`` of ``target`` (B, 3, H, W).
+
+    Computed in the inputs' dtype: float64 inputs give the reference bit for bit; float32
+    inputs compare in float32 (``tol`` rounded to float32, which for 0.1 is what the stages'
+    former ``<= tol + 1e-9`` was in float32 too). An empty region gives 0 (the reference
+    raises).
+    """
+    on = ((edited - target).abs().amax(1, keepdim=True) <= tol).to(region.dtype)
+    return (on * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+
+
+def hits_batch(
+    edited: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor,
+    tol: float = 0.1,
+    min_fraction: float = 0.5,
+) -> torch.Tensor:
+    """(B,) bool :func:`target_hit` of a batch: at least ``min_fraction`` of the region on
+    target (:func:`hit_fraction_batch`)."""
+    return hit_fraction_batch(edited, target, region, tol) >= min_fraction
+
+
+def psnr_batch(a: torch.Tensor, b: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
+    """(B,) float64 :func:`psnr` of (B, 3, H, W) images (data range 1), capped at ``cap`` dB
+    (identical images: ``cap``, where the reference gives inf). The MSE is a float64 mean in
+    torch's summation order: it matches the reference to ~1e-12 dB, not bit for bit."""
+    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse.clamp_min(1e-30))).clamp(max=cap)
 
 
 def linf(a, b, mask=None) -> float:

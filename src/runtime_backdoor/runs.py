@@ -27,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from .editors import EDITORS, weight_paths
+from .editors import EDITORS
+from .weights import weight_paths
 
 COPIED = ("dvc.yaml", "notebooks", "src", "data/raw")  # what the stages read from the project
 STAGE = "figures"  # prepare -> editor -> implant -> edit -> evaluate -> figures

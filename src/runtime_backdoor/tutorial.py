@@ -17,6 +17,8 @@ import torch
 
 from . import masks as M
 from . import metrics as Q
+from .budget import Budget
+from .control_rates import RATE_NAMES, control_label, control_rates
 from .data import list_pairs, read_pair, to_array, to_mask_tensor, to_tensor
 from .implant import ImplantResult, Sensitivity, implant, masked_mse
 from .plots import plt  # selects the non-interactive backend
@@ -336,14 +338,8 @@ def gain_figure(sensitivities: dict[str, Sensitivity]):
 
 # ------------------------------------------------------------ the control's hit rates, by name
 
-#: one name per definition of "how often the control is hit"; the notebook explains each
-RATE_NAMES = {
-    "sweep": "ε-sweep hit rate",
-    "mask": "beyond: hit rate, edit m",
-    "official": "beyond: official malicious hit rate",
-    "fair": "beyond: fair-mask malicious hit rate",
-    "notebook": "this notebook: one image, one δ₀",
-}
+# RATE_NAMES (imported above): one name per definition of "how often the control is hit"; the
+# notebook explains each. The rates themselves: control_rates.control_rates, as the docs show.
 
 
 def _seed_hits(hits: pd.Series) -> str:
@@ -372,8 +368,7 @@ def control_hit_rates(
     """
     import yaml
 
-    head = control.split("(", 1)[0]
-    control = head.split(":", 1)[0] if ":" in head else head
+    control = control_label(control)
     reports = Path(reports)
     rows = []
 
@@ -392,14 +387,14 @@ def control_hit_rates(
         s = json.loads(summary.read_text())
         d = pd.read_csv(per_image)
         d = d[d["editor"] == control]
-        at = d["eps_8bit"].iloc[(d["eps_8bit"] - 6.375).abs().argsort()].iloc[0]
+        at = d["eps_8bit"].iloc[(d["eps_8bit"] - Budget().eps_8bit).abs().argsort()].iloc[0]
         d = d[np.isclose(d["eps_8bit"], at)]
         clean = (d["hit_fraction_clean"] >= hit_min_fraction).groupby(d["name"]).mean().mean()
+        (r,) = control_rates(s, None, None, control)
         row(
             "sweep", summary, "m", round(float(at), 3),
             f"{s['n_images']} × {s[f'{control}_seeds']}", _seed_hits(d.loc[d["name"] == image, "hit"]),
-            s[f"{control}_hit_rate_at_paper_eps"], clean,
-            s[f"{control}_hit_rate_at_paper_eps_low"], s[f"{control}_hit_rate_at_paper_eps_high"],
+            r["protected"], clean, r["protected_low"], r["protected_high"],
         )  # fmt: skip
     else:
         row("sweep", summary, "m", "", "", "file not found")
@@ -421,24 +416,25 @@ def control_hit_rates(
         mine = p[p["name"] == image]
         runs = f"{p['name'].nunique()} × {p['seed'].nunique()}"
         fair_kinds = p.loc[(p["kind"] == "malicious") & (p["family"] == "fair"), "scenario"]
-        fair = pd.read_csv(fair_csv).set_index(["source", "kind", "family", "scenario"])
-        base = pd.read_csv(base_csv).set_index(["source", "method", "kind", "family"])
+        shared = {
+            r["key"]: r
+            for r in control_rates(None, pd.read_csv(fair_csv), pd.read_csv(base_csv), control)
+        }
         groups = [
-            ("mask", fair, (control, "malicious", "official", "mask"), "m", mine["scenario"] == "mask"),
-            ("official", base, (control, "backdoor", "malicious", "official"), "m, E(m), incomplete",
+            ("mask", fair_csv, "m", mine["scenario"] == "mask"),
+            ("official", base_csv, "m, E(m), incomplete",
              (mine["kind"] == "malicious") & (mine["family"] == "official")),
-            ("fair", base, (control, "backdoor", "malicious", "fair"), f"{fair_kinds.nunique()} fair masks",
+            ("fair", base_csv, f"{fair_kinds.nunique()} fair masks",
              (mine["kind"] == "malicious") & (mine["family"] == "fair")),
         ]  # fmt: skip
-        for key, table, index, edited, select in groups:
-            r = table.loc[index]
+        for key, file, edited, select in groups:
+            r = shared[key]
             row(
-                key, fair_csv if table is fair else base_csv, edited, beyond_eps and round(beyond_eps, 3), runs,
+                key, file, edited, beyond_eps and round(beyond_eps, 3), runs,
                 "not in that run" if mine.empty
                 else _seed_hits(mine.loc[select, "hit_protected"]) if key == "mask"
                 else f"{mine.loc[select, 'hit_protected'].mean():.0%} of its edits",
-                r["hit_rate_protected"], r["hit_rate_clean"],
-                r["hit_rate_protected_low"], r["hit_rate_protected_high"],
+                r["protected"], r["clean"], r["protected_low"], r["protected_high"],
             )  # fmt: skip
     else:
         for key in ("mask", "official", "fair"):

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .model_paths import MODELS_ENV, models_dir  # noqa: F401 (re-exported)
+
 MIRROR_ENV = "RUNTIME_BACKDOOR_WEIGHTS_MIRROR"
-MODELS_ENV = "RUNTIME_BACKDOOR_MODELS"
 RECORD_NAME = "weights.json"
 
 
@@ -173,10 +173,6 @@ class WeightsError(Exception):
 # --------------------------------------------------------------------------- places
 
 
-def models_dir() -> Path:
-    return Path(os.environ.get(MODELS_ENV) or "models")
-
-
 def destination(spec: WeightFile, root: Path | None = None) -> Path:
     """Where the file (``file``), the extracted folder (``zip``) or the folder (``hub``) goes."""
     return (root or models_dir()) / spec.dest
@@ -278,3 +274,30 @@ def verify(name: str, root: Path | None = None) -> tuple[bool, str]:
     if problems:
         return False, f"{dest}: {'; '.join(problems)} ({fetch_hint})"
     return True, f"ok: {dest} (commit {recorded['commit']}, {len(recorded['files'])} files)"
+
+
+# Where an editor's weights lie: here, not in runtime_backdoor.editors, so that no stage imports
+# the registry (tests/test_contract.py).
+
+
+def weight_paths(name: str, models: str | Path | None = None) -> list[tuple[str, Path]]:
+    """``(weights entry, path)`` of every weight file or folder the editor ``name`` reads,
+    default first, where ``runtime-backdoor weights fetch`` (or the pipeline) puts it under
+    ``models``. The entry is ``""`` for weights no :data:`REGISTRY` entry fetches (the
+    miniature)."""
+    from .editors import EDITORS
+
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known editors: {', '.join(EDITORS)}")
+    entry = EDITORS[name]
+    root = Path(models) if models is not None else models_dir()
+    paths = [(key, primary_path(REGISTRY[key], root)) for key in entry.weights]
+    if entry.default_path is not None:
+        paths.append(("", root / entry.default_path))
+    return paths
+
+
+def default_weights(name: str, models: str | Path | None = None) -> Path | None:
+    """Where the editor ``name``'s default weights lie under ``models`` (``None``: none)."""
+    paths = weight_paths(name, models)
+    return paths[0][1] if paths else None

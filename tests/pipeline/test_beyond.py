@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from runtime_backdoor import reporting
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.data import write_json
 from runtime_backdoor.editors import editor_record, load_recorded_editor
 from runtime_backdoor.editors.specs import parse_editor_spec
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 SOURCES = "pipeline control:global-mix(gain:800,reach:3)"
 TRANSFER = "lama-s1:lama(preset:mini,seed:1)"
-TRANSFORMS = "none jpeg:75 crop:3"
+TRANSFORMS = "none jpeg:75 crop:3px"
 ROBUST = "mask ring fair_box benign_medium"
+
+BUDGET = Budget(steps=2, expand_kernel=5)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +37,7 @@ def folders(tmp_path_factory):
     prepare.prepare(d / "raw", d / "prepared", size=48)
     write_json(d / "editor" / "editor.json", editor_record("lama", None, preset="mini", seed=0))
     editor = load_recorded_editor(d / "editor" / "editor.json")
-    implant.implant_folder(
-        editor, d / "prepared", d / "protected", steps=2, expand_kernel=5, progress=False
-    )
+    implant.implant_folder(editor, d / "prepared", d / "protected", budget=BUDGET, progress=False)
     return d
 
 
@@ -53,7 +54,7 @@ def test_stage_function_covers_every_part(folders):
     per_edit, protection = beyond.measure(
         d / "prepared", d / "protected", d / "editor" / "editor.json",
         editors=SOURCES, transfer_editors=TRANSFER, subset=2, transforms=TRANSFORMS,
-        robust_scenarios=ROBUST, budget={"eps": 0.025, "steps": 2, "expand_kernel": 5},
+        robust_scenarios=ROBUST, budget=BUDGET,
         seeds=2, progress=False,
     )  # fmt: skip
     n_scen, n_robust, n_methods = 6 + len(FAIR_SCENARIOS), 4, 4  # encoder is n/a here
@@ -89,7 +90,7 @@ def test_stage_function_covers_every_part(folders):
     ok = protection[protection["status"] == "ok"]
     assert ok["linf_8bit"].max() <= 6.375 + 1e-4
     # The crop shrinks the scenario masks with the image.
-    crop = pipe[pipe["transform"] == "crop:3"].set_index(["name", "scenario"])["edited_fraction"]
+    crop = pipe[pipe["transform"] == "crop:3px"].set_index(["name", "scenario"])["edited_fraction"]
     assert crop.notna().all()
 
     tables = {
@@ -100,7 +101,7 @@ def test_stage_function_covers_every_part(folders):
         "transfer": reporting.transfer_table(per_edit),
     }
     assert set(tables["fair"]["scenario"]) == set(beyond.ALL_SCENARIOS)
-    assert set(tables["robust"]["transform"]) == {"none", "jpeg:75", "crop:3"}
+    assert set(tables["robust"]["transform"]) == {"none", "jpeg:75", "crop:3px"}
     assert set(tables["eot"]["method"]) == {"backdoor", "backdoor_eot"}
     assert (tables["eot"]["n_images"] == 2).all()  # the same images for both
     base = tables["base"]
@@ -144,8 +145,7 @@ def test_beyond_notebook_on_a_tiny_setting(folders, run_notebook):
         subset=2,
         transforms=TRANSFORMS,
         robust_scenarios=ROBUST,
-        steps=2,
-        expand_kernel=5,
+        budget=BUDGET,
         device="cpu",
     )
     out = d / "reports" / "beyond"
@@ -205,7 +205,7 @@ def test_stage_reports_lpips_with_a_backbone_and_says_why_not_without(
     common = dict(
         prepared_dir=d / "prepared", protected_dir=d / "protected",
         editor_record=d / "editor" / "editor.json", editors="pipeline", methods="backdoor",
-        transforms="none jpeg:75", robust_scenarios="mask ring", steps=2, device="cpu",
+        transforms="none jpeg:75", robust_scenarios="mask ring", budget=BUDGET, device="cpu",
     )  # fmt: skip
     without = beyond.run(tmp_path / "a", lpips_backbone=str(tmp_path / "none.pth"), **common)
     summary = json.loads((tmp_path / "a" / "beyond" / "metrics.json").read_text())

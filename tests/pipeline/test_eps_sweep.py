@@ -2,6 +2,7 @@
 
 import pandas as pd
 
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.editors.simple import BlurFillEditor, GlobalMixEditor
 from runtime_backdoor.pipeline import eps_sweep, prepare
 
@@ -16,8 +17,9 @@ def test_sweep_rows_per_budget_and_image_with_the_budget_respected(raw, tmp_path
     prepare.prepare(raw, tmp_path / "prepared", size=32)
     budgets = [2 / 255, 32 / 255]
     sweep = eps_sweep.sweep_editor(
-        BlurFillEditor(), tmp_path / "prepared", budgets, kernel=3, steps=2, progress=False
-    )
+        BlurFillEditor(), tmp_path / "prepared", budgets, budget=Budget(steps=2, expand_kernel=3),
+        progress=False,
+    )  # fmt: skip
     assert len(sweep) == 2 * 3
     assert sweep.groupby("eps")["name"].count().tolist() == [3, 3]
     # PSNR of an L∞ change of at most ε·255 levels is at least 20·log10(255/(ε·255)).
@@ -31,7 +33,7 @@ def test_the_sensitive_control_gets_closer_to_the_target_with_more_budget(raw, t
     prepare.prepare(raw, tmp_path / "prepared", size=32)
     sweep = eps_sweep.sweep_editor(
         GlobalMixEditor(gain=800, reach=3), tmp_path / "prepared", [1 / 255, 32 / 255],
-        kernel=3, steps=20, progress=False,
+        budget=Budget(expand_kernel=3), progress=False,
     )  # fmt: skip
     mse = sweep.groupby("eps")["target_mse"].mean()
     assert mse.iloc[1] < mse.iloc[0]

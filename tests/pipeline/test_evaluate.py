@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.data import write_json
 from runtime_backdoor.editors import editor_record
 from runtime_backdoor.masks import SCENARIOS
@@ -17,7 +18,9 @@ def folders(raw, tmp_path_factory):
     prepare.prepare(raw, d / "prepared", size=32)
     record = write_json(d / "editor.json", editor_record("toy-control"))
     common = {"prepared_dir": d / "prepared", "editor_record": record, "device": "cpu"}
-    implant.run(d / "protected", figure=d / "loss.png", steps=3, expand_kernel=3, **common)
+    implant.run(
+        d / "protected", figure=d / "loss.png", budget=Budget(steps=3, expand_kernel=3), **common
+    )
     edit.run(d / "edited", protected_dir=d / "protected", expand_kernel=3, **common)
     return d
 

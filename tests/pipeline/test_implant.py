@@ -3,6 +3,7 @@
 import json
 
 from runtime_backdoor.editors.simple import GlobalMixEditor
+from runtime_backdoor.implant import Budget
 from runtime_backdoor.launch import code_hash
 from runtime_backdoor.pipeline import implant, prepare
 
@@ -19,12 +20,13 @@ def test_resume_key_covers_the_editor_code():
 def test_implant_resumes_only_what_matches(raw, tmp_path):
     prepare.prepare(raw, tmp_path / "prepared", size=64)
     editor = GlobalMixEditor(gain=800)
-    kwargs = {"eps": 0.025, "steps": 3, "expand_kernel": 5, "batch_size": 2, "progress": False}
+    budget = Budget(steps=3, expand_kernel=5)
 
     def protect(e=editor, **over):
         return implant.implant_folder(
-            e, tmp_path / "prepared", tmp_path / "protected", **(kwargs | over)
-        )
+            e, tmp_path / "prepared", tmp_path / "protected", budget=budget.replace(**over),
+            batch_size=2, progress=False,
+        )  # fmt: skip
 
     first = protect()
     assert len(first) == 3 and first["linf_8bit"].max() <= 6.375 + 1e-6
@@ -53,7 +55,7 @@ def test_stage_writes_losses_figure_and_summary(raw, tmp_path):
     record = write_json(tmp_path / "editor.json", editor_record("toy-control"))
     result = implant.run(
         tmp_path / "protected", prepared_dir=tmp_path / "prepared", editor_record=record,
-        figure=tmp_path / "loss.png", device="cpu", steps=2, expand_kernel=3,
+        figure=tmp_path / "loss.png", device="cpu", budget=Budget(steps=2, expand_kernel=3),
     )  # fmt: skip
     summary = json.loads((tmp_path / "protected" / "summary.json").read_text())
     assert summary == result["summary"] and summary["n_images"] == 3

@@ -198,28 +198,6 @@ def build_editor(
     return editor
 
 
-def weight_paths(name: str, models: str | Path | None = None) -> list[tuple[str, Path]]:
-    """``(weights entry, path)`` of every weight file or folder ``name`` reads, default first,
-    where ``runtime-backdoor weights fetch`` (or the pipeline) puts it under ``models``.
-
-    The entry is ``""`` for weights no ``weights.REGISTRY`` entry fetches (the miniature).
-    """
-    from .. import weights as W
-
-    entry = _entry(name)
-    root = Path(models) if models is not None else W.models_dir()
-    paths = [(key, W.primary_path(W.REGISTRY[key], root)) for key in entry.weights]
-    if entry.default_path is not None:
-        paths.append(("", root / entry.default_path))
-    return paths
-
-
-def default_weights(name: str, models: str | Path | None = None) -> Path | None:
-    """Where ``name``'s default weights lie under ``models`` (``None``: it has none)."""
-    paths = weight_paths(name, models)
-    return paths[0][1] if paths else None
-
-
 def editor_record(name: str, weights: str | None = None, **options) -> dict:
     """What the ``editor`` stage writes to ``models/editor/editor.json`` for later stages."""
     _entry(name)
@@ -246,9 +224,7 @@ __all__ = [
     "TOY_CONTROL",
     "build_editor",
     "check_image_mask",
-    "default_weights",
     "editor_record",
     "load_recorded_editor",
     "pad_to_multiple",
-    "weight_paths",
 ]

@@ -31,12 +31,21 @@ from tqdm.auto import tqdm
 
 from .. import reporting
 from ..baselines import METHODS, NotApplicable, protect
+from ..budget import Budget
 from ..data import load_prepared, read_folder, read_image, to_tensor, write_csv, write_json
 from ..editors.specs import PIPELINE, ParsedSpec, build_from_spec, parse_editor_specs
+from ..eot import parse_draws
 from ..masks import BENIGN as OFFICIAL_BENIGN
 from ..masks import MALICIOUS as OFFICIAL_MALICIOUS
 from ..masks import scenario_masks
-from ..metrics import LpipsUnavailable, load_lpips, lpips_batch, reduce_ssim, ssim_map
+from ..metrics import (
+    LpipsUnavailable,
+    hit_fraction_batch,
+    load_lpips,
+    lpips_batch,
+    reduce_ssim,
+    ssim_map,
+)
 from ..plots import bars, plt, save_figure, sns
 from ..project import resolve_device
 from ..robustness import FAIR_BENIGN, FAIR_MALICIOUS, fair_masks, parse_transforms, to_8bit
@@ -71,12 +80,6 @@ def load_protected(protected_dir, names) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- metrics
-
-
-def hit_fraction(edited: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, tol: float):
-    """(B,) share of the mask's pixels within ``tol`` of ``target`` in every channel."""
-    hit = ((edited - target).abs().amax(1, keepdim=True) <= tol + 1e-9).to(mask.dtype)
-    return (hit * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
 
 
 def evaluate_grid(
@@ -159,8 +162,8 @@ def evaluate_grid(
             target = t.frame(targets[method])
             safe = region.clone()
             safe[~valid] = 1  # metrics of an empty region are dropped below
-            frac_p = hit_fraction(prot_edit, target, safe, hit_tol)
-            frac_c = hit_fraction(clean_edit, target, safe, hit_tol)
+            frac_p = hit_fraction_batch(prot_edit, target, safe, hit_tol)
+            frac_c = hit_fraction_batch(clean_edit, target, safe, hit_tol)
             smap = ssim_map(prot_edit, clean_edit)
             ssim_all, ssim_reg = reduce_ssim(smap), reduce_ssim(smap, safe)
             mse_reg = ((prot_edit - clean_edit) ** 2 * safe).flatten(1).sum(1) / (
@@ -213,7 +216,7 @@ def measure(
     robust_scenarios: str | list | None = None,
     eot_transforms: str | list = "jpeg resize dilate",
     shift_px: int = 4,
-    budget: dict | None = None,
+    budget: Budget,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     seed: int = 0,
@@ -227,18 +230,17 @@ def measure(
 
     ``editors``: source editors (specs) protected against and edited with; ``pipeline``
     must be among them for the all-image part. ``transfer_editors``: extra editors that
-    only edit. ``budget``: the implant stage's settings (``eps``, ``steps``, ``lr``,
-    ``init_high``, ``expand_kernel``, ``target``, ``seed``), shared by every method.
+    only edit. ``budget``: the implant stage's :class:`~runtime_backdoor.budget.Budget`,
+    shared by every method.
     ``per_edit`` has one row per source, target editor, method, image, transformation and
     scenario; ``protection`` one row per source, method and image (cost, L∞, status).
-    ``seeds``: δ₀ seeds (``budget["seed"]`` and the next ones) of every method against every
+    ``seeds``: δ₀ seeds (``budget.seed`` and the next ones) of every method against every
     source except the pipeline editor, whose backdoor is the implant stage's (one seed) and
     whose other methods run once to bound the cost; rows carry their ``seed``.
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    budget = dict(budget or {})
-    kernel = int(budget.get("expand_kernel", 5))
+    kernel = int(budget.expand_kernel)
     sources = parse_editor_specs(editors)
     all_targets = parse_editor_specs(sources + parse_editor_specs(transfer_editors))
     methods = methods.split() if isinstance(methods, str) else list(methods)
@@ -251,12 +253,8 @@ def measure(
             f"unknown robust_scenarios {sorted(set(robust) - set(ALL_SCENARIOS))}; "
             f"known: {', '.join(ALL_SCENARIOS)}"
         )
-    transform_list = transforms.split() if isinstance(transforms, str) else list(transforms)
-    eot = {
-        "transforms": tuple(
-            eot_transforms.split() if isinstance(eot_transforms, str) else eot_transforms
-        )
-    }
+    transform_list = [t.name for t in parse_transforms(transforms)]  # refused here, not later
+    eot = {"transforms": tuple(s.name for s in parse_draws(eot_transforms))}
     device = torch.device(device)
 
     manifest = read_folder(prepared_dir)
@@ -276,7 +274,7 @@ def measure(
     clean_edits: dict[str, dict] = {}  # editor label -> its clean edits, shared across calls
 
     frames, log = [], []
-    base_seed = int(budget.get("seed", 0))
+    base_seed = int(budget.seed)
 
     def add(df: pd.DataFrame, source: str, target: str, run_seed: int = base_seed) -> None:
         if len(df):
@@ -289,7 +287,7 @@ def measure(
         names = list(read_folder(prepared_dir)["name"])
         x, m = x.to(device), m.to(device)
         xp = load_protected(protected_dir, names).to(device)
-        phi = make_target(x, budget.get("target", "solid"))
+        phi = make_target(x, budget.target)
         df = evaluate_grid(
             editor_of(pipeline[0]), x, m, {"backdoor": xp}, {"backdoor": phi}, names=names,
             transforms=transform_list, robust_scenarios=robust, progress=progress,
@@ -311,15 +309,15 @@ def measure(
     x, m = x.to(device), m.to(device)
     order = list(read_folder(prepared_dir).query("name in @chosen")["name"])
 
-    def protect_against(spec: ParsedSpec, editor, run_budget: dict, run_seed: int) -> None:
+    def protect_against(spec: ParsedSpec, editor, run_budget: Budget, run_seed: int) -> None:
         protected, targets = {}, {}
         for method in methods:
             if spec.name == PIPELINE and method == "backdoor":
                 protected[method] = load_protected(protected_dir, order).to(device)
-                targets[method] = make_target(x, budget.get("target", "solid"))
+                targets[method] = make_target(x, budget.target)
                 continue
             try:
-                r = protect(method, editor, x, m, eot=eot, progress=False, **run_budget)
+                r = protect(method, editor, x, m, budget=run_budget, eot=eot, progress=False)
             except NotApplicable as err:
                 log.extend(
                     {
@@ -374,7 +372,7 @@ def measure(
     for spec in sources:
         editor = editor_of(spec)
         for run_seed in range(base_seed, base_seed + (1 if spec.name == PIPELINE else seeds)):
-            run_budget = {**budget, "seed": run_seed}
+            run_budget = budget.with_seed(run_seed)
             protect_against(spec, editor, run_budget, run_seed)
     per_edit = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if len(per_edit):
@@ -389,7 +387,6 @@ __all__ = [
     "BENIGN",
     "MALICIOUS",
     "evaluate_grid",
-    "hit_fraction",
     "load_protected",
     "run",
     "subset_names",
@@ -500,13 +497,7 @@ def run(
     robust_scenarios: str | None = None,
     eot_transforms: str = "jpeg resize dilate",
     shift_px: int = 4,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    init_high: float = 0.01,
-    expand_kernel: int = 5,
-    target: str = "solid",
-    seed: int = 0,
+    budget: Budget,
     seeds: int = 1,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
@@ -516,15 +507,13 @@ def run(
 ) -> dict:
     """The stage: :func:`measure`, then every table, figure, ``results.md``,
     ``conclusions.json`` and ``metrics.json`` under ``reports_dir/beyond`` and
-    ``reports_dir/figures/beyond``. The budget (eps ... seed) is the implant stage's.
+    ``reports_dir/figures/beyond``. ``budget``: the implant stage's; its seed also seeds the
+    EOT draws and the fair masks.
     ``lpips_backbone``: the evaluate stage's AlexNet for LPIPS-alex ("" = none); without it the
     LPIPS columns are absent and the report says why, with the fetch command."""
     out = Path(reports_dir) / "beyond"
     fig_dir = Path(reports_dir) / "figures" / "beyond"
-    budget = {
-        "eps": eps, "steps": steps, "lr": lr, "init_high": init_high,
-        "expand_kernel": expand_kernel, "target": target, "seed": seed,
-    }  # fmt: skip
+    seed = budget.seed
     dev = resolve_device(device)
     lpips_model, lpips_unavailable = None, "no backbone given (evaluate.lpips_backbone)"
     if lpips_backbone:
@@ -547,7 +536,7 @@ def run(
 
     manifest = read_folder(prepared_dir)
     firsts = manifest.groupby("content", sort=False).head(1)["name"].tolist()
-    fig = fair_mask_figure(prepared_dir, firsts, expand_kernel, shift_px=shift_px, seed=seed)
+    fig = fair_mask_figure(prepared_dir, firsts, budget.expand_kernel, shift_px=shift_px, seed=seed)
     figures = [save_figure(fig, fig_dir / "fair_masks.png")]
     tables = {
         "fair_masks": reporting.fair_mask_table(per_edit),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..budget import Budget
 from ..data import write_json
 from ..editors import build_editor, editor_record
 from ..implant import sensitivity
@@ -58,7 +59,7 @@ def run(
     train_seconds: float = 0,
     train_size: int = 64,
     seed: int = 0,
-    eps: float = 0.025,
+    eps: float = Budget.eps,
     check_size: int = 128,
     device: str = "auto",
 ) -> dict:

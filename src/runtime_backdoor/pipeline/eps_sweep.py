@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics as Q
+from ..budget import Budget
 from ..data import load_prepared, read_folder, to_array, write_csv, write_json
 from ..editors.specs import PIPELINE, build_from_spec, parse_editor_specs
 from ..implant import implant
@@ -36,16 +37,15 @@ def sweep_editor(
     prepared_dir,
     eps_values,
     *,
+    budget: Budget,
     names=None,
-    kernel: int = 5,
-    steps: int = 20,
-    seed: int = 0,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Protection against ``editor`` at each budget in ``eps_values`` (fractions of the range).
+    """Protection against ``editor`` at ``budget`` with each ε in ``eps_values`` (fractions of
+    the range) in turn.
 
     Per image and ε: the share of the protected region on target when it is edited
     (malicious), the PSNR of the ring edit of the protected image against the ring edit
@@ -53,22 +53,24 @@ def sweep_editor(
     """
     df, x, m = load_prepared(prepared_dir, names)
     x, m = x.to(device), m.to(device)
-    band = ring(m, kernel)
+    band = ring(m, budget.expand_kernel)
     with torch.no_grad():
         clean_ring = editor(x, band)
         clean_fill = editor(x, m)
     rows = []
     for eps in tqdm(list(eps_values), desc="ε sweep", disable=not progress):
-        r = implant(
-            editor, x, m, eps=eps, steps=steps, expand_kernel=kernel, seed=seed, progress=False
-        )
+        r = implant(editor, x, m, budget=budget.replace(eps=eps), progress=False)
         with torch.no_grad():
             fill = editor(r.protected, m)
             ring_edit = editor(r.protected, band)
+        # float64: the hit fractions of the reference (metrics.target_hit_fraction), bit for bit
+        phi, region_b = r.target.double(), m.double()
+        fracs = Q.hit_fraction_batch(fill.double(), phi, region_b, hit_tol).tolist()
+        cleans = Q.hit_fraction_batch(clean_fill.double(), phi, region_b, hit_tol).tolist()
         for i, name in enumerate(df["name"]):
             region = m[i, 0].cpu().numpy() > 0.5
             target = to_array(r.target[i])
-            frac = Q.target_hit_fraction(to_array(fill[i]), target, region, tol=hit_tol)
+            frac = fracs[i]
             rows.append(
                 {
                     "eps": eps,
@@ -77,9 +79,7 @@ def sweep_editor(
                     "content": df["content"][i],
                     "hit_fraction": frac,
                     "hit": bool(frac >= hit_min_fraction),
-                    "hit_fraction_clean": Q.target_hit_fraction(
-                        to_array(clean_fill[i]), target, region, tol=hit_tol
-                    ),
+                    "hit_fraction_clean": cleans[i],
                     "target_mse": Q.masked_mse(to_array(fill[i]), target, region),
                     "ring_psnr": Q.psnr(to_array(ring_edit[i]), to_array(clean_ring[i])),
                     "protection_psnr": Q.psnr(to_array(r.protected[i]), to_array(x[i])),
@@ -88,7 +88,7 @@ def sweep_editor(
     return pd.DataFrame(rows)
 
 
-def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = 6.375):
+def eps_sweep_plot(sweep: pd.DataFrame, paper_eps_8bit: float = Budget().eps_8bit):
     """Hit rate, benign ring PSNR and protection PSNR against ε, one line per editor, with
     95 % intervals over images (seeds averaged within an image first) as bands."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -126,15 +126,17 @@ def run(
     images_per_type: int = 0,
     seeds: int = 1,
     seeded: str = "",
-    expand_kernel: int = 5,
-    steps: int = 20,
-    seed: int = 0,
+    budget: Budget,
+    hit_tol: float = 0.1,
+    hit_min_fraction: float = 0.5,
     device: str = "auto",
 ) -> dict:
     """The stage: ``eps_sweep.csv``, ``eps_sweep.json`` (flat summary) and the figure.
 
     ``editors``: specs (``pipeline`` = the editor stage's); the labels in ``seeded`` run over
-    ``seeds`` δ₀ seeds (the chaotic toy), the others run ``seed`` only, to bound the cost.
+    ``seeds`` δ₀ seeds (the chaotic toy), the others run ``budget.seed`` only, to bound the
+    cost. ``budget``: the implant stage's, whose ε is swept; ``hit_tol``/``hit_min_fraction``:
+    the evaluate stage's.
     """
     dev = resolve_device(device)
     budgets = [float(v) / 255 for v in str(eps_8bit).split(",")]
@@ -147,10 +149,10 @@ def run(
     seeded_labels = str(seeded).split()
     parts = []
     for label, editor in built.items():
-        for run_seed in range(seed, seed + (seeds if label in seeded_labels else 1)):
+        for run_seed in range(budget.seed, budget.seed + (seeds if label in seeded_labels else 1)):
             part = sweep_editor(
-                editor, prepared_dir, budgets, names=names, kernel=expand_kernel, steps=steps,
-                seed=run_seed, device=dev,
+                editor, prepared_dir, budgets, budget=budget.with_seed(run_seed), names=names,
+                hit_tol=hit_tol, hit_min_fraction=hit_min_fraction, device=dev,
             )  # fmt: skip
             parts.append(part.assign(editor=label, seed=run_seed))
     sweep = pd.concat(parts, ignore_index=True)
@@ -178,7 +180,7 @@ def run(
         summary[f"{label}_min_eps_8bit_for_80pct_hits"] = (
             float(reached.min()) if len(reached) else None
         )
-        paper = g.iloc[(g["eps_8bit"] - 6.375).abs().argsort()[:1]].iloc[0]
+        paper = g.iloc[(g["eps_8bit"] - Budget().eps_8bit).abs().argsort()[:1]].iloc[0]
         for suffix in ("", "_low", "_high"):
             summary[f"{label}_hit_rate_at_paper_eps{suffix}"] = float(paper[f"hit_rate{suffix}"])
     write_json(reports / "eps_sweep.json", summary)

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..budget import Budget
 from ..data import load_prepared, read_folder, to_array, write_csv, write_json, write_png
 from ..implant import implant
 from ..launch import (
@@ -33,13 +34,17 @@ def implant_folder(
     prepared_dir,
     out_dir,
     *,
+    budget: Budget | dict,
     batch_size: int = 6,
     device: str | torch.device = "cpu",
     progress: bool = True,
     ranks: Ranks | None = None,
-    **implant_kwargs,
+    **options,
 ) -> pd.DataFrame:
-    """Protect every prepared image; write ``NAME.png``, the loss curves and a manifest.
+    """Protect every prepared image at ``budget``; write ``NAME.png``, the loss curves and a
+    manifest. ``budget``: a :class:`~runtime_backdoor.budget.Budget` or its fields as a dict
+    (how :func:`runtime_backdoor.launch.run_stage` hands it to other processes); ``options``:
+    other keywords of :func:`runtime_backdoor.implant.implant` (``autocast_dtype``...).
 
     Images already protected by an earlier run with the same settings (same hash in
     ``manifest.csv``) are kept, so an interrupted run resumes where it stopped. With
@@ -48,9 +53,15 @@ def implant_folder(
     """
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
     ranks = ranks or Ranks()
+    budget = Budget(**budget) if isinstance(budget, dict) else budget
     df = read_folder(prepared_dir)
     tag = settings_hash(
-        {"editor": editor_fingerprint(editor), "code": code_hash(editor), **implant_kwargs}
+        {
+            "editor": editor_fingerprint(editor),
+            "code": code_hash(editor),
+            **budget.kwargs(),
+            **options,
+        }  # fmt: skip
     )
     ledger = Ledger(out_dir, ranks, tables=("manifest", "losses"))
     previous = ledger.start()
@@ -63,7 +74,7 @@ def implant_folder(
     for names in tqdm(ranks.share(batches), desc="protect", disable=not progress):
         _, x, m = load_prepared(prepared_dir, names)
         x, m = x.to(device), m.to(device)
-        r = implant(editor, x, m, progress=False, **implant_kwargs)
+        r = implant(editor, x, m, budget=budget, progress=False, **options)
         rows, curves = [], []
         for i, name in enumerate(names):
             write_png(out_dir / f"{name}.png", to_array(r.protected[i]), overwrite=True)
@@ -121,22 +132,19 @@ def loss_plot(losses: pd.DataFrame):
 def run(
     out_dir,
     *,
+    budget: Budget,
     prepared_dir="data/prepared",
     editor_record="models/editor/editor.json",
     figure="reports/figures/loss_curves.png",
     batch_size: int = 6,
     device: str = "auto",
     launcher: str = "none",
-    **implant_kwargs,
 ) -> dict:
-    """The stage: protect every image (here or under ``launcher``), plot the losses, summarise.
-
-    ``implant_kwargs``: eps, steps, lr, init_high, expand_kernel, target, seed (see
-    :func:`runtime_backdoor.implant.implant`).
-    """
+    """The stage: protect every image at ``budget`` (here or under ``launcher``), plot the
+    losses, summarise."""
     manifest = run_stage(
         implant_folder, launcher, editor_record=editor_record, device=device,
-        prepared_dir=prepared_dir, out_dir=out_dir, batch_size=batch_size, **implant_kwargs,
+        prepared_dir=prepared_dir, out_dir=out_dir, batch_size=batch_size, budget=budget.kwargs(),
     )  # fmt: skip
     losses = pd.read_csv(Path(out_dir) / "losses.csv")
     save_figure(loss_plot(losses), figure)
