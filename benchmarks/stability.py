@@ -9,12 +9,18 @@ per variant, and compares each variant's reports with the committed ones:
 
 For every headline number it gives the committed value with its 95 % interval, each
 variant's value and whether that value lies inside the committed interval; for every
-conclusion the reports state (``reports/conclusions.json``,
-``reports/beyond/conclusions.json``) whether the variant reaches the same verdict.
+comparison of every stage's ``conclusions.json`` (:data:`runtime_backdoor.docs_text.CONCLUSION_FILES`)
+the verdict each variant reaches. A directional conclusion is stated in the README and docs
+only when every variant reaches the committed verdict; the others are listed there as fragile
+with the runs that broke them (:mod:`runtime_backdoor.docs_text`).
 Writes ``reports/stability.md`` and ``reports/stability.json``.
+
+``--parallel`` runs the variants at the same time, one thread each (on 2 cores about the time
+of one run at two threads).
 
     python benchmarks/stability.py            # both variants (two pipeline runs)
     python benchmarks/stability.py --variants blas --keep /tmp/stab
+    python benchmarks/stability.py --parallel
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
+from runtime_backdoor.docs_text import CONCLUSION_FILES
 from runtime_backdoor.runs import copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +75,7 @@ HEADLINES = {
         "control_markpainting_benign_official_hit_rate", "control_backdoor_benign_official_hit_rate",
     ],
 }  # fmt: skip
-CONCLUSIONS = ("reports/conclusions.json", "reports/beyond/conclusions.json")
+CONCLUSIONS = CONCLUSION_FILES
 
 
 def scratch_copy(dest: Path) -> None:
@@ -75,7 +83,7 @@ def scratch_copy(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
 
 
-def run_variant(dest: Path, env_extra: dict, shifts: dict) -> float:
+def run_variant(dest: Path, env_extra: dict, shifts: dict, threads: int = 0) -> float:
     scratch_copy(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for key, delta in shifts.items():
@@ -84,6 +92,8 @@ def run_variant(dest: Path, env_extra: dict, shifts: dict) -> float:
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **env_extra, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     dvc = str(bin_dir / "dvc")
     start = time.perf_counter()
@@ -162,10 +172,17 @@ def markdown(result: dict, seconds: dict) -> str:
     stated = [c for c in result["conclusions"] if c["stated"]]
     lines += ["", "## Conclusions", ""]
     held = {v: sum(c[v] == c["committed"] for c in stated) for v in names}
+    fragile = [c for c in stated if any(c[v] != c["committed"] for v in names)]
     lines.append(
         f"{len(stated)} directional conclusions are stated (the others say no detectable difference). "
         + "; ".join(f"{v}: {held[v]} of {len(stated)} hold" for v in names)
         + "."
+    )
+    lines.append(
+        f"{len(stated) - len(fragile)} hold in every run and are stated in the README and docs; "
+        f"{len(fragile)} are fragile (listed there as such, with the runs that broke them). "
+        f"{len(result['conclusions'])} comparisons in all, every one in the table below or "
+        "counted after it."
     )
     lines += [
         "",
@@ -197,6 +214,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "reports")
     parser.add_argument(
+        "--parallel", action="store_true", help="run the variants at once, one thread each"
+    )
+    parser.add_argument(
         "--compare-only", action="store_true",
         help="compare the runs kept under --keep with the reports again, without running",
     )  # fmt: skip
@@ -207,16 +227,21 @@ def main(argv=None) -> int:
     if args.compare_only and args.keep is None:
         parser.error("--compare-only needs --keep DIR (the folder of an earlier run)")
     try:
+        def one(v: str) -> None:
+            if dirs[v].exists():
+                shutil.rmtree(dirs[v])
+            print(f"stability: running the pipeline, variant {v} ...", flush=True)
+            seconds[v] = run_variant(dirs[v], *VARIANTS[v], threads=1 if args.parallel else 0)
+            (dirs[v] / "seconds.json").write_text(json.dumps({"seconds": seconds[v]}))
+
         for v in args.variants:
             dirs[v] = base / v
             if args.compare_only:
                 seconds[v] = json.loads((base / v / "seconds.json").read_text())["seconds"]
-                continue
-            if dirs[v].exists():
-                shutil.rmtree(dirs[v])
-            print(f"stability: running the pipeline, variant {v} ...", flush=True)
-            seconds[v] = run_variant(dirs[v], *VARIANTS[v])
-            (dirs[v] / "seconds.json").write_text(json.dumps({"seconds": seconds[v]}))
+        if not args.compare_only:
+            with ThreadPoolExecutor(len(args.variants) if args.parallel else 1) as pool:
+                list(pool.map(one, args.variants))
+        seconds = {v: seconds[v] for v in args.variants}
         result = compare_runs(dirs)
         result["seconds"] = seconds
         args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .stats import MIN_N, Estimate
+from .control_rates import control_rates
+from .stats import MIN_N, SIGN_TEST, Estimate, detectable_net_share
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -32,6 +33,7 @@ def markers(name: str) -> tuple[str, str]:
 CONCLUSIONS_BEGIN, CONCLUSIONS_END = markers("conclusions")
 HEADLINE_BEGIN, HEADLINE_END = markers("headline")
 CONTROL_BEGIN, CONTROL_END = markers("control-rates")
+FAMILIES_BEGIN, FAMILIES_END = markers("families")
 
 #: The stages' conclusions, in the order docs/results.md lists them. A file that neither the
 #: commit nor the working tree has (its stage has not run yet) is named as such in the list.
@@ -49,6 +51,7 @@ REPORT_FILES = (
     "reports/beyond/fair_masks.csv",
     "reports/beyond/baselines.csv",
     "params.yaml",
+    "reports/stability.json",
 )
 #: Every file the generated text is made from.
 DATA_FILES = CONCLUSION_FILES + REPORT_FILES
@@ -56,36 +59,73 @@ DATA_FILES = CONCLUSION_FILES + REPORT_FILES
 GENERATED = {
     "headline": "README.md",
     "control-rates": "docs/results.md",
+    "families": "docs/results.md",
     "conclusions": "docs/results.md",
 }
 #: The beyond stage's label of the sensitive toy editor (params.yaml ``beyond.editors``).
 CONTROL = "control"
 
 
-def _tally(found: dict[str, list[dict]]) -> tuple[list[tuple[str, dict]], int, int]:
-    """The directional conclusions (file, conclusion), how many comparisons showed no
-    detectable difference, and how many had too few images (``n`` below
-    :data:`stats.MIN_N`) for any direction."""
-    directional, quiet, too_few = [], 0, 0
+def fragile_runs(stability: dict | None) -> dict[tuple[str, str], list[str]]:
+    """(file, id) -> the stability runs (``reports/stability.json``) whose verdict differs from
+    the verdict committed when they ran; an empty list where every run agreed."""
+    out: dict[tuple[str, str], list[str]] = {}
+    if not stability:
+        return out
+    runs = list(stability.get("seconds", {}))
+    for row in stability.get("conclusions", []):
+        out[(row["file"], row["id"])] = [v for v in runs if row.get(v) != row["committed"]]
+    return out
+
+
+def _tally(
+    found: dict[str, list[dict]], stability: dict | None = None
+) -> tuple[list[tuple[str, dict]], list[tuple[str, dict, str]], int, int]:
+    """The stated conclusions (file, conclusion): directional in the committed run and in every
+    run of ``stability``; the fragile ones (file, conclusion, why not stated): directional
+    here but broken by a stability run, or not covered by it; how many comparisons showed no
+    detectable difference; and how many had too few images (``n`` below :data:`stats.MIN_N`)
+    for any direction. Without ``stability`` every directional conclusion is stated."""
+    broken = fragile_runs(stability)
+    stated, fragile, quiet, too_few = [], [], 0, 0
     for source, items in found.items():
         for c in items:
             if c["verdict"] != "no difference":
-                directional.append((source, c))
+                runs = broken.get((source, c["id"]))
+                if stability is None or runs == []:
+                    stated.append((source, c))
+                elif runs is None:
+                    fragile.append((source, c, "not covered by the stability runs"))
+                else:
+                    fragile.append((source, c, "broken by " + ", ".join(f"`{r}`" for r in runs)))
             elif 0 < c.get("n", MIN_N) < MIN_N:
                 too_few += 1
             else:
                 quiet += 1
-    return directional, quiet, too_few
+    return stated, fragile, quiet, too_few
 
 
-def conclusions_block(found: dict[str, list[dict]], not_run: list[str] = ()) -> str:
+def conclusions_block(
+    found: dict[str, list[dict]], not_run: list[str] = (), stability: dict | None = None
+) -> str:
     """docs/results.md's list of conclusions, from the stages' ``conclusions.json`` (file ->
-    list): every directional one, then how many comparisons showed no detectable
-    difference, how many had too few images for any direction, and which files do not exist
-    yet (``not_run``)."""
-    directional, quiet, too_few = _tally(found)
+    list): every stated one (directional here and in every stability run), then the fragile
+    ones with the runs that broke them, how many comparisons showed no detectable difference,
+    how many had too few images for any direction, and which files do not exist yet
+    (``not_run``)."""
+    stated, fragile, quiet, too_few = _tally(found, stability)
     lines = [CONCLUSIONS_BEGIN, ""]
-    lines += [f"- {c['sentence']} (`{source}`: `{c['id']}`)." for source, c in directional]
+    lines += [f"- {c['sentence']} (`{source}`: `{c['id']}`)." for source, c in stated]
+    if fragile:
+        lines += [
+            "",
+            f"**Fragile** ({len(fragile)}: directional in the committed run, not in every "
+            "stability run; not stated as findings):",
+            "",
+        ]
+        lines += [
+            f"- `{c['id']}` (`{source}`): {c['verdict']} here, {why}." for source, c, why in fragile
+        ]
     lines += [
         "",
         f"{quiet} further comparisons show no detectable difference (listed in the same files).",
@@ -101,13 +141,60 @@ def conclusions_block(found: dict[str, list[dict]], not_run: list[str] = ()) -> 
     return "\n".join(lines)
 
 
+def families_block(found: dict[str, list[dict]], stability: dict | None = None) -> str:
+    """docs/results.md's table of the families of comparisons: each family's size, tests,
+    directional and stated conclusions, and, for hit-rate families, the smallest net share of
+    images the exact sign test can show after Holm at that size; then how many directions
+    chance alone would give without and with the control."""
+    stated_ids = {(s, c["id"]) for s, c in _tally(found, stability)[0]}
+    fams: dict[str, dict] = {}
+    for source, items in found.items():
+        for c in items:
+            f = fams.setdefault(c.get("family") or c["id"], {
+                "file": source, "m": 0, "directional": 0, "stated": 0, "tests": set(), "n": 0,
+            })  # fmt: skip
+            f["m"] += 1
+            f["n"] = max(f["n"], int(c.get("n", 0)))
+            f["tests"].add(c.get("test", "?"))
+            f["directional"] += c["verdict"] != "no difference"
+            f["stated"] += (source, c["id"]) in stated_ids
+    total = sum(f["m"] for f in fams.values())
+    lines = [
+        FAMILIES_BEGIN,
+        "",
+        "| family | file | comparisons | test | images | directional | stated | smallest detectable net share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, f in fams.items():
+        tests = ", ".join(sorted(f["tests"]))
+        power = "–"
+        if tests == SIGN_TEST and f["n"]:
+            share = detectable_net_share(f["n"], f["m"])
+            power = "none at this n" if share == float("inf") else f"{share * 100:.0f}%"
+        lines.append(
+            f"| `{name}` | `{f['file']}` | {f['m']} | {tests} | {f['n']} | {f['directional']} "
+            f"| {f['stated']} | {power} |"
+        )
+    lines += [
+        "",
+        f"{total} comparisons in {len(fams)} families. Had each been tested alone at 5 %, "
+        f"about {total * 0.05:.1f} directions would be expected by chance alone if no effect "
+        f"were real; with Holm's adjustment within each family, the chance of any false "
+        f"direction is at most 5 % per family, so at most {len(fams) * 0.05:.1f} of the "
+        f"{len(fams)} families would be expected to carry one.",
+        "",
+        FAMILIES_END,
+    ]
+    return "\n".join(lines)
+
+
 def _estimate(d: dict, key: str, n: int) -> Estimate:
     return Estimate(d[key], d[f"{key}_low"], d[f"{key}_high"], n)
 
 
 def headline_block(
     metrics: dict, sweep: dict, found: dict[str, list[dict]], eps: float,
-    results: str = "docs/results.md",
+    results: str = "docs/results.md", stability: dict | None = None,
 ) -> str:  # fmt: skip
     """The README's headline: the malicious hit rate (edit of the protected region *m*)
     clean -> protected on the pipeline's editor (``reports/metrics.json``), the toy control's
@@ -119,8 +206,10 @@ def headline_block(
     control = _estimate(sweep, "control_hit_rate_at_paper_eps", int(sweep["n_images"]))
     psnr = _estimate(metrics, "protection_psnr", n).format(digits=1)
     linf = round(float(metrics["protection_linf_8bit_max"]))
-    directional, quiet, too_few = _tally(found)
+    directional, fragile, quiet, too_few = _tally(found, stability)
     rest = f"{quiet} comparisons with no detectable difference"
+    if fragile:
+        rest = f"{len(fragile)} fragile ones (not stated), " + rest
     if too_few:
         rest += f" and {too_few} with too few images for any direction"
     lines = [
@@ -134,7 +223,8 @@ def headline_block(
         f"{control.format(pct=True)} (`reports/eps_sweep.json`).",
         f"- **Cost of protecting**: PSNR {psnr} dB against the original, at most {linf}/255 "
         f"per pixel value, at ε = {eps:g} ({eps * 255:.1f}/255).",
-        f"- **{len(directional)} directional conclusions** and {rest}: [{results}]({results}).",
+        f"- **{len(directional)} directional conclusions** that hold on every stability run "
+        f"(exact tests, Holm within each family), {rest}: [{results}]({results}).",
         "",
         HEADLINE_END,
     ]
@@ -147,38 +237,30 @@ def control_rates_block(sweep: dict, fair_masks: pd.DataFrame, baselines: pd.Dat
     measurement, named as the tutorial names them, with its definition and source. A rate is
     the mean over images of the share of δ₀ seeds whose edit is a hit (95 % interval over
     images); ``clean`` is the same rate on unprotected images where the stage measures it."""
-    n = int(sweep["n_images"])
-    rows = [(
-        "ε-sweep hit rate",
-        f"edit *m*, protected at the budget nearest 6.4/255, {int(sweep['control_seeds'])} δ₀ seeds",
-        "`reports/eps_sweep.json`: `control_hit_rate_at_paper_eps`",
-        "–",
-        _estimate(sweep, "control_hit_rate_at_paper_eps", n).format(pct=True),
-    )]  # fmt: skip
+    what = {
+        "sweep": f"edit *m*, protected at the budget nearest 6.4/255, {int(sweep['control_seeds'])} δ₀ seeds",
+        "mask": f"the same edit, the beyond stage's own protections at `implant.eps`, {seeds} δ₀ seeds",
+        "official": "mean over the official malicious edits *m*, *E(m)* and the incomplete mask",
+        "fair": "mean over the masks drawn from the content alone (boxes, brush strokes, hulls, ellipses)",
+    }  # fmt: skip
+    source = {
+        "sweep": "`reports/eps_sweep.json`: `control_hit_rate_at_paper_eps`",
+        "mask": "`reports/beyond/fair_masks.csv`: scenario `mask`",
+        "official": "`reports/beyond/baselines.csv`: family `official`",
+        "fair": "`reports/beyond/baselines.csv`: family `fair`",
+    }
 
-    def rate(row, side: str) -> str:
-        return Estimate(row[f"hit_rate_{side}"], row[f"hit_rate_{side}_low"],
-                        row[f"hit_rate_{side}_high"], int(row["n_images"])).format(pct=True)  # fmt: skip
+    def rate(r: dict, side: str) -> str:
+        if r[side] != r[side]:  # NaN: the stage does not measure it
+            return "–"
+        return Estimate(r[side], r[f"{side}_low"], r[f"{side}_high"], r["n_images"]).format(pct=True)  # fmt: skip
 
-    fm = fair_masks[(fair_masks["source"] == CONTROL) & (fair_masks["scenario"] == "mask")]
-    for _, r in fm.iterrows():
-        rows.append((
-            "beyond: hit rate, edit *m*",
-            f"the same edit, the beyond stage's own protections at `implant.eps`, {seeds} δ₀ seeds",
-            "`reports/beyond/fair_masks.csv`: scenario `mask`",
-            rate(r, "clean"), rate(r, "protected"),
-        ))  # fmt: skip
-    bl = baselines[(baselines["source"] == CONTROL) & (baselines["method"] == "backdoor")]
-    bl = bl[bl["kind"] == "malicious"]
-    for family, name, what in (
-        ("official", "beyond: official malicious hit rate",
-         "mean over the official malicious edits *m*, *E(m)* and the incomplete mask"),
-        ("fair", "beyond: fair-mask malicious hit rate",
-         "mean over the masks drawn from the content alone (boxes, brush strokes, hulls, ellipses)"),
-    ):  # fmt: skip
-        for _, r in bl[bl["family"] == family].iterrows():
-            rows.append((name, what, f"`reports/beyond/baselines.csv`: family `{family}`",
-                         rate(r, "clean"), rate(r, "protected")))  # fmt: skip
+    # the rates and their names: control_rates.control_rates, as the tutorial shows them
+    rows = [
+        (r["name"].replace("edit m", "edit *m*"), what[r["key"]], source[r["key"]],
+         rate(r, "clean"), rate(r, "protected"))
+        for r in control_rates(sweep, fair_masks, baselines, CONTROL)
+    ]  # fmt: skip
     lines = [
         CONTROL_BEGIN,
         "",
@@ -224,12 +306,15 @@ def generated_blocks(texts: dict[str, str | None]) -> tuple[dict[str, str], list
     sweep = json.loads(texts["reports/eps_sweep.json"])
     fair_masks = pd.read_csv(io.StringIO(texts["reports/beyond/fair_masks.csv"]))
     baselines = pd.read_csv(io.StringIO(texts["reports/beyond/baselines.csv"]))
+    stability = json.loads(texts["reports/stability.json"])
+    eps = float(params["implant"]["eps"])
     return {
-        "headline": headline_block(metrics, sweep, found, float(params["implant"]["eps"])),
+        "headline": headline_block(metrics, sweep, found, eps, stability=stability),
         "control-rates": control_rates_block(
             sweep, fair_masks, baselines, int(params["beyond"]["seeds"])
         ),
-        "conclusions": conclusions_block(found, not_run),
+        "families": families_block(found, stability),
+        "conclusions": conclusions_block(found, not_run, stability),
     }, []
 
 
@@ -323,6 +408,8 @@ __all__ = [
     "conclusions_block",
     "control_rates_block",
     "docs_match_committed",
+    "families_block",
+    "fragile_runs",
     "generated_blocks",
     "headline_block",
     "markers",

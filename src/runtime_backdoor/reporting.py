@@ -208,8 +208,11 @@ def conclusions(per_edit: pd.DataFrame) -> list[dict]:
 
 def metric_key(*parts) -> str:
     """A flat ``metrics.json`` key from ``parts``: joined by "_", "-" made "_", ":" dropped
-    (``jpeg:75`` -> ``jpeg75``), anything else outside ``[A-Za-z0-9_.]`` made "_"."""
-    joined = "_".join(str(p).replace("-", "_").replace(":", "") for p in parts)
+    (``jpeg:75`` -> ``jpeg75``), "%" made "pct" (``crop:10%`` -> ``crop10pct``), anything else
+    outside ``[A-Za-z0-9_.]`` made "_"."""
+    joined = "_".join(
+        str(p).replace("-", "_").replace(":", "").replace("%", "pct") for p in parts
+    )
     return re.sub(r"[^A-Za-z0-9_.]", "_", joined)
 
 

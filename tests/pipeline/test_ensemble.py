@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.pipeline import ensemble, prepare
 
 EDITORS = "a:global-mix(gain:800,reach:3,seed:0) b:global-mix(gain:800,reach:3,seed:1)"
@@ -14,7 +15,8 @@ def stage(raw, tmp_path_factory):
     d = tmp_path_factory.mktemp("ensemble")
     prepare.prepare(raw, d / "prepared", size=32)
     result = ensemble.run(
-        d / "reports", prepared_dir=d / "prepared", editors=EDITORS, steps=4, expand_kernel=3,
+        d / "reports", prepared_dir=d / "prepared", editors=EDITORS,
+        budget=Budget(steps=4, expand_kernel=3),
         device="cpu",
     )  # fmt: skip
     return d, result
@@ -49,4 +51,4 @@ def test_reports_are_written_with_flat_keys(stage):
 def test_one_editor_is_not_an_ensemble(raw, tmp_path):
     prepare.prepare(raw, tmp_path / "prepared", size=32)
     with pytest.raises(ValueError, match="ensemble.editors: give at least two"):
-        ensemble.measure(tmp_path / "prepared", "a:blur-fill", budget={"expand_kernel": 3})
+        ensemble.measure(tmp_path / "prepared", "a:blur-fill", budget=Budget(expand_kernel=3))

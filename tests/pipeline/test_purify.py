@@ -13,13 +13,16 @@ import pandas as pd
 import pytest
 
 from runtime_backdoor import weights
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.data import write_json
 from runtime_backdoor.editors import editor_record, load_recorded_editor
 from runtime_backdoor.pipeline import implant, prepare, purify
 
 EDITORS = "pipeline control:global-mix(gain:800,reach:3)"
-CLASSICAL = "jpeg:75 noise:0.05 crop:0.1 adverse-cleaner"
+CLASSICAL = "jpeg:75 noise:12.75 crop:10% adverse-cleaner"
 DIFFUSION = "diffpure:0.1 noisy-upscale:20"
+
+BUDGET = Budget(steps=2, expand_kernel=5)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +31,7 @@ def folders(tmp_path_factory, raw):
     prepare.prepare(raw, d / "prepared", size=48)
     write_json(d / "editor" / "editor.json", editor_record("blur-fill"))
     editor = load_recorded_editor(d / "editor" / "editor.json")
-    implant.implant_folder(
-        editor, d / "prepared", d / "protected", steps=2, expand_kernel=5, progress=False
-    )
+    implant.implant_folder(editor, d / "prepared", d / "protected", budget=BUDGET, progress=False)
     (d / "models").mkdir()
     return d
 
@@ -43,7 +44,7 @@ def stage(folders):
         return purify.run(
             d / "reports", prepared_dir=d / "prepared", protected_dir=d / "protected",
             editor_record=d / "editor" / "editor.json", editors=EDITORS, purifiers=CLASSICAL,
-            diffusion=DIFFUSION, adaptive="control", steps=2, expand_kernel=5, batch_size=2,
+            diffusion=DIFFUSION, adaptive="control", budget=BUDGET, batch_size=2,
             device="cpu", progress=False,
         )  # fmt: skip
 
@@ -66,12 +67,13 @@ def test_one_row_per_editor_method_image_purifier_and_scenario(stage):
     assert (stage["protection"]["linf_8bit"] <= 0.025 * 255 + 0.51).all()
 
 
-def test_worst_case_is_the_attackers_best_purifier_per_image(stage):
+def test_worst_case_is_the_attackers_best_option_per_image(stage):
     per_edit = stage["per_edit"]
     worst = purify.worst_case(per_edit)
     assert set(worst["purifier"]) == {"worst:classical"}  # no diffusion purifier ran
-    classical = per_edit[per_edit["family"] == "classical"]
-    keys = ["editor", "method", "name", "scenario"]
+    # BlurGuard's rule: no purification is one of the attacker's options.
+    classical = per_edit[(per_edit["family"] == "classical") | (per_edit["purifier"] == "none")]
+    keys = [k for k in ("editor", "method", "seed", "name", "scenario") if k in per_edit]
     best = classical.groupby(keys).agg(
         hit=("hit_fraction_protected", "min"), psnr=("psnr_vs_clean_edit", "max"),
         mse=("target_mse_protected", "max"),
@@ -132,7 +134,7 @@ def test_conclusions_state_a_direction_only_where_the_interval_excludes_zero():
     names = [f"i{k}" for k in range(12)]
     rows = []
     for n in names:
-        for purifier, hit in (("none", 1.0), ("jpeg:75", 0.0), ("noise:0.05", 1.0)):
+        for purifier, hit in (("none", 1.0), ("jpeg:75", 0.0), ("noise:12.75", 1.0)):
             family = "reference" if purifier == "none" else "classical"
             rows.append({"editor": "e", "method": "backdoor", "name": n, "scenario": "mask",
                          "purifier": purifier, "family": family, "hit_protected": hit,
@@ -142,15 +144,16 @@ def test_conclusions_state_a_direction_only_where_the_interval_excludes_zero():
     assert found["e/backdoor/fires"]["verdict"] == "higher"
     assert found["e/backdoor/jpeg:75/vs_none"]["verdict"] == "lower"
     assert "jpeg:75 before editing" in found["e/backdoor/jpeg:75/vs_none"]["sentence"]
-    assert found["e/backdoor/noise:0.05/vs_none"]["verdict"] == "no difference"
-    assert found["e/backdoor/noise:0.05/fires"]["verdict"] == "higher"
+    assert found["e/backdoor/noise:12.75/vs_none"]["verdict"] == "no difference"
+    assert found["e/backdoor/noise:12.75/fires"]["verdict"] == "higher"
     assert not any(k.endswith("target_mse") for k in found)  # distances: the table only
 
 
 def test_bad_settings_are_refused(folders):
     d = folders
     common = dict(prepared_dir=d / "prepared", protected_dir=d / "protected",
-                  editor_record=d / "editor" / "editor.json", device="cpu", progress=False)  # fmt: skip
+                  editor_record=d / "editor" / "editor.json", budget=BUDGET, device="cpu",
+                  progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="classical"):
         purify.run(d / "r", purifiers="diffpure:0.1", diffusion="", **common)
     with pytest.raises(ValueError, match="diffusion"):
@@ -167,7 +170,7 @@ def test_purify_notebook_on_a_tiny_setting(folders, run_notebook, monkeypatch):
     run_notebook(
         "09_purify", d, prepared_dir="prepared", protected_dir="protected",
         editor_record="editor/editor.json", reports_dir="nb-reports", editors=EDITORS,
-        purifiers="jpeg:75 crop:0.1", diffusion="diffpure:0.1", adaptive="", steps=2,
+        purifiers="jpeg:75 crop:10%", diffusion="diffpure:0.1", adaptive="", steps=2,
         batch_size=3, device="cpu",
     )  # fmt: skip
     assert (d / "nb-reports" / "purification" / "results.md").is_file()

@@ -17,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import metrics as Q
+from ..budget import Budget
 from ..data import load_prepared, read_folder, to_array, write_csv, write_json
 from ..editors.specs import build_from_spec, parse_editor_specs
 from ..implant import implant
 from ..masks import ring
 from ..plots import interval_bars, plt, save_figure, sns
 from ..project import resolve_device
-from ..stats import compare, group_estimates
+from ..stats import RATE, VALUE, Findings, compare, group_estimates
 
 PROTECTIONS = ("alone", "without", "all")  #: against E alone, the others (E left out), all
 
@@ -36,12 +37,13 @@ def _edit_rows(editor, label, protection, x, m, protected, target, names, *, ker
         clean_fill = editor(x, m)
         ring_edit = editor(protected, band)
         clean_ring = editor(x, band)
+    # float64: the hit fractions of the reference (metrics.target_hit_fraction), bit for bit
+    phi, region = target.double(), m.double()
+    fracs = Q.hit_fraction_batch(fill.double(), phi, region, hit_tol).tolist()
+    cleans = Q.hit_fraction_batch(clean_fill.double(), phi, region, hit_tol).tolist()
     rows = []
     for i, name in enumerate(names):
-        region = m[i, 0].cpu().numpy() > 0.5
-        phi = to_array(target[i])
-        frac = Q.target_hit_fraction(to_array(fill[i]), phi, region, tol=hit_tol)
-        clean = Q.target_hit_fraction(to_array(clean_fill[i]), phi, region, tol=hit_tol)
+        frac, clean = fracs[i], cleans[i]
         rows.append(
             {
                 "editor": label, "protection": protection, "name": name,
@@ -59,7 +61,7 @@ def measure(
     editors: str,
     *,
     names=None,
-    budget: dict,
+    budget: Budget,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     device="cpu",
@@ -73,11 +75,10 @@ def measure(
     df, x, m = load_prepared(prepared_dir, names)
     x, m = x.to(device), m.to(device)
     names = list(df["name"])
-    kernel = int(budget["expand_kernel"])
-    settings = {k: v for k, v in budget.items()} | {"progress": False}
+    kernel = int(budget.expand_kernel)
 
     def protect(labels):
-        return implant([built[k] for k in labels], x, m, **settings)
+        return implant([built[k] for k in labels], x, m, budget=budget, progress=False)
 
     runs = [("all", None, list(built))]
     for label in built:
@@ -99,25 +100,48 @@ def measure(
     return pd.DataFrame(rows)
 
 
+def _per_image(g: pd.DataFrame, protection: str, column: str) -> pd.Series:
+    """``column`` per image under ``protection``, averaged over δ₀ seeds (the share of seeds
+    that hit, for ``hit``)."""
+    d = g[g["protection"] == protection]
+    return d.groupby("name")[column].mean().astype(float).sort_index()
+
+
 def conclusions(per_image: pd.DataFrame) -> list[dict]:
-    """Per edited editor: left out vs alone, and all vs alone (hit rate, benign ring PSNR)."""
-    out = []
+    """Per edited editor E, over images (each image's outcome averaged over its δ₀ seeds):
+
+    - family ``ensemble/left_out_fires``: protection without E against clean images, hit rate
+      (does a protection that never saw E fire on E at all?);
+    - family ``ensemble/<other>_vs_alone/<metric>``: left out (``without``) and ``all`` against
+      E alone, hit rate (exact sign test) and benign ring PSNR (signed-rank test).
+    Holm within each family (:class:`runtime_backdoor.stats.Findings`).
+    """
+    found = Findings()
     for label, g in per_image.groupby("editor", sort=False):
-        by = {p: g[g["protection"] == p].set_index("name").sort_index() for p in PROTECTIONS}
+        without = _per_image(g, "without", "hit")
+        clean = _per_image(g, "without", "hit_clean").loc[without.index]
+        found.add(
+            f"ensemble/{label}/without_vs_clean/hit", "ensemble/left_out_fires",
+            compare(without, clean, label_a=f"protection without {label}",
+                    label_b="clean images", metric=f"hit rate when edited with {label}", kind=RATE),
+            pct=True,
+        )  # fmt: skip
+        alone = {c: _per_image(g, "alone", c) for c in ("hit", "ring_psnr")}
         for other in ("without", "all"):
-            for column, metric, pct in (("hit", "hit rate", True), ("ring_psnr", "benign ring PSNR (dB)", False)):  # fmt: skip
-                c = compare(
-                    by[other][column].astype(float), by["alone"][column].astype(float),
-                    label_a=f"protection {'without' if other == 'without' else 'against all editors incl.'} {label}",
-                    label_b=f"protection against {label} alone", metric=f"{metric} when edited with {label}",
+            for column, metric, kind in (("hit", "hit rate", RATE),
+                                         ("ring_psnr", "benign ring PSNR (dB)", VALUE)):  # fmt: skip
+                a = _per_image(g, other, column)
+                b = alone[column].loc[a.index]
+                who = "without" if other == "without" else "against all editors incl."
+                found.add(
+                    f"ensemble/{label}/{other}_vs_alone/{column}",
+                    f"ensemble/{other}_vs_alone/{column}",
+                    compare(a, b, label_a=f"protection {who} {label}",
+                            label_b=f"protection against {label} alone",
+                            metric=f"{metric} when edited with {label}", kind=kind),
+                    pct=kind == RATE,
                 )  # fmt: skip
-                out.append(
-                    {
-                        "id": f"ensemble/{label}/{other}_vs_alone/{column}", "verdict": c.verdict,
-                        "n": c.difference.n, "sentence": c.sentence(pct=pct),
-                    }
-                )  # fmt: skip
-    return out
+    return found.decide()
 
 
 def summarize(table: pd.DataFrame, n_images: int) -> dict:
@@ -155,13 +179,7 @@ def run(
     prepared_dir="data/prepared",
     editors: str = "a:global-mix(gain:800,reach:8,seed:0) b:global-mix(gain:800,reach:8,seed:1)",
     images_per_type: int = 0,
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    init_high: float = 0.01,
-    expand_kernel: int = 5,
-    target: str = "solid",
-    seed: int = 0,
+    budget: Budget,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     device: str = "auto",
@@ -172,10 +190,6 @@ def run(
     names = (
         list(manifest.groupby("content").head(images_per_type)["name"]) if images_per_type else None
     )
-    budget = {
-        "eps": eps, "steps": steps, "lr": lr, "init_high": init_high,
-        "expand_kernel": expand_kernel, "target": target, "seed": seed,
-    }  # fmt: skip
     per_image = measure(prepared_dir, editors, names=names, budget=budget, hit_tol=hit_tol,
                         hit_min_fraction=hit_min_fraction, device=resolve_device(device))  # fmt: skip
     out = Path(reports_dir) / "ensemble"

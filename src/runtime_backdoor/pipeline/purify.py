@@ -16,16 +16,16 @@ and every purifier, per image:
 
 **Worst case** (BlurGuard's convention): per image, the attacker's best purifier for each
 metric — the lowest hit and hit fraction, the largest distance to the target, the highest
-PSNR/SSIM against the clean edit — over the classical purifiers (``worst:classical``) and,
-when any diffusion purifier ran, over all of them (``worst:all``); then the mean over images
-with 95 % intervals (:mod:`runtime_backdoor.stats`). ``none`` (no purification) is the
-reference row and not part of the worst case.
+PSNR/SSIM against the clean edit — over no purification and the classical purifiers
+(``worst:classical``) and, when any diffusion purifier ran, over all of them (``worst:all``);
+then the mean over images with 95 % intervals (:mod:`runtime_backdoor.stats`). Not purifying
+is one of the attacker's options, as in BlurGuard's per-image worst case.
 
 Diffusion purifiers run only where their weights are (``runtime-backdoor weights fetch
 NAME``); otherwise their rows say ``unavailable: weights (...)``. The optional adaptive
 defence (``adaptive``: editors whose backdoor is also optimised with expectation over the
-classical purifiers, :class:`runtime_backdoor.purifiers.PurifierEOTEditor`) adds the method
-``backdoor_adaptive`` for those editors.
+classical purifiers, :class:`runtime_backdoor.eot.EOTEditor` drawing one per image) adds the
+method ``backdoor_adaptive`` for those editors.
 
 Outputs: ``reports/purification/`` (``per_edit.csv``, ``table.csv``, ``conclusions.json``,
 ``results.md``, ``metrics.json``) and ``reports/figures/purification.png``.
@@ -43,16 +43,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import purifiers as P
+from ..budget import Budget
 from ..data import load_prepared, read_image, to_tensor, write_csv, write_json
 from ..editors.specs import PIPELINE, build_from_spec, parse_editor_specs
+from ..eot import EOTEditor
 from ..implant import implant
 from ..masks import ring
-from ..metrics import ssim_batch
+from ..metrics import hit_fraction_batch, psnr_batch, ssim_batch
 from ..plots import interval_bars, plt, save_figure, sns
 from ..project import resolve_device
 from ..reporting import metric_key
 from ..robustness import to_8bit
-from ..stats import Estimate, compare, group_estimates
+from ..stats import RATE, Estimate, Findings, compare, group_estimates
 from ..targets import make_target
 
 SCENARIOS = ("mask", "ring")
@@ -81,16 +83,6 @@ COLUMNS = [
 
 
 # ------------------------------------------------------------------------------- measures
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse.clamp_min(1e-30))).clamp(max=PSNR_CAP)
-
-
-def _hit_fraction(edit: torch.Tensor, target: torch.Tensor, region: torch.Tensor, tol: float):
-    on = ((edit - target).abs().amax(1, keepdim=True) <= tol + 1e-9).to(region.dtype)
-    return (on * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
 
 
 def _region_mse(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -149,8 +141,8 @@ def evaluate_editor(
             cache[name] = _purify(fn, x, batch_size)
         px = cache[name]
         pp = _purify(fn, protected, batch_size)
-        purified_psnr = _psnr(pp, protected)
-        purified_clean_psnr = _psnr(px, x)
+        purified_psnr = psnr_batch(pp, protected, cap=PSNR_CAP)
+        purified_clean_psnr = psnr_batch(px, x, cap=PSNR_CAP)
         phi = spec.frame(target)
         for scenario, region in regions.items():
             r = spec.frame(region, mask=True)
@@ -159,9 +151,9 @@ def evaluate_editor(
             edit_pc, edit_pp = edits_of[(name, scenario)], _edit(editor, pp, r, batch_size)
             clean_edit = edits_of[("clean", scenario)]
             reference = spec.frame(clean_edit)
-            frac_p = _hit_fraction(edit_pp, phi, r, hit_tol)
-            frac_pc = _hit_fraction(edit_pc, phi, r, hit_tol)
-            frac_c = _hit_fraction(clean_edit, target, region, hit_tol)
+            frac_p = hit_fraction_batch(edit_pp, phi, r, hit_tol)
+            frac_pc = hit_fraction_batch(edit_pc, phi, r, hit_tol)
+            frac_c = hit_fraction_batch(clean_edit, target, region, hit_tol)
             columns = {
                 "hit_fraction_protected": frac_p,
                 "hit_protected": frac_p >= hit_min_fraction,
@@ -170,9 +162,9 @@ def evaluate_editor(
                 "hit_fraction_clean": frac_c,
                 "hit_clean": frac_c >= hit_min_fraction,
                 "target_mse_protected": _region_mse(edit_pp, phi, r),
-                "psnr_vs_clean_edit": _psnr(edit_pp, reference),
+                "psnr_vs_clean_edit": psnr_batch(edit_pp, reference, cap=PSNR_CAP),
                 "ssim_vs_clean_edit": ssim_batch(edit_pp, reference),
-                "psnr_vs_purified_clean_edit": _psnr(edit_pp, edit_pc),
+                "psnr_vs_purified_clean_edit": psnr_batch(edit_pp, edit_pc, cap=PSNR_CAP),
                 "ssim_vs_purified_clean_edit": ssim_batch(edit_pp, edit_pc),
                 "purified_psnr": purified_psnr,
                 "purified_clean_psnr": purified_clean_psnr,
@@ -193,13 +185,17 @@ def evaluate_editor(
 
 
 def worst_case(per_edit: pd.DataFrame) -> pd.DataFrame:
-    """Per image, method, editor and scenario, the attacker's best purifier for each metric
-    (:data:`WORST`): ``worst:classical`` over the classical purifiers and, when a diffusion
-    purifier ran, ``worst:all`` over all of them."""
-    keys = ["editor", "method", "name", "content", "scenario"]
-    groups = [("worst:classical", per_edit["family"] == "classical")]
+    """Per image (and δ₀ seed), method, editor and scenario, the attacker's best option for each
+    metric (:data:`WORST`), BlurGuard's rule: ``worst:classical`` over no purification and the
+    classical purifiers and, when a diffusion purifier ran, ``worst:all`` over all of them."""
+    keys = [k for k in ("editor", "method", "seed", "name", "content", "scenario") if k in per_edit]
+    # BlurGuard's rule: not purifying at all is one of the attacker's options.
+    unpurified = per_edit["purifier"] == "none"
+    groups = [("worst:classical", unpurified | (per_edit["family"] == "classical"))]
     if (per_edit["family"] == "diffusion").any():
-        groups.append(("worst:all", per_edit["family"].isin(["classical", "diffusion"])))
+        groups.append(
+            ("worst:all", unpurified | per_edit["family"].isin(["classical", "diffusion"]))
+        )
     frames = []
     for label, select in groups:
         d = per_edit[select].assign(hit_protected=per_edit["hit_protected"].astype(float))
@@ -245,6 +241,12 @@ def _paired(d: pd.DataFrame, column: str, a: str, b: str) -> tuple[np.ndarray, n
     return both[a].to_numpy(dtype=float), both[b].to_numpy(dtype=float)
 
 
+def _image_means(d: pd.DataFrame, purifier: str) -> pd.DataFrame:
+    """The hit columns under ``purifier`` per image, averaged over δ₀ seeds (sorted by name)."""
+    cols = ["hit_protected", "hit_clean", "hit_purified_clean"]
+    return d[d["purifier"] == purifier].groupby("name")[cols].mean().sort_index()
+
+
 def _said(purifier: str, before: bool = True) -> str:
     """A purifier as the conclusions name it."""
     if purifier == "worst:classical":
@@ -267,16 +269,13 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
     a per-image extreme over purifiers differs from no purification by selection alone.
     Returns ``id``, ``verdict``, ``n``, ``sentence`` and ``no_hits`` per comparison.
     """
-    out: list[dict] = []
+    found = Findings()
 
-    def add(cid, a, b, label_a, label_b, metric):
+    def add(cid, family, a, b, label_a, label_b, metric):
         if not len(a):
             return
-        c = compare(a, b, label_a=label_a, label_b=label_b, metric=metric)
-        out.append({
-            "id": cid, "verdict": c.verdict, "n": c.difference.n, "sentence": c.sentence(pct=True),
-            "no_hits": bool(not np.any(a) and not np.any(b)),
-        })  # fmt: skip
+        c = compare(a, b, label_a=label_a, label_b=label_b, metric=metric, kind=RATE)
+        found.add(cid, family, c, pct=True, no_hits=bool(not np.any(a) and not np.any(b)))
 
     mal = rows[rows["scenario"] == "mask"].assign(
         hit_protected=lambda d: d["hit_protected"].astype(float),
@@ -286,17 +285,18 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
     for (editor, method), d in mal.groupby(["editor", "method"], sort=False):
         who = editor if method == "backdoor" else f"{editor}, {method}"
         metric = f"the malicious hit rate ({who})"
-        none = d[d["purifier"] == "none"].sort_values("name")
+        none = _image_means(d, "none")
         if len(none):
-            add(f"{editor}/{method}/fires", none["hit_protected"].to_numpy(),
+            add(f"{editor}/{method}/fires", "purify/fires", none["hit_protected"].to_numpy(),
                 none["hit_clean"].to_numpy(), "protected images", "clean images", metric)  # fmt: skip
         for purifier in dict.fromkeys(d.loc[d["purifier"] != "none", "purifier"]):
             worst = purifier.startswith("worst")
             a, b = _paired(d, "hit_protected", purifier, "none")
-            add(f"{editor}/{method}/{purifier}/vs_none", a, b, _said(purifier),
+            add(f"{editor}/{method}/{purifier}/vs_none", "purify/lowers", a, b, _said(purifier),
                 "no purification", metric)  # fmt: skip
-            p = d[d["purifier"] == purifier].sort_values("name")
-            add(f"{editor}/{method}/{purifier}/fires", p["hit_protected"].to_numpy(),
+            p = _image_means(d, purifier)
+            add(f"{editor}/{method}/{purifier}/fires", "purify/still_fires",
+                p["hit_protected"].to_numpy(),
                 p["hit_clean" if worst else "hit_purified_clean"].to_numpy(),
                 f"protected images after {_said(purifier, False)}",
                 "clean images" if worst else f"clean images after {purifier}", metric)  # fmt: skip
@@ -306,10 +306,10 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
             wide = d.pivot_table(index="name", columns="method", values="hit_protected")
             if {"backdoor", "backdoor_adaptive"} <= set(wide):
                 both = wide[["backdoor_adaptive", "backdoor"]].dropna()
-                add(f"{editor}/adaptive/worst:classical", both["backdoor_adaptive"].to_numpy(),
-                    both["backdoor"].to_numpy(), "the adaptive backdoor", "the plain backdoor",
+                add(f"{editor}/adaptive/worst:classical", "purify/adaptive",
+                    both["backdoor_adaptive"].to_numpy(), both["backdoor"].to_numpy(), "the adaptive backdoor", "the plain backdoor",
                     f"the worst-case malicious hit rate ({editor})")  # fmt: skip
-    return out
+    return found.decide()
 
 
 # ------------------------------------------------------------------------------- reports
@@ -468,13 +468,7 @@ def run(
     purifiers: str = " ".join(P.CLASSICAL),
     diffusion: str = " ".join(P.DIFFUSION),
     adaptive: str = "control",
-    eps: float = 0.025,
-    steps: int = 20,
-    lr: float = 0.1,
-    init_high: float = 0.01,
-    expand_kernel: int = 5,
-    target: str = "solid",
-    seed: int = 0,
+    budget: Budget,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     batch_size: int = 18,
@@ -482,13 +476,14 @@ def run(
     progress: bool = True,
 ) -> dict:
     """The stage. ``editors``: specs (``pipeline`` = the editor stage's, protected by the implant
-    stage; the others are protected here at the budget ``eps``/``steps``/``lr``/``init_high``/
-    ``expand_kernel``/``target``, δ₀ seed ``seed``). ``purifiers``: the classical suite;
+    stage; the others are protected here at ``budget``, the implant stage's, whose seed also
+    seeds the noise purifiers). ``purifiers``: the classical suite;
     ``diffusion``: the diffusion purifiers (run where their weights are); ``adaptive``: labels
     of editors also protected with expectation over the classical purifiers ("" = none).
     Returns the tables, the conclusions, the figure path and the wall time.
     """
     start = time.perf_counter()
+    seed, expand_kernel = budget.seed, budget.expand_kernel
     dev = resolve_device(device)
     classical = P.parse_purifiers(purifiers)
     if any(s.family != "classical" for s in classical):
@@ -505,8 +500,6 @@ def run(
     df, x, m = load_prepared(prepared_dir)
     names = list(df["name"])
     x, m = x.to(dev), m.to(dev)
-    budget = dict(eps=eps, steps=steps, lr=lr, init_high=init_high, expand_kernel=expand_kernel,
-                  target=target, seed=seed, progress=False)  # fmt: skip
     specs = parse_editor_specs(editors)
     adaptive_labels = str(adaptive).split()
     pipeline_name = json.loads(Path(editor_record).read_text())["name"]
@@ -525,14 +518,16 @@ def run(
             protected = torch.cat(
                 [to_tensor(read_image(Path(protected_dir) / f"{n}.png")) for n in names]
             ).to(dev)
-            methods["backdoor"] = (protected, make_target(x, target), float("nan"))
+            methods["backdoor"] = (protected, make_target(x, budget.target), float("nan"))
         else:
             t0 = time.perf_counter()
             r = _implant_batches(editor, x, m, batch_size, budget)
             methods["backdoor"] = (*r, time.perf_counter() - t0)
         if spec.label in adaptive_labels:
             t0 = time.perf_counter()
-            eot = P.PurifierEOTEditor(editor, [s.name for s in classical], seed=seed)
+            eot = EOTEditor(
+                editor, [s.name for s in classical], pick="one", jpeg_grad="kornia", seed=seed
+            )
             r = _implant_batches(eot, x, m, batch_size, budget)
             methods["backdoor_adaptive"] = (*r, time.perf_counter() - t0)
         for method, (protected, phi, seconds) in methods.items():
@@ -560,7 +555,7 @@ def run(
     write_csv(out / "table.csv", table)
     write_json(out / "conclusions.json", found)
     settings = {
-        "n_images": len(names), "eps": eps, "steps": steps, "seed": seed, "hit_tol": hit_tol,
+        "n_images": len(names), "eps": budget.eps, "steps": budget.steps, "seed": seed, "hit_tol": hit_tol,
         "hit_min_fraction": hit_min_fraction, "editors": list(labels.values()),
         "purifiers": [s.name for s in classical] + [s.name for s in wanted],
     }  # fmt: skip
@@ -582,10 +577,12 @@ def run(
     }
 
 
-def _implant_batches(editor, x, m, batch_size: int, budget: dict):
+def _implant_batches(editor, x, m, batch_size: int, budget: Budget):
     protected, targets = [], []
     for i in range(0, x.shape[0], batch_size):
-        r = implant(editor, x[i : i + batch_size], m[i : i + batch_size], **budget)
+        r = implant(
+            editor, x[i : i + batch_size], m[i : i + batch_size], budget=budget, progress=False
+        )
         protected.append(r.protected)
         targets.append(r.target)
     return torch.cat(protected), torch.cat(targets)
