@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime_backdoor import baselines as B
+from runtime_backdoor.budget import Budget
 from runtime_backdoor.editors.simple import GlobalMixEditor
 from runtime_backdoor.implant import ImplantResult, implant
 from runtime_backdoor.masks import expand, ring
@@ -164,3 +165,28 @@ def test_encoder_attack_pulls_the_latent_towards_the_target_on_a_tiny_sd():
     with torch.no_grad():
         # The result is an image the editor accepts; the fill differs from the clean one.
         assert editor(r.protected, m).shape == x.shape
+
+
+def test_random_noise_is_uniform_within_the_budget_on_the_8bit_grid():
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.round(x * 255) / 255
+    m = torch.zeros(2, 1, 32, 32)
+    m[..., 8:20, 8:20] = 1
+
+    class Untouched(torch.nn.Module):
+        def forward(self, image, mask):  # the random baseline never consults the editor
+            raise AssertionError("called")
+
+    budget = Budget()
+    r = B.protect("random", Untouched(), x, m, budget=budget)
+    levels = r.protected * 255
+    assert torch.allclose(levels, torch.round(levels), atol=1e-4)  # 8-bit representable
+    assert (r.delta.abs() * 255).max() <= budget.eps_8bit + 1e-4  # within ⌊ε·255⌋ levels
+    assert r.protected.min() >= 0 and r.protected.max() <= 1
+    # U[-ε, ε] rounded: about half the values move by 3 or more levels, both signs equally.
+    moved = (r.delta * 255).round()
+    assert 0.4 < (moved.abs() >= 3).float().mean() < 0.75
+    assert abs(float((moved > 0).float().mean() - (moved < 0).float().mean())) < 0.05
+    again = B.protect("random", Untouched(), x, m, budget=budget)
+    other = B.protect("random", Untouched(), x, m, budget=budget.with_seed(1))
+    assert torch.equal(again.protected, r.protected) and not torch.equal(other.protected, r.protected)

@@ -132,7 +132,7 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
         if (tmp_path / f).exists()
     }
     directional = sum(c["verdict"] != "no difference" for cs in found.values() for c in cs)
-    headline = readme[readme.index(reporting.HEADLINE_BEGIN) : readme.index(reporting.HEADLINE_END)]
+    headline = readme[readme.index(docs_text.HEADLINE_BEGIN) : readme.index(docs_text.HEADLINE_END)]
     assert f"**{directional} directional conclusions**" in headline
     assert "[docs/results.md](docs/results.md)" in headline
     for source in ("`reports/metrics.json`", "`reports/eps_sweep.json`"):

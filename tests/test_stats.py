@@ -229,7 +229,17 @@ def test_headline_states_rates_with_intervals_and_counts():
     assert "clean 0% [0, 18] → protected 50% [30, 70] over 18 images" in block
     assert "3 δ₀ seeds: 39% [20, 57]" in block
     assert "PSNR 32.8 [32.7, 32.8] dB" in block and "at most 6/255" in block
-    assert "**1 directional conclusions** and 1 comparisons with no detectable difference" in block
+    assert (
+        "**1 directional conclusions** that hold on every stability run (exact tests, Holm within "
+        "each family), 1 comparisons with no detectable difference" in block
+    )
+    # With a stability report, a conclusion broken by a run is fragile, not counted as stated.
+    stability = {"seconds": {"blas": 1.0}, "conclusions": [
+        {"file": "a.json", "id": "x", "committed": "lower", "blas": "no difference"}]}  # fmt: skip
+    fragile = docs_text.headline_block(metrics, sweep, found, 0.025, stability=stability)
+    assert "**0 directional conclusions**" in fragile and "1 fragile ones (not stated)" in fragile
+    listed = docs_text.conclusions_block(found, stability=stability)
+    assert "- `x` (`a.json`): lower here, broken by `blas`." in listed and "- s (" not in listed
     assert block.startswith(docs_text.HEADLINE_BEGIN) and block.endswith(docs_text.HEADLINE_END)
 
 

@@ -15,6 +15,10 @@ of the result — so that only the objective differs:
   image towards the latent of the masked target; only for a
   :class:`~runtime_backdoor.editors.diffusion.DiffusionInpaintEditor`, otherwise
   :class:`NotApplicable` is raised.
+- :func:`random_noise` (``random``): uniform noise within ±ε, rounded exactly as the
+  backdoor's result is; no optimisation, the editor is never consulted. The first control a
+  reviewer of a protection paper asks for: what does a perturbation of the same size do by
+  itself?
 - :func:`markpainting` (Markpainting-style targeted attack): the target under ``m``, under
   ``E(m)`` and under a random box drawn anew every step anywhere in the image; no benign
   term. It is the backdoor with its "behave normally on the ring" term replaced by "fire
@@ -26,14 +30,16 @@ backdoor optimised with expectation over transformations (``backdoor_eot``).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .budget import BUDGET_FIELDS, Budget, resolve_budget
-from .implant import ImplantResult, check_inputs, implant, masked_mse, optimise
+from .implant import ImplantResult, check_inputs, implant, masked_mse, optimise, quantize_within
 from .masks import PAPER_EXPAND_KERNEL, expand
 from .targets import make_target
 
-METHODS = ("backdoor", "backdoor_eot", "untargeted", "encoder", "markpainting")
+METHODS = ("backdoor", "backdoor_eot", "untargeted", "encoder", "markpainting", "random")
 
 
 class NotApplicable(ValueError):
@@ -175,6 +181,30 @@ def markpainting(
     return optimise(x, loss, phi, desc="markpainting", **settings)
 
 
+def random_noise(
+    editor: torch.nn.Module | None,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    expand_kernel: int = PAPER_EXPAND_KERNEL,
+    target: str | torch.Tensor = "solid",
+    **settings,
+) -> ImplantResult:
+    """The random baseline at the same budget: ``δ ~ U[-ε, ε]`` independently per pixel value
+    (drawn on the CPU from ``seed``, so the same on any device), then ``x + δ`` rounded onto
+    the 8-bit grid within ε of ``x`` (:func:`~runtime_backdoor.implant.quantize_within`), as
+    every optimised protection is. ``editor``, ``expand_kernel`` and the optimiser's settings
+    are accepted for a common signature and not used; ``target`` is only recorded."""
+    x, _ = check_inputs(image, mask, settings)
+    eps, seed = float(settings.get("eps", Budget.eps)), int(settings.get("seed", Budget.seed))
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * eps
+    protected = quantize_within(x, x + noise.to(device=x.device, dtype=x.dtype), eps)
+    phi = make_target(x, target)
+    return ImplantResult(protected, protected - x, phi, {}, time.perf_counter() - start)
+
+
 def protect(
     method: str,
     editor: torch.nn.Module,
@@ -211,6 +241,8 @@ def protect(
         return encoder_attack(editor, image, mask, **budget)
     if method == "markpainting":
         return markpainting(editor, image, mask, **budget)
+    if method == "random":
+        return random_noise(editor, image, mask, **budget)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -221,5 +253,6 @@ __all__ = [
     "markpainting",
     "protect",
     "random_boxes",
+    "random_noise",
     "untargeted",
 ]

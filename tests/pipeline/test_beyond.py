@@ -57,7 +57,7 @@ def test_stage_function_covers_every_part(folders):
         robust_scenarios=ROBUST, budget=BUDGET,
         seeds=2, progress=False,
     )  # fmt: skip
-    n_scen, n_robust, n_methods = 6 + len(FAIR_SCENARIOS), 4, 4  # encoder is n/a here
+    n_scen, n_robust, n_methods = 6 + len(FAIR_SCENARIOS), 4, 5  # encoder is n/a here
     # δ₀ seeds: two for the control source, the implant stage's one for the pipeline editor.
     assert set(per_edit.loc[per_edit["source"] == "control", "seed"]) == {0, 1}
     assert set(per_edit.loc[per_edit["source"] == "pipeline", "seed"]) == {0}
@@ -69,9 +69,9 @@ def test_stage_function_covers_every_part(folders):
     # Part 2: every applicable method on the 2-image subset, for both sources.
     for source, n_seeds in (("pipeline", 1), ("control", 2)):
         d2 = own[(own["source"] == source) & (own["method"] != "backdoor")]
-        assert set(d2["method"]) == {"backdoor_eot", "untargeted", "markpainting"}
+        assert set(d2["method"]) == {"backdoor_eot", "untargeted", "markpainting", "random"}
         # EOT under every transformation; the baselines untransformed (their table's rows).
-        assert len(d2) == n_seeds * 2 * ((n_scen + 2 * n_robust) + 2 * n_scen)
+        assert len(d2) == n_seeds * 2 * ((n_scen + 2 * n_robust) + 3 * n_scen)
         assert set(d2.loc[d2["method"] != "backdoor_eot", "transform"]) == {"none"}
     na = protection[protection["status"].str.startswith("n/a")]
     assert set(na["method"]) == {"encoder"} and set(na["source"]) == {"pipeline", "control"}

@@ -16,7 +16,7 @@ def stage(raw, tmp_path_factory):
     prepare.prepare(raw, d / "prepared", size=32)
     result = ensemble.run(
         d / "reports", prepared_dir=d / "prepared", editors=EDITORS,
-        budget=Budget(steps=4, expand_kernel=3),
+        budget=Budget(steps=4, expand_kernel=3), seeds=2,
         device="cpu",
     )  # fmt: skip
     return d, result
@@ -25,7 +25,8 @@ def stage(raw, tmp_path_factory):
 def test_every_editor_is_edited_under_every_protection(stage):
     d, result = stage
     rows = result["per_image"]
-    assert len(rows) == 2 * len(ensemble.PROTECTIONS) * 3  # editors x protections x images
+    # editors x protections x images x seeds
+    assert len(rows) == 2 * len(ensemble.PROTECTIONS) * 3 * 2 and set(rows["seed"]) == {0, 1}
     assert set(rows["protection"]) == set(ensemble.PROTECTIONS)
     # Every protection stays within the budget: PSNR at least 20·log10(255/6.375).
     assert (rows["protection_psnr"] >= 32.0).all()
@@ -41,7 +42,16 @@ def test_reports_are_written_with_flat_keys(stage):
     assert metrics["n_images"] == 3
     assert {"a_alone_hit_rate", "b_without_hit_rate_high", "a_all_ring_psnr_low"} <= set(metrics)
     found = json.loads((out / "conclusions.json").read_text())
-    assert len(found) == 2 * 2 * 2  # editors x (without, all) x (hit, ring PSNR)
+    # editors x (left out vs clean + (without, all) x (hit, ring PSNR))
+    assert len(found) == 2 * (1 + 2 * 2)
+    assert {c["family"] for c in found} == {
+        "ensemble/left_out_fires", "ensemble/without_vs_alone/hit",
+        "ensemble/without_vs_alone/ring_psnr", "ensemble/all_vs_alone/hit",
+        "ensemble/all_vs_alone/ring_psnr",
+    }  # fmt: skip
+    assert all(c["m"] == 2 and 0 <= c["p"] <= c["p_adjusted"] <= 1 for c in found)
+    assert {"a_alone_seed0_hit_rate", "a_alone_seed1_hit_rate", "b_all_hit_rate_seed_range",
+            "a_without_clean_hit_rate"} <= set(metrics)  # fmt: skip
     # Three images: too few for any direction.
     assert all(c["verdict"] == "no difference" and c["n"] == 3 for c in found)
     assert "| a | the others (it left out) |" in (out / "results.md").read_text()

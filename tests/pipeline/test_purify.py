@@ -44,7 +44,7 @@ def stage(folders):
         return purify.run(
             d / "reports", prepared_dir=d / "prepared", protected_dir=d / "protected",
             editor_record=d / "editor" / "editor.json", editors=EDITORS, purifiers=CLASSICAL,
-            diffusion=DIFFUSION, adaptive="control", budget=BUDGET, batch_size=2,
+            diffusion=DIFFUSION, adaptive="control", seeds=2, budget=BUDGET, batch_size=2,
             device="cpu", progress=False,
         )  # fmt: skip
 
@@ -53,11 +53,20 @@ def test_one_row_per_editor_method_image_purifier_and_scenario(stage):
     per_edit = stage["per_edit"]
     methods = set(zip(per_edit["editor"], per_edit["method"], strict=True))
     assert methods == {
-        ("blur-fill", "backdoor"), ("control", "backdoor"), ("control", "backdoor_adaptive")
+        ("blur-fill", "backdoor"), ("blur-fill", "random"), ("control", "backdoor"),
+        ("control", "backdoor_adaptive"), ("control", "random"),
     }  # fmt: skip
+    # two δ₀ seeds for every protection made here; the pipeline editor's (blur-fill here) images
+    # come from the implant stage, one seed
+    assert set(per_edit.loc[per_edit["editor"] == "control", "seed"]) == {0, 1}
+    assert set(per_edit.loc[per_edit["editor"] == "blur-fill", "seed"]) == {0}
     purifiers = ["none", *CLASSICAL.split()]
     assert list(dict.fromkeys(per_edit["purifier"])) == purifiers
-    assert len(per_edit) == 3 * 3 * len(purifiers) * 2  # methods x images x purifiers x scenarios
+    # (method, seed) runs x images x purifiers x scenarios: blur-fill 2 x 1, control 3 x 2
+    assert len(per_edit) == (2 + 3 * 2) * 3 * len(purifiers) * 2
+    # the random baseline stays within the budget, one run per editor and seed
+    rnd = stage["protection"][stage["protection"]["method"] == "random"]
+    assert (rnd["linf_8bit"] <= 0.025 * 255 + 0.51).all() and len(rnd) == 1 + 2
     assert set(per_edit["scenario"]) == {"mask", "ring"}
     assert set(per_edit["family"]) == {"reference", "classical"}
     none = per_edit[per_edit["purifier"] == "none"]
@@ -95,7 +104,7 @@ def test_unavailable_diffusion_purifiers_are_reported_with_the_fetch_command(sta
     )
     table = stage["table"]
     rows = table[table["purifier"] == "diffpure:0.1"]
-    assert len(rows) == 3 * 2 and set(rows["status"]) == {status["diffpure:0.1"]}
+    assert len(rows) == 5 * 2 and set(rows["status"]) == {status["diffpure:0.1"]}
     assert "unavailable: weights (runtime-backdoor weights fetch sd15)" in stage["markdown"]
     assert stage["metrics"]["diffpure0.1_available"] is False
 

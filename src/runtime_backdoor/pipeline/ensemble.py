@@ -62,12 +62,14 @@ def measure(
     *,
     names=None,
     budget: Budget,
+    seeds: int = 1,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     device="cpu",
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per edited editor, protection (``alone``/``without``/``all``) and image."""
+    """One row per edited editor, protection (``alone``/``without``/``all``), δ₀ seed
+    (``budget.seed`` + 0 … seeds − 1) and image."""
     specs = parse_editor_specs(editors)
     if len(specs) < 2:
         raise ValueError(f"ensemble.editors: give at least two editors, got {len(specs)}")
@@ -77,27 +79,35 @@ def measure(
     names = list(df["name"])
     kernel = int(budget.expand_kernel)
 
-    def protect(labels):
-        return implant([built[k] for k in labels], x, m, budget=budget, progress=False)
-
     runs = [("all", None, list(built))]
     for label in built:
         runs += [("alone", label, [label]), ("without", label, [k for k in built if k != label])]
-    full = None
     rows = []
-    for protection, edited, labels in tqdm(runs, desc="ensemble", disable=not progress):
-        result = protect(labels)
-        if protection == "all":
-            full = result
-            continue
-        rows += _edit_rows(built[edited], edited, protection, x, m, result.protected,
-                           result.target, names, kernel=kernel, hit_tol=hit_tol,
-                           hit_min_fraction=hit_min_fraction)  # fmt: skip
-    for label, editor in built.items():
-        rows += _edit_rows(editor, label, "all", x, m, full.protected, full.target, names,
-                           kernel=kernel, hit_tol=hit_tol,
-                           hit_min_fraction=hit_min_fraction)  # fmt: skip
-    return pd.DataFrame(rows)
+    todo = [(s, *r) for s in range(budget.seed, budget.seed + int(seeds)) for r in runs]
+    for seed, protection, edited, labels in tqdm(todo, desc="ensemble", disable=not progress):
+        result = implant([built[k] for k in labels], x, m, budget=budget.with_seed(seed),
+                         progress=False)  # fmt: skip
+        for label in labels if protection == "all" else [edited]:
+            rows += [
+                r | {"seed": seed}
+                for r in _edit_rows(
+                    built[label],
+                    label,
+                    protection,
+                    x,
+                    m,
+                    result.protected,
+                    result.target,
+                    names,
+                    kernel=kernel,
+                    hit_tol=hit_tol,
+                    hit_min_fraction=hit_min_fraction,
+                )  # fmt: skip
+            ]
+    order = {"alone": 0, "without": 1, "all": 2}
+    df = pd.DataFrame(rows)
+    return df.sort_values(["seed", "editor", "protection"], key=lambda c: c.map(order) if
+                          c.name == "protection" else c, kind="stable").reset_index(drop=True)  # fmt: skip
 
 
 def _per_image(g: pd.DataFrame, protection: str, column: str) -> pd.Series:
@@ -144,14 +154,26 @@ def conclusions(per_image: pd.DataFrame) -> list[dict]:
     return found.decide()
 
 
+def seed_spread(per_image: pd.DataFrame) -> dict:
+    """Each editor and protection's hit rate per δ₀ seed, and their range over seeds."""
+    out: dict = {}
+    for (editor, protection), g in per_image.groupby(["editor", "protection"], sort=False):
+        rates = g.groupby("seed")["hit"].mean().astype(float)
+        key = f"{editor}_{protection}".replace("-", "_")
+        for s, rate in rates.items():
+            out[f"{key}_seed{s}_hit_rate"] = float(rate)
+        out[f"{key}_hit_rate_seed_range"] = float(rates.max() - rates.min())
+    return out
+
+
 def summarize(table: pd.DataFrame, n_images: int) -> dict:
     """The flat ``metrics.json``: each editor and protection's rates with their intervals."""
     out: dict = {"n_images": n_images}
     for r in table.to_dict("records"):
         key = f"{r['editor']}_{r['protection']}".replace("-", "_")
-        for column in ("hit", "ring_psnr"):
+        for column in ("hit", "hit_clean", "ring_psnr"):
             for suffix in ("", "_low", "_high"):
-                name = "hit_rate" if column == "hit" else column
+                name = {"hit": "hit_rate", "hit_clean": "clean_hit_rate"}.get(column, column)
                 out[f"{key}_{name}{suffix}"] = float(r[f"{column}{suffix}"])
     return out
 
@@ -180,35 +202,44 @@ def run(
     editors: str = "a:global-mix(gain:800,reach:8,seed:0) b:global-mix(gain:800,reach:8,seed:1)",
     images_per_type: int = 0,
     budget: Budget,
+    seeds: int = 3,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
     device: str = "auto",
 ) -> dict:
     """The stage: ``reports_dir/ensemble/`` (per_image.csv, table.csv, conclusions.json,
-    metrics.json, results.md) and ``reports_dir/figures/ensemble.png``."""
+    metrics.json, results.md) and ``reports_dir/figures/ensemble.png``. Every protection is
+    made with ``seeds`` δ₀ seeds; an image's outcome is averaged over them (the share of seeds
+    that hit), and ``metrics.json`` gives each seed's hit rate."""
+    if int(seeds) < 1:
+        raise ValueError(f"seeds: at least 1, got {seeds}")
     manifest = read_folder(prepared_dir)
     names = (
         list(manifest.groupby("content").head(images_per_type)["name"]) if images_per_type else None
     )
-    per_image = measure(prepared_dir, editors, names=names, budget=budget, hit_tol=hit_tol,
-                        hit_min_fraction=hit_min_fraction, device=resolve_device(device))  # fmt: skip
+    per_image = measure(prepared_dir, editors, names=names, budget=budget, seeds=seeds,
+                        hit_tol=hit_tol, hit_min_fraction=hit_min_fraction,
+                        device=resolve_device(device))  # fmt: skip
     out = Path(reports_dir) / "ensemble"
     table = group_estimates(
-        per_image.assign(hit=per_image["hit"].astype(float)), ["editor", "protection"],
-        ["hit", "ring_psnr", "protection_psnr"],
+        per_image.assign(hit=per_image["hit"].astype(float),
+                         hit_clean=per_image["hit_clean"].astype(float)),
+        ["editor", "protection"], ["hit", "hit_clean", "ring_psnr", "protection_psnr"],
     )  # fmt: skip
     found = conclusions(per_image)
     n = int(per_image["name"].nunique())
     write_csv(out / "per_image.csv", per_image)
     write_csv(out / "table.csv", table)
     write_json(out / "conclusions.json", found)
-    write_json(out / "metrics.json", summarize(table, n))
+    write_json(out / "metrics.json", summarize(table, n) | seed_spread(per_image))
     lines = [
-        f"Leave-one-editor-out on {n} images (means with 95 % intervals over images): each row "
-        "is the editor the image was edited with and what it was protected against.",
+        f"Leave-one-editor-out on {n} images, {int(seeds)} δ₀ seeds (means with 95 % intervals "
+        "over images, each image averaged over its seeds): each row is the editor the image was "
+        "edited with and what it was protected against; `clean` is the same editor's hit rate "
+        "on the unprotected images.",
         "",
-        "| edited with | protected against | hit rate (edit of m) | benign ring PSNR, dB | protection PSNR, dB |",
-        "|---|---|---|---|---|",
+        "| edited with | protected against | hit rate (edit of m) | clean | benign ring PSNR, dB | protection PSNR, dB |",
+        "|---|---|---|---|---|---|",
     ]
     for r in table.to_dict("records"):
         against = {
@@ -218,6 +249,7 @@ def run(
         }[r["protection"]]
         lines.append(
             f"| {r['editor']} | {against} | {r['hit']:.0%} [{r['hit_low']:.0%}, {r['hit_high']:.0%}] "
+            f"| {r['hit_clean']:.0%} "
             f"| {r['ring_psnr']:.1f} [{r['ring_psnr_low']:.1f}, {r['ring_psnr_high']:.1f}] "
             f"| {r['protection_psnr']:.1f} |"
         )

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import purifiers as P
+from ..baselines import protect
 from ..budget import Budget
 from ..data import load_prepared, read_image, to_tensor, write_csv, write_json
 from ..editors.specs import PIPELINE, build_from_spec, parse_editor_specs
@@ -265,7 +266,11 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
     lower than without purification, and does it still fire (protected vs clean images, both
     purified). The worst case is an oracle attacker's, who picks per image: its hit rate is at
     most the lowest purifier's. With the adaptive defence: its worst-case hit rate against the
-    plain backdoor's. Distances and fidelities are in the table, not stated as conclusions:
+    plain backdoor's. The random baseline (uniform noise within ±ε): does it fire, and does the
+    backdoor hit more often than it. Each image's outcome is the share of its δ₀ seeds that hit;
+    exact sign tests, Holm within each family (``purify/fires``, ``purify/lowers``,
+    ``purify/still_fires``, ``purify/vs_random``, ``purify/adaptive``).
+    Distances and fidelities are in the table, not stated as conclusions:
     a per-image extreme over purifiers differs from no purification by selection alone.
     Returns ``id``, ``verdict``, ``n``, ``sentence`` and ``no_hits`` per comparison.
     """
@@ -289,6 +294,8 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
         if len(none):
             add(f"{editor}/{method}/fires", "purify/fires", none["hit_protected"].to_numpy(),
                 none["hit_clean"].to_numpy(), "protected images", "clean images", metric)  # fmt: skip
+        if method == "random":
+            continue  # the baseline: whether it fires at all, and against the backdoor (below)
         for purifier in dict.fromkeys(d.loc[d["purifier"] != "none", "purifier"]):
             worst = purifier.startswith("worst")
             a, b = _paired(d, "hit_protected", purifier, "none")
@@ -300,6 +307,15 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
                 p["hit_clean" if worst else "hit_purified_clean"].to_numpy(),
                 f"protected images after {_said(purifier, False)}",
                 "clean images" if worst else f"clean images after {purifier}", metric)  # fmt: skip
+    plain = mal[mal["purifier"] == "none"]
+    for editor in dict.fromkeys(plain.loc[plain["method"] == "random", "editor"]):
+        d = plain[plain["editor"] == editor]
+        wide = d.pivot_table(index="name", columns="method", values="hit_protected")
+        if {"backdoor", "random"} <= set(wide):
+            both = wide[["backdoor", "random"]].dropna()
+            add(f"{editor}/backdoor/vs_random", "purify/vs_random", both["backdoor"].to_numpy(),
+                both["random"].to_numpy(), "the backdoor", "random noise at the same budget",
+                f"the malicious hit rate ({editor}, no purification)")  # fmt: skip
     if "backdoor_adaptive" in set(mal["method"]):
         for editor in dict.fromkeys(mal.loc[mal["method"] == "backdoor_adaptive", "editor"]):
             d = mal[(mal["editor"] == editor) & (mal["purifier"] == "worst:classical")]
@@ -439,6 +455,23 @@ def purification_plot(table: pd.DataFrame):
 # ------------------------------------------------------------------------------- the stage
 
 
+def seed_spread(per_edit: pd.DataFrame) -> dict:
+    """Per editor and method run over several δ₀ seeds, the malicious hit rate without
+    purification of each seed, and their range (``..._seed_range``): how much one seed moves it."""
+    d = per_edit[(per_edit["purifier"] == "none") & (per_edit["scenario"] == "mask")]
+    out: dict = {}
+    for (editor, method), g in d.groupby(["editor", "method"], sort=False):
+        rates = g.groupby("seed")["hit_protected"].mean().astype(float)
+        if len(rates) < 2:
+            continue
+        for s, rate in rates.items():
+            out[metric_key(editor, method, f"seed{s}", "mask_hit_rate")] = float(rate)
+        out[metric_key(editor, method, "mask_hit_rate_seed_range")] = float(
+            rates.max() - rates.min()
+        )
+    return out
+
+
 def load_models(specs, device) -> tuple[dict, pd.DataFrame]:
     """The diffusion pipelines whose weights are here, and one status row per diffusion purifier."""
     models, rows, status = {}, [], {}
@@ -468,6 +501,8 @@ def run(
     purifiers: str = " ".join(P.CLASSICAL),
     diffusion: str = " ".join(P.DIFFUSION),
     adaptive: str = "control",
+    baselines: str = "random",
+    seeds: int = 3,
     budget: Budget,
     hit_tol: float = 0.1,
     hit_min_fraction: float = 0.5,
@@ -479,9 +514,18 @@ def run(
     stage; the others are protected here at ``budget``, the implant stage's, whose seed also
     seeds the noise purifiers). ``purifiers``: the classical suite;
     ``diffusion``: the diffusion purifiers (run where their weights are); ``adaptive``: labels
-    of editors also protected with expectation over the classical purifiers ("" = none).
+    of editors also protected with expectation over the classical purifiers ("" = none);
+    ``baselines``: protections of :mod:`runtime_backdoor.baselines` run beside the backdoor
+    against every editor (``random``: uniform noise within ±ε). ``seeds``: δ₀ seeds
+    (``budget.seed`` + 0 … seeds − 1) of every protection made here; the pipeline editor's
+    images come from the implant stage (``budget.seed`` only). Rows carry their ``seed``.
     Returns the tables, the conclusions, the figure path and the wall time.
     """
+    if int(seeds) < 1:
+        raise ValueError(f"seeds: at least 1, got {seeds}")
+    extra = str(baselines).split()
+    if set(extra) - {"random"}:
+        raise ValueError(f"baselines: only 'random' runs here, got {baselines!r}")
     start = time.perf_counter()
     seed, expand_kernel = budget.seed, budget.expand_kernel
     dev = resolve_device(device)
@@ -512,38 +556,45 @@ def run(
     for spec in specs:
         editor = build_from_spec(spec, editor_record, device=dev)
         label = labels[spec.label]
-        edits_of: dict = {}  # this editor's edits of x and p(x), shared by its methods
-        methods = {}
+        edits_of: dict = {}  # this editor's edits of x and p(x), shared by its methods and seeds
+        methods = {}  # (method, seed) -> (protected, target, seconds)
+        own_seeds = [seed] if spec.name == PIPELINE else [seed + k for k in range(int(seeds))]
         if spec.name == PIPELINE:
             protected = torch.cat(
                 [to_tensor(read_image(Path(protected_dir) / f"{n}.png")) for n in names]
             ).to(dev)
-            methods["backdoor"] = (protected, make_target(x, budget.target), float("nan"))
-        else:
-            t0 = time.perf_counter()
-            r = _implant_batches(editor, x, m, batch_size, budget)
-            methods["backdoor"] = (*r, time.perf_counter() - t0)
-        if spec.label in adaptive_labels:
-            t0 = time.perf_counter()
-            eot = EOTEditor(
-                editor, [s.name for s in classical], pick="one", jpeg_grad="kornia", seed=seed
-            )
-            r = _implant_batches(eot, x, m, batch_size, budget)
-            methods["backdoor_adaptive"] = (*r, time.perf_counter() - t0)
-        for method, (protected, phi, seconds) in methods.items():
+            methods["backdoor", seed] = (protected, make_target(x, budget.target), float("nan"))
+        for s in own_seeds:
+            run_budget = budget.with_seed(s)
+            if spec.name != PIPELINE:
+                t0 = time.perf_counter()
+                r = _implant_batches(editor, x, m, batch_size, run_budget)
+                methods["backdoor", s] = (*r, time.perf_counter() - t0)
+            if spec.label in adaptive_labels:
+                t0 = time.perf_counter()
+                eot = EOTEditor(
+                    editor, [c.name for c in classical], pick="one", jpeg_grad="kornia", seed=s
+                )
+                r = _implant_batches(eot, x, m, batch_size, run_budget)
+                methods["backdoor_adaptive", s] = (*r, time.perf_counter() - t0)
+            for name in extra:
+                t0 = time.perf_counter()
+                r = protect(name, editor, x, m, budget=run_budget, progress=False)
+                methods[name, s] = (r.protected, r.target, time.perf_counter() - t0)
+        for (method, s), (protected, phi, seconds) in methods.items():
             rows = evaluate_editor(
                 editor, x, m, protected, phi, functions, names=names, kernel=expand_kernel,
                 hit_tol=hit_tol, hit_min_fraction=hit_min_fraction, batch_size=batch_size,
                 purified_clean=cache, clean_edits=edits_of, progress=progress,
             )  # fmt: skip
-            frames.append(rows.assign(editor=label, method=method))
+            frames.append(rows.assign(editor=label, method=method, seed=s))
             protection.append(
-                {"editor": label, "method": method, "seconds": seconds,
+                {"editor": label, "method": method, "seed": s, "seconds": seconds,
                  "linf_8bit": float((protected - x).abs().max() * 255)}
             )  # fmt: skip
     per_edit = pd.concat(frames, ignore_index=True)
     per_edit["content"] = per_edit["name"].map(dict(zip(df["name"], df["content"], strict=True)))
-    first = ["editor", "method", "name", "content", "purifier", "family", "scenario"]
+    first = ["editor", "method", "seed", "name", "content", "purifier", "family", "scenario"]
     per_edit = per_edit[first + [c for c in per_edit.columns if c not in first]]
     rows = pd.concat([per_edit, worst_case(per_edit)], ignore_index=True)
     table = summary_table(rows, status)
@@ -555,13 +606,14 @@ def run(
     write_csv(out / "table.csv", table)
     write_json(out / "conclusions.json", found)
     settings = {
-        "n_images": len(names), "eps": budget.eps, "steps": budget.steps, "seed": seed, "hit_tol": hit_tol,
+        "n_images": len(names), "eps": budget.eps, "steps": budget.steps, "seed": seed,
+        "seeds": int(seeds), "hit_tol": hit_tol,
         "hit_min_fraction": hit_min_fraction, "editors": list(labels.values()),
         "purifiers": [s.name for s in classical] + [s.name for s in wanted],
     }  # fmt: skip
     text = markdown(table, found, settings)
     (out / "results.md").write_text(text)
-    metrics = summarize(table, status, len(names))
+    metrics = summarize(table, status, len(names)) | seed_spread(per_edit)
     write_json(out / "metrics.json", metrics)
     figure = save_figure(purification_plot(table), reports / "figures" / "purification.png")
     return {
@@ -597,6 +649,7 @@ __all__ = [
     "markdown",
     "purification_plot",
     "run",
+    "seed_spread",
     "summarize",
     "summary_table",
     "worst_case",
