@@ -254,3 +254,25 @@ def test_docs_state_exactly_the_committed_reports():
 
     root = Path(__file__).resolve().parents[1]
     assert docs_text.docs_match_committed(root) == []
+
+
+def test_families_block_counts_sizes_power_and_chance():
+    from runtime_backdoor import docs_text
+
+    def entry(cid, family, verdict, test=S.SIGN_TEST):
+        return {"id": cid, "family": family, "verdict": verdict, "n": 18, "test": test}
+
+    found = {"a.json": [entry("x", "f/one", "higher"), entry("y", "f/one", "no difference"),
+                        entry("z", "f/two", "lower", S.SIGNED_RANK)]}  # fmt: skip
+    block = docs_text.families_block(found)
+    # f/one: 2 comparisons, Holm's first threshold 0.025 -> 7 images of 18 (2^-6 < 0.025)
+    assert "| `f/one` | `a.json` | 2 | exact sign test | 18 | 1 | 1 | 39% |" in block
+    assert "| `f/two` | `a.json` | 1 | Wilcoxon signed-rank test | 18 | 1 | 1 | – |" in block
+    assert "3 comparisons in 2 families" in block and "about 0.2 directions" in block
+    # a stability run that broke x: directional but not stated
+    stability = {"seconds": {"seed": 1.0}, "conclusions": [
+        {"file": "a.json", "id": "x", "committed": "higher", "seed": "no difference"},
+        {"file": "a.json", "id": "z", "committed": "lower", "seed": "lower"}]}  # fmt: skip
+    assert "| `f/one` | `a.json` | 2 | exact sign test | 18 | 1 | 0 | 39% |" in (
+        docs_text.families_block(found, stability)
+    )

@@ -209,7 +209,8 @@ def _budget(p: argparse.ArgumentParser) -> None:
         "--eps",
         type=_eps,
         default=DEFAULT_EPS,
-        help="perturbation budget per pixel value, fraction of the range (default 0.025 = 6.4/255, the paper's)",
+        help=f"perturbation budget per pixel value, fraction of the range (default {DEFAULT_EPS:g} "
+        f"= {DEFAULT_EPS * 255:.1f}/255, the paper's)",
     )
     _target(p)
     _expand(p)

@@ -34,6 +34,7 @@ CONCLUSIONS_BEGIN, CONCLUSIONS_END = markers("conclusions")
 HEADLINE_BEGIN, HEADLINE_END = markers("headline")
 CONTROL_BEGIN, CONTROL_END = markers("control-rates")
 FAMILIES_BEGIN, FAMILIES_END = markers("families")
+PERFORMANCE_BEGIN, PERFORMANCE_END = markers("performance")
 
 #: The stages' conclusions, in the order docs/results.md lists them. A file that neither the
 #: commit nor the working tree has (its stage has not run yet) is named as such in the list.
@@ -52,6 +53,9 @@ REPORT_FILES = (
     "reports/beyond/baselines.csv",
     "params.yaml",
     "reports/stability.json",
+    "reports/benchmarks/cpu.json",
+    "reports/purification/table.csv",
+    "reports/ensemble/table.csv",
 )
 #: Every file the generated text is made from.
 DATA_FILES = CONCLUSION_FILES + REPORT_FILES
@@ -60,6 +64,10 @@ GENERATED = {
     "headline": "README.md",
     "control-rates": "docs/results.md",
     "families": "docs/results.md",
+    "performance": "docs/performance.md",
+    "beyond-findings": "docs/beyond.md",
+    "purify-findings": "docs/beyond.md",
+    "ensemble-findings": "docs/beyond.md",
     "conclusions": "docs/results.md",
 }
 #: The beyond stage's label of the sensitive toy editor (params.yaml ``beyond.editors``).
@@ -273,6 +281,116 @@ def control_rates_block(sweep: dict, fair_masks: pd.DataFrame, baselines: pd.Dat
     return "\n".join(lines)
 
 
+#: The CPU benchmark's before/after comparisons docs/performance.md states (case -> words).
+SPEED_UPS = {
+    "mini-128-separate": ("The three loss passes as one batched call",
+                          "than one pass at a time, 128 px"),
+    "mini-256-separate": (None, "at 256 px"),
+    "mini-128-unfolded": ("BatchNorm folded into the convolutions, channels-last on the CPU "
+                          "(the LaMa editor's default, `editors.lama.fold_batchnorm`, the same "
+                          "outputs to 1e-7, tested)", "than unfolded, 128 px"),
+    "mini-256-unfolded": (None, "at 256 px"),
+    "mini-128-x6": ("Six images per call", "per image than one image per call, because a batch "
+                    "of one leaves the two cores idle between many small operations"),
+}  # fmt: skip
+
+
+def performance_block(cpu: dict) -> str:
+    """docs/performance.md's list of what made the miniature fast on a CPU: each comparison of
+    :data:`SPEED_UPS` from ``reports/benchmarks/cpu.json`` (time of the slower variant over the
+    faster one, and the working memory), in the benchmark's own words."""
+    found = {c["case"]: c for c in cpu.get("comparisons", [])}
+    lines, item = [PERFORMANCE_BEGIN], None
+    for case, (title, what) in SPEED_UPS.items():
+        c = found.get(case)
+        if c is None:
+            continue
+        # comparisons are case / reference; the adopted variant is the faster one
+        adopted_is_reference = c["time_ratio"] >= 1
+        ratio = c["time_ratio"] if adopted_is_reference else 1 / c["time_ratio"]
+        memory = (
+            1 / c["working_memory_ratio"] if adopted_is_reference else c["working_memory_ratio"]
+        )
+        part = f"{ratio:.2f}× less time {what}"
+        if title is not None:
+            if item:
+                lines.append(item + ".")
+            item = f"- **{title}**: {part}, at {memory:.2f}× the working memory"
+        else:
+            item += f"; {part}"
+    if item:
+        lines.append(item + ".")
+    lines += [
+        "",
+        "(`reports/benchmarks/cpu.json`, `comparisons`: each measured before and after in one run.)",
+        PERFORMANCE_END,
+    ]
+    return "\n".join(lines)
+
+
+def _rate(row, col: str) -> str:
+    return Estimate(row[col], row[f"{col}_low"], row[f"{col}_high"], int(row["n_images"])).format(
+        pct=True
+    )
+
+
+def findings_block(
+    name: str, file: str, found: dict[str, list[dict]], stability: dict | None,
+    rates: list[str] = (),
+) -> str:  # fmt: skip
+    """A stage's findings for its page: ``rates`` (lines from its tables), then its stated
+    conclusions (directional here and in every stability run) and, by id, its fragile ones."""
+    stated, fragile, quiet, _ = _tally({file: found.get(file, [])}, stability)
+    begin, end = markers(name)
+    lines = [begin, "", *rates]
+    if rates:
+        lines.append("")
+    lines.append(f"Stated (`{file}`; exact tests, Holm within each family, every stability run):")
+    lines.append("")
+    lines += [f"- {c['sentence']} (`{c['id']}`)." for _, c in stated] or ["- none."]
+    if fragile:
+        lines += ["", "Fragile, not stated: " + ", ".join(
+            f"`{c['id']}` ({c['verdict']} here, {why})" for _, c, why in fragile) + "."]  # fmt: skip
+    lines += ["", f"{quiet} further comparisons show no detectable difference.", "", end]
+    return "\n".join(lines)
+
+
+def purify_rates(table: pd.DataFrame) -> list[str]:
+    """Each editor and method's malicious hit rate with no purification and in the per-image
+    worst case (BlurGuard's rule), against the clean images' rate."""
+    d = table[(table["scenario"] == "mask") & (table["status"] == "ok")]
+    lines = ["| editor | method | clean | protected | worst classical purifier (per image) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for (editor, method), g in d.groupby(["editor", "method"], sort=False):
+        g = g.set_index("purifier")
+        if "none" not in g.index:
+            continue
+        none = g.loc["none"]
+        worst = (
+            _rate(g.loc["worst:classical"], "hit_protected")
+            if "worst:classical" in g.index
+            else "–"
+        )
+        lines.append(
+            f"| {editor} | {method} | {_rate(none, 'hit_clean')} | {_rate(none, 'hit_protected')} "
+            f"| {worst} |"
+        )
+    return lines + ["", "(malicious hit rate, edit of *m*; `reports/purification/table.csv`)"]
+
+
+def ensemble_rates(table: pd.DataFrame) -> list[str]:
+    """Each edited editor's hit rate under each protection, and its clean rate."""
+    lines = ["| edited with | clean | alone | left out | all |", "|---|---|---|---|---|"]
+    for editor, g in table.groupby("editor", sort=False):
+        g = g.set_index("protection")
+        cells = [
+            _rate(g.loc[p], "hit") if p in g.index else "–" for p in ("alone", "without", "all")
+        ]
+        clean = _rate(g.iloc[0], "hit_clean") if "hit_clean" in g else "–"
+        lines.append(f"| {editor} | {clean} | " + " | ".join(cells) + " |")
+    return lines + ["", "(hit rate of the edit of *m*; `reports/ensemble/table.csv`)"]
+
+
 def committed_text(root: str | Path, relative: str) -> str | None:
     """``relative`` (a path under ``root``) as committed: ``git show HEAD:./relative`` when
     ``root`` is in a git checkout whose HEAD has the file; otherwise the working-tree file;
@@ -314,6 +432,24 @@ def generated_blocks(texts: dict[str, str | None]) -> tuple[dict[str, str], list
             sweep, fair_masks, baselines, int(params["beyond"]["seeds"])
         ),
         "families": families_block(found, stability),
+        "performance": performance_block(json.loads(texts["reports/benchmarks/cpu.json"])),
+        "beyond-findings": findings_block(
+            "beyond-findings", "reports/beyond/conclusions.json", found, stability
+        ),
+        "purify-findings": findings_block(
+            "purify-findings",
+            "reports/purification/conclusions.json",
+            found,
+            stability,
+            purify_rates(pd.read_csv(io.StringIO(texts["reports/purification/table.csv"]))),
+        ),
+        "ensemble-findings": findings_block(
+            "ensemble-findings",
+            "reports/ensemble/conclusions.json",
+            found,
+            stability,
+            ensemble_rates(pd.read_csv(io.StringIO(texts["reports/ensemble/table.csv"]))),
+        ),
         "conclusions": conclusions_block(found, not_run, stability),
     }, []
 
@@ -409,6 +545,8 @@ __all__ = [
     "control_rates_block",
     "docs_match_committed",
     "families_block",
+    "findings_block",
+    "performance_block",
     "fragile_runs",
     "generated_blocks",
     "headline_block",

@@ -186,7 +186,9 @@ def conclusions(per_edit: pd.DataFrame) -> list[dict]:
         rob = rob[rob["scenario"].isin(robust)]
         for t in dict.fromkeys(rob.loc[rob["transform"] != "none", "transform"]):
             add(f"{source}/robust/{t}", rob, "hit_protected", "transform", t, "none",
-                f"{t} before editing", "no transformation", f"the malicious hit rate ({source})")  # fmt: skip
+                f"{t} before editing", "no transformation",
+                f"the malicious hit rate ({source}; beyond's robustness scenarios "
+                f"{', '.join(sorted(robust))}, pooled)")  # fmt: skip
         official = own[own["family"] == "official"]
         for method in dict.fromkeys(official.loc[official["method"] != "backdoor", "method"]):
             names = set(official.loc[official["method"] == method, "name"])
@@ -210,9 +212,7 @@ def metric_key(*parts) -> str:
     """A flat ``metrics.json`` key from ``parts``: joined by "_", "-" made "_", ":" dropped
     (``jpeg:75`` -> ``jpeg75``), "%" made "pct" (``crop:10%`` -> ``crop10pct``), anything else
     outside ``[A-Za-z0-9_.]`` made "_"."""
-    joined = "_".join(
-        str(p).replace("-", "_").replace(":", "").replace("%", "pct") for p in parts
-    )
+    joined = "_".join(str(p).replace("-", "_").replace(":", "").replace("%", "pct") for p in parts)
     return re.sub(r"[^A-Za-z0-9_.]", "_", joined)
 
 

@@ -8,6 +8,7 @@ import shutil
 from types import SimpleNamespace
 
 from .. import owner
+from ..budget import Budget
 from .views import AMPLIFY, PAINT_COLOUR, PAINT_OPACITY, page_message
 
 INTRO = (
@@ -75,11 +76,12 @@ def _options_column(gr, labels: list[str]) -> dict:
     )
     eps = gr.Number(
         owner.DEFAULT_EPS,
-        label="ε: fraction of the range, or 8-bit units above 1 (0.025 = 6.4/255, the paper's)",
+        label=f"ε: fraction of the range, or 8-bit units above 1 ({owner.DEFAULT_EPS:g} = "
+        f"{owner.DEFAULT_EPS * 255:.1f}/255, the paper's)",
         elem_id="eps",
     )
     with gr.Row():
-        steps = gr.Number(20, precision=0, label="steps", elem_id="steps")
+        steps = gr.Number(Budget.steps, precision=0, label="steps", elem_id="steps")
         seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
         expand = gr.Number(
             0,

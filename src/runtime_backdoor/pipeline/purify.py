@@ -289,7 +289,7 @@ def conclusions(rows: pd.DataFrame) -> list[dict]:
     )
     for (editor, method), d in mal.groupby(["editor", "method"], sort=False):
         who = editor if method == "backdoor" else f"{editor}, {method}"
-        metric = f"the malicious hit rate ({who})"
+        metric = f"the malicious hit rate ({who}; purify stage, edit of m)"
         none = _image_means(d, "none")
         if len(none):
             add(f"{editor}/{method}/fires", "purify/fires", none["hit_protected"].to_numpy(),
