@@ -300,6 +300,9 @@ FORBIDDEN_IN_STAGES = (
     "runtime_backdoor.weights",
     "runtime_backdoor.runs",
     "runtime_backdoor.docs_text",
+    "runtime_backdoor.batch",
+    "runtime_backdoor.comparison",
+    "runtime_backdoor.tutorial",
 )
 
 

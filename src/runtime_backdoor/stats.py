@@ -8,29 +8,25 @@ exception: a rate that is 0 or 1 on every image would collapse to a point under 
 bootstrap, so it gets the Wilson score interval of ``k`` of ``n`` images instead
 (``scipy.stats.binomtest``), which says how large a rate ``n`` images cannot exclude.
 
-A comparison of two conditions on the same images is a *paired* one: the interval of the
-mean per-image difference. :func:`compare` states a direction only when that interval
-excludes 0 (or, when every image differs by the same amount, when a sign test over the
-images is significant); otherwise it says that no difference is detectable at that ``n``.
+A comparison of two conditions on the same images is a *paired* one (:func:`compare`):
 
-Few images. The percentile bootstrap is too narrow at small ``n`` (its interval of a mean is
-about ``z·sqrt((n-1)/n) / t(n-1)`` times the Student t interval: 0.82 at 10 images, 0.63
-at 5; at 2 images it is the range of the two values, so two negative differences "show" a
-decrease). Hence, below :data:`SMALL_N` images:
+* **hit outcomes** (:data:`RATE`: 0/1 per image, or the share of its δ₀ seeds that hit) are
+  tested with the exact two-sided sign test over the images whose outcome differs (the exact
+  McNemar test when each image has one seed); the difference reported is the net share of
+  images up, with the exact interval that agrees with the test (:func:`_net_share`). With
+  n = 18 and mostly-zero differences, a bootstrap interval of the mean difference excludes 0
+  far too easily, which is why it does not decide here;
+* **continuous values** (:data:`VALUE`: PSNR, SSIM, MSE) keep the interval of the mean
+  difference (percentile bootstrap, Student t below :data:`SMALL_N` images) and are tested with
+  Wilcoxon's signed-rank test; a direction needs both;
+* below :data:`MIN_N` images no direction is stated at all: 6 is the fewest images at which an
+  exact two-sided sign test can reach p < 0.05 (p = 2^(1-n) when every image agrees).
 
-* :func:`estimate` gives the Wilson score interval for 0/1 values and the Student t
-  interval otherwise (exact for normally distributed values; not clipped to a rate's range);
-* :func:`compare` takes the Student t interval of the differences, and states a direction
-  only when it excludes 0 *and* an exact two-sided sign test over the images' non-zero
-  differences is significant: a claim then rests neither on the normality that so few
-  images cannot check nor on the sign test alone, which ignores magnitudes;
-* below :data:`MIN_N` images :func:`compare` states no direction at all, whatever the
-  values: 6 is the fewest images at which an exact two-sided sign test can reach
-  p < 0.05 (p = 2^(1-n) when every image agrees), so below it no test free of assumptions
-  about the values' distribution can show one. The verdict is then "no difference" (the
-  verdicts stay "higher", "lower" or "no difference") and the sentence says why.
-
-From :data:`SMALL_N` images on, the percentile bootstrap is kept as above.
+**Multiplicity.** Each comparison belongs to a family, one per question; :class:`Findings`
+adjusts the p values within each family with Holm's step-down method (statsmodels), which
+keeps the chance of any false direction in the family below 5 % under any dependence between
+the comparisons, and decides the verdicts from the adjusted p. :func:`detectable_net_share`
+says how large a net share of images the exact test can show at a family's size.
 
 Numbers are written with significant digits (:func:`format_numbers`): a mean and its
 bounds share their decimals, as many as the default (3, or whole percentage points) or
