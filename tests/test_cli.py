@@ -1056,7 +1056,9 @@ def test_a_huge_png_is_refused_from_its_header_fast_and_small(files):
             f"runtime-backdoor: error: image {big} is 12000×12000 px (144.0 megapixels): too "
             "large, the limit is 40 megapixels; resize it, or raise the limit with --max-pixels\n"
         )
-        assert seconds < 2 and peak_mb < 500, (seconds, peak_mb)
+        # refused from the header: the peak stays far below the 432 MB a decode would need
+        # (how fast is the benchmark's business, not a test's: a loaded machine is slower)
+        assert peak_mb < 500, (seconds, peak_mb)
         print(f"{command}: refused in {seconds:.2f} s, peak {peak_mb:.0f} MB")
 
 

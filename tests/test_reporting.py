@@ -131,9 +131,13 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
         for f in docs_text.CONCLUSION_FILES
         if (tmp_path / f).exists()
     }
+    stability = json.loads((tmp_path / "reports/stability.json").read_text())
+    stated, fragile, _, _ = docs_text._tally(found, stability)
     directional = sum(c["verdict"] != "no difference" for cs in found.values() for c in cs)
+    assert len(stated) + len(fragile) == directional
     headline = readme[readme.index(docs_text.HEADLINE_BEGIN) : readme.index(docs_text.HEADLINE_END)]
-    assert f"**{directional} directional conclusions**" in headline
+    assert f"**{len(stated)} directional conclusions**" in headline
+    assert (f"{len(fragile)} fragile ones (not stated)" in headline) == bool(fragile)
     assert "[docs/results.md](docs/results.md)" in headline
     for source in ("`reports/metrics.json`", "`reports/eps_sweep.json`"):
         assert source in headline
@@ -146,7 +150,8 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
     ):  # fmt: skip
         row = next(ln for ln in block.splitlines() if ln.startswith(f"| {name} |"))
         assert source in row
-    # The full list: one line per directional conclusion, none in the README.
+    # The full list: one line per directional conclusion (stated, or fragile with the runs that
+    # broke it), none in the README.
     listed = results[
         results.index(docs_text.CONCLUSIONS_BEGIN) : results.index(docs_text.CONCLUSIONS_END)
     ].count("\n- ")
@@ -164,14 +169,19 @@ def test_docs_check_follows_the_committed_reports(tmp_path):
     assert docs_text.docs_match_committed(repo) == []
 
     # (i) A local pipeline run rewrites the working-tree reports: the committed ones count.
-    target = repo / docs_text.CONCLUSION_FILES[1]
+    # (a conclusions file with a stated conclusion, whose sentence the docs quote)
+    stability = json.loads((repo / "reports/stability.json").read_text())
+    found = {f: json.loads((repo / f).read_text()) for f in docs_text.CONCLUSION_FILES}
+    quoted = {source for source, _ in docs_text._tally(found, stability)[0]}
+    target = repo / next(f for f in docs_text.CONCLUSION_FILES if f in quoted)
     before = target.read_text()
     perturb(target)
     assert target.read_text() != before
     assert docs_text.docs_match_committed(repo) == []
 
     # (ii) Refreshing the documents from reports that are not committed: the check fails.
-    assert docs_text.update_docs(repo) == ["docs/results.md"]
+    changed = docs_text.update_docs(repo)
+    assert "docs/results.md" in changed and set(changed) <= {"docs/results.md", "docs/beyond.md"}
     problems = docs_text.docs_match_committed(repo)
     assert problems and problems[0].startswith("docs/results.md conclusions block line")
     assert "commit them together" in problems[-1]
