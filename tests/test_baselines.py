@@ -189,4 +189,6 @@ def test_random_noise_is_uniform_within_the_budget_on_the_8bit_grid():
     assert abs(float((moved > 0).float().mean() - (moved < 0).float().mean())) < 0.05
     again = B.protect("random", Untouched(), x, m, budget=budget)
     other = B.protect("random", Untouched(), x, m, budget=budget.with_seed(1))
-    assert torch.equal(again.protected, r.protected) and not torch.equal(other.protected, r.protected)
+    assert torch.equal(again.protected, r.protected) and not torch.equal(
+        other.protected, r.protected
+    )

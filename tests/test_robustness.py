@@ -157,7 +157,9 @@ def test_blur_noise_resize_and_crop_do_what_they_say():
     assert abs(float(R.gaussian_blur(x, 1.0).mean() - x.mean())) < 1e-3
 
 
-@pytest.mark.parametrize("bad", ["sharpen:1", "jpeg", "crop:40px", "crop:6", "crop:0.1", "crop:10%"])
+@pytest.mark.parametrize(
+    "bad", ["sharpen:1", "jpeg", "crop:40px", "crop:6", "crop:0.1", "crop:10%"]
+)
 def test_bad_transforms_are_refused(bad):
     with pytest.raises(ValueError):
         R.parse_transform(bad)(natural_images(1))

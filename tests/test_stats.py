@@ -184,7 +184,7 @@ def test_group_estimates_average_seeds_within_an_image_first():
 
 
 def test_conclusions_block_lists_directional_conclusions_and_counts_the_rest(tmp_path):
-    from runtime_backdoor import docs_text, reporting
+    from runtime_backdoor import docs_text
 
     found = {
         "reports/x.json": [
@@ -212,7 +212,7 @@ def test_conclusions_block_lists_directional_conclusions_and_counts_the_rest(tmp
 
 
 def test_headline_states_rates_with_intervals_and_counts():
-    from runtime_backdoor import docs_text, reporting
+    from runtime_backdoor import docs_text
 
     metrics = {"n_images": 18, "protection_linf_8bit_max": 6.000007}
     for key, (m, lo, hi) in {
@@ -250,7 +250,7 @@ def test_docs_state_exactly_the_committed_reports():
     Against the reports as committed in git, not as a local pipeline run rewrote them
     (another CPU changes their last digits); tests/test_reporting.py checks both ways.
     """
-    from runtime_backdoor import docs_text, reporting
+    from runtime_backdoor import docs_text
 
     root = Path(__file__).resolve().parents[1]
     assert docs_text.docs_match_committed(root) == []

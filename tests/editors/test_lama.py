@@ -22,7 +22,9 @@ from runtime_backdoor.editors.lama import (
     read_lama_weights,
 )
 
-FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "big_lama_generator.json").read_text())
+FIXTURE = json.loads(
+    (Path(__file__).parents[1] / "fixtures" / "big_lama_generator.json").read_text()
+)
 
 
 def reference_input() -> torch.Tensor:
