@@ -1355,3 +1355,17 @@ def test_folder_check_estimates_each_editor(tmp_path, capsys):
     assert len(checked) == 2 and (checked["gain/blur-fill"] <= 1 + 1e-6).all()
     assert checked["verdict/blur-fill"].str.startswith("unlikely").all()
     assert (checked["gain/toy-control"] > checked["gain/blur-fill"]).all()
+
+
+def test_the_batch_runner_names_pairs_as_the_data_module_does_without_importing_torch():
+    import subprocess
+    import sys
+
+    from runtime_backdoor import batch, data
+
+    assert (batch.IMAGE_SUFFIX, batch.MASK_SUFFIX) == (data.IMAGE_SUFFIX, data.MASK_SUFFIX)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, runtime_backdoor.cli; print('torch' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "False"  # the command line answers --help and refusals fast

@@ -296,6 +296,7 @@ FORBIDDEN_IN_STAGES = (
     "runtime_backdoor.cli",
     "runtime_backdoor.demo",
     "runtime_backdoor.owner",
+    "runtime_backdoor.owner_io",
     "runtime_backdoor.downloads",
     "runtime_backdoor.weights",
     "runtime_backdoor.runs",

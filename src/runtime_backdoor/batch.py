@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .data import IMAGE_SUFFIX, MASK_SUFFIX, scan_pairs
 from .owner import (
     UNVERIFIED,
     VERDICTS,
@@ -38,6 +37,10 @@ from .owner import (
     verify_editors,
     write_output,
 )
+
+# the official layout (as runtime_backdoor.data names it; data imports torch, which the command
+# line loads only once an image has passed its checks)
+IMAGE_SUFFIX, MASK_SUFFIX = "_example.png", "_example_mask.png"
 
 # ------------------------------------------------------------------------------- output
 
@@ -262,6 +265,8 @@ def run_single(args) -> dict:
 def _folder_pairs(folder: Path) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
     """``(name, image, mask)`` of every complete pair, and ``(name, problem)`` of the others
     (:func:`runtime_backdoor.data.scan_pairs`); ``NAME_example_example.png`` is skipped."""
+    from .data import scan_pairs
+
     pairs, problems = scan_pairs(folder)
     return [p for p in pairs if not p[0].endswith("_example")], problems
 
