@@ -74,6 +74,13 @@ HEADLINES = {
         "control_backdoor_malicious_blur1_hit_rate", "control_markpainting_malicious_official_hit_rate",
         "control_markpainting_benign_official_hit_rate", "control_backdoor_benign_official_hit_rate",
     ],
+    "reports/purification/metrics.json": [
+        "control_none_mask_hit_rate", "control_worstclassical_mask_hit_rate",
+        "control_random_none_mask_hit_rate", "control_backdoor_adaptive_worstclassical_mask_hit_rate",
+    ],
+    "reports/ensemble/metrics.json": [
+        "c0_alone_hit_rate", "c0_without_hit_rate", "c0_all_hit_rate", "c2_all_ring_psnr",
+    ],
 }  # fmt: skip
 CONCLUSIONS = CONCLUSION_FILES
 
@@ -179,8 +186,8 @@ def markdown(result: dict, seconds: dict) -> str:
         + "."
     )
     lines.append(
-        f"{len(stated) - len(fragile)} hold in every run and are stated in the README and docs; "
-        f"{len(fragile)} are fragile (listed there as such, with the runs that broke them). "
+        f"Stated in the README and docs (held in every run): {len(stated) - len(fragile)}; "
+        f"fragile (listed there as such, with the runs that broke them): {len(fragile)}. "
         f"{len(result['conclusions'])} comparisons in all, every one in the table below or "
         "counted after it."
     )

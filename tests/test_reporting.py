@@ -137,7 +137,7 @@ def test_generated_blocks_name_their_sources_and_count_the_conclusions(tmp_path)
     assert len(stated) + len(fragile) == directional
     headline = readme[readme.index(docs_text.HEADLINE_BEGIN) : readme.index(docs_text.HEADLINE_END)]
     assert f"**{len(stated)} directional conclusions**" in headline
-    assert (f"{len(fragile)} fragile ones (not stated)" in headline) == bool(fragile)
+    assert (f"{len(fragile)} fragile (not stated)" in headline) == bool(fragile)
     assert "[docs/results.md](docs/results.md)" in headline
     for source in ("`reports/metrics.json`", "`reports/eps_sweep.json`"):
         assert source in headline

@@ -237,7 +237,7 @@ def test_headline_states_rates_with_intervals_and_counts():
     stability = {"seconds": {"blas": 1.0}, "conclusions": [
         {"file": "a.json", "id": "x", "committed": "lower", "blas": "no difference"}]}  # fmt: skip
     fragile = docs_text.headline_block(metrics, sweep, found, 0.025, stability=stability)
-    assert "**0 directional conclusions**" in fragile and "1 fragile ones (not stated)" in fragile
+    assert "**0 directional conclusions**" in fragile and "1 fragile (not stated)" in fragile
     listed = docs_text.conclusions_block(found, stability=stability)
     assert "- `x` (`a.json`): lower here, broken by `blas`." in listed and "- s (" not in listed
     assert block.startswith(docs_text.HEADLINE_BEGIN) and block.endswith(docs_text.HEADLINE_END)

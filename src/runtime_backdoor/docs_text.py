@@ -217,7 +217,7 @@ def headline_block(
     directional, fragile, quiet, too_few = _tally(found, stability)
     rest = f"{quiet} comparisons with no detectable difference"
     if fragile:
-        rest = f"{len(fragile)} fragile ones (not stated), " + rest
+        rest = f"{len(fragile)} fragile (not stated), " + rest
     if too_few:
         rest += f" and {too_few} with too few images for any direction"
     lines = [
