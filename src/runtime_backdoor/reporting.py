@@ -324,9 +324,9 @@ def markdown(
         "",
         "## What the numbers support",
         "",
-        "Generated from the per-image values (`reporting.conclusions`): a direction is stated",
-        "only where the paired 95 % interval of the difference excludes 0, and never on fewer",
-        f"than {MIN_N} images (`stats`).",
+        "Generated from the per-image values (`reporting.conclusions`): each image's hit outcome",
+        "averaged over its δ₀ seeds, an exact sign test over images, Holm's adjustment within",
+        f"each family of comparisons; never a direction on fewer than {MIN_N} images (`stats`).",
         "",
     ]
     found = conclusions(per_edit)

@@ -150,7 +150,9 @@ def results_table(summary: dict, conclusions: list[dict] | None = None) -> str:
     if conclusions:
         lines += [
             "",
-            "What the numbers support (a direction only where the paired 95 % interval excludes 0, and never from fewer than 6 images):",
+            "What the numbers support (paired over images: an exact sign test for hit rates, "
+            "Wilcoxon's signed-rank test and the paired 95 % interval for values, Holm within "
+            "each family; never from fewer than 6 images):",
             "",
         ]
         lines += [f"- {c['sentence']}." for c in conclusions]

@@ -258,8 +258,8 @@ def _said(purifier: str, before: bool = True) -> str:
 
 
 def conclusions(rows: pd.DataFrame) -> list[dict]:
-    """The comparisons the stage may state, each decided by :func:`runtime_backdoor.stats.compare`
-    (a direction only where the interval of the paired difference excludes 0).
+    """The comparisons the stage may state, each an exact sign test over images
+    (:func:`runtime_backdoor.stats.compare`), decided within its family by Holm's adjustment.
 
     Per editor and method, on the malicious edit (``mask``): does the backdoor fire without
     purification (protected vs clean images); for every purifier and worst case, is the hit rate
