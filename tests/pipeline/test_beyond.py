@@ -5,6 +5,7 @@ The fixture builds the folders the stage reads (prepared, editor record, protect
 earlier stages' functions; the editor stage's record is a random-weight miniature LaMa.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def test_beyond_notebook_on_a_tiny_setting(folders, run_notebook):
         subset=2,
         transforms=TRANSFORMS,
         robust_scenarios=ROBUST,
-        budget=BUDGET,
+        **dataclasses.asdict(BUDGET),  # the notebook's literal parameters build the budget
         device="cpu",
     )
     out = d / "reports" / "beyond"
