@@ -111,3 +111,22 @@ def test_free_squares_shrink_until_one_fits():
     assert free.shape == (37, 37) and free.sum() == 4 and free[:2, :2].all()
     free, side = masks.free_squares(blocked, 20, min_side=6)
     assert side == 6 and not free.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, win", [((6, 1, 128, 128), 129), ((3, 1, 40, 56), 41), ((2, 1, 33, 33), 7)])
+def test_window_mean_of_a_mask_is_avg_pool_bit_for_bit(shape, win, dtype):
+    g = torch.Generator().manual_seed(win)
+    for density in (0.0, 0.02, 0.3, 1.0):
+        m = (torch.rand(shape, generator=g) < density).to(dtype)
+        ref = torch.nn.functional.avg_pool2d(m, win, stride=1, padding=win // 2, count_include_pad=False)
+        got = masks.window_mean_01(m, win)
+        assert got.dtype == dtype and torch.equal(got, ref)
+
+
+def test_window_sums_count_the_ones_of_each_window():
+    m = (torch.rand(2, 1, 20, 30, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+    sums = masks.window_sums(m, 5)
+    assert sums.shape == (2, 1, 16, 26)
+    assert sums[1, 0, 3, 7].item() == m[1, 0, 3:8, 7:12].sum().item()
+    assert torch.equal(sums == 0, torch.nn.functional.avg_pool2d(m, 5, stride=1) == 0)

@@ -90,9 +90,7 @@ def box_elsewhere(
     b, _, h, w = mask.shape
     blocked = expand(expand(mask, kernel), 2 * margin + 1)
     big = min(h, w) // 2 * 2 + 1
-    crowd = F.avg_pool2d(
-        expand(mask, kernel), big, stride=1, padding=big // 2, count_include_pad=False
-    )
+    crowd = window_mean_01(expand(mask, kernel), big)
     out = torch.zeros_like(mask)
     for i in range(b):
         free, side = free_squares(blocked[i : i + 1], round(size * min(h, w)), min_side)
@@ -107,6 +105,27 @@ def box_elsewhere(
     return out
 
 
+def window_sums(x: torch.Tensor, win: int, pad: int = 0) -> torch.Tensor:
+    """Sums of ``x`` (B, C, H, W) over ``win`` x ``win`` windows at stride 1, after ``pad``
+    zeros on each side, as float64 through an integral image: exact for 0/1 masks (every
+    partial sum is an integer below 2**53), and one pass instead of win² additions per pixel."""
+    x = F.pad(x.double(), (pad, pad, pad, pad))
+    c = F.pad(x.cumsum(-1), (1, 0))
+    x = c[..., win:] - c[..., :-win]
+    c = F.pad(x.cumsum(-2), (0, 0, 1, 0))
+    return c[..., win:, :] - c[..., :-win, :]
+
+
+def window_mean_01(mask: torch.Tensor, win: int) -> torch.Tensor:
+    """``F.avg_pool2d(mask, win, stride=1, padding=win // 2, count_include_pad=False)`` of a
+    0/1 mask, bit for bit (both divide the same exact integer sums by the same exact counts in
+    ``mask``'s dtype; tests/test_masks.py compares them), without its win² cost per pixel: at
+    128 px the image-wide window (129 px) took about 1.5 s per call of 18 masks."""
+    sums = window_sums(mask, win, win // 2)
+    counts = window_sums(torch.ones_like(mask[:1, :1]), win, win // 2)
+    return sums.to(mask.dtype) / counts.to(mask.dtype)
+
+
 def free_squares(blocked: torch.Tensor, side: int, min_side: int) -> tuple[torch.Tensor, int]:
     """Where a square avoids ``blocked`` (1, 1, H, W): (top-left corners as a bool map, side).
 
@@ -115,7 +134,7 @@ def free_squares(blocked: torch.Tensor, side: int, min_side: int) -> tuple[torch
     """
     side = max(min_side, side)
     while True:
-        free = F.avg_pool2d(blocked, side, stride=1)[0, 0] == 0
+        free = window_sums(blocked, side)[0, 0] == 0
         if free.any() or side <= min_side:
             return free, side
         side = max(min_side, int(side * 0.75))
