@@ -19,10 +19,12 @@ def rng():
 
 @pytest.fixture
 def run_notebook():
-    """Run ``notebooks/NAME.ipynb`` under papermill in ``cwd`` with ``parameters``; the executed
-    copy goes to ``out`` (default: ``cwd/NAME.out.ipynb``)."""
+    """Run notebook NAME under papermill in ``cwd`` with ``parameters``, as its DVC stage does:
+    from its py:percent twin ``notebooks/NAME.py``; the executed copy goes to ``out`` (default:
+    ``cwd/NAME.out.ipynb``)."""
     from pathlib import Path
 
+    import jupytext
     import papermill as pm
 
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
@@ -30,12 +32,21 @@ def run_notebook():
     def run(notebook: str, cwd, out=None, **parameters):
         out = Path(out) if out is not None else Path(cwd) / f"{notebook}.out.ipynb"
         pm.execute_notebook(
-            str(notebooks / f"{notebook}.ipynb"), str(out), parameters=parameters,
-            kernel_name="python3", cwd=str(cwd), progress_bar=False,
+            jupytext.read(notebooks / f"{notebook}.py"), str(out), parameters=parameters,
+            kernel_name="python3", language="python", cwd=str(cwd), progress_bar=False,
         )  # fmt: skip
         return out
 
     return run
+
+
+@pytest.fixture
+def jupyterlab_save():
+    """Open, 'run' and save a notebook as JupyterLab does with jupytext installed
+    (tests/test_notebooks.py)."""
+    from test_notebooks import jupyterlab_save
+
+    return jupyterlab_save
 
 
 @pytest.fixture(scope="session")

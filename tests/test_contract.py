@@ -1,6 +1,7 @@
 """The layout's promises, checked: stage ↔ notebook ↔ module ↔ outputs ↔ test.
 
-- every DVC stage has ``notebooks/NN_<stage>.ipynb``, ``runtime_backdoor/pipeline/<stage>.py``
+- every DVC stage has ``notebooks/NN_<stage>.ipynb`` with its py:percent twin
+  ``notebooks/NN_<stage>.py`` (the stage's dep and what it runs), ``runtime_backdoor/pipeline/<stage>.py``
   and ``tests/pipeline/test_<stage>.py``, and its notebook calls that module;
 - a stage's ``deps`` list exactly the package files its notebook imports, transitively, counting
   every import statement (also those inside functions: a lazily imported editor still shapes the
@@ -17,7 +18,7 @@ import re
 import shlex
 from pathlib import Path
 
-import nbformat
+import jupytext
 import pytest
 import yaml
 
@@ -77,7 +78,7 @@ def closure(start: set[str]) -> set[Path]:
 
 
 def notebook_code(path: Path) -> str:
-    nb = nbformat.read(path, as_version=4)
+    nb = jupytext.read(path)  # the .py twin or the .ipynb
     cells = [c.source for c in nb.cells if c.cell_type == "code"]
     return "\n".join(
         line for c in cells for line in c.splitlines() if not line.startswith(("%", "!"))
@@ -85,7 +86,8 @@ def notebook_code(path: Path) -> str:
 
 
 def stage_notebook(stage: dict) -> Path:
-    words = shlex.split(stage["cmd"].split("&&")[-1])
+    """The notebook source a stage runs: the py:percent twin its cmd converts."""
+    words = shlex.split(stage["cmd"])
     return ROOT / next(w for w in words if w.startswith("notebooks/"))
 
 
@@ -100,8 +102,9 @@ def test_stage_has_its_notebook_module_and_test(name):
 
     assert list(STAGES) == list(DVC), "pipeline.STAGES and dvc.yaml list the same stages in order"
     notebook = stage_notebook(DVC[name])
-    assert notebook.relative_to(ROOT).as_posix() == STAGES[name]
-    assert re.fullmatch(rf"\d\d_{name}\.ipynb", notebook.name)
+    assert notebook.with_suffix(".ipynb").relative_to(ROOT).as_posix() == STAGES[name]
+    assert re.fullmatch(rf"\d\d_{name}\.py", notebook.name)
+    assert notebook.with_suffix(".ipynb").is_file()
     assert (SRC / PACKAGE / "pipeline" / f"{name}.py").is_file()
     assert (ROOT / "tests" / "pipeline" / f"test_{name}.py").is_file()
     assert f"from {PACKAGE}.pipeline import {name}" in notebook_code(notebook)
@@ -151,7 +154,7 @@ def passed_parameters(stage: dict) -> dict:
 
 
 def notebook_defaults(notebook: Path) -> dict:
-    nb = nbformat.read(notebook, as_version=4)
+    nb = jupytext.read(notebook)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, f"{notebook.name}: one cell tagged parameters"
     out = {}
@@ -253,7 +256,7 @@ def test_every_stage_that_builds_a_budget_passes_all_of_implant(name):
             f"{name}: -p {field} ${{implant.{field}}}"
         )
     assert "implant" in [str(p) for p in stage["params"]], f"{name}: params lists implant whole"
-    nb = nbformat.read(stage_notebook(stage), as_version=4)
+    nb = jupytext.read(stage_notebook(stage))
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     built = nb.cells[at + 1].source
     call = ", ".join(f"{f}={f}" for f in BUDGET_FIELDS)

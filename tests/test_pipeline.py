@@ -181,7 +181,7 @@ def test_source_notebooks_are_thin_and_parameterised(path):
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "notebooks").glob("0*.ipynb")), ids=lambda p: p.name
+    "path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=lambda p: p.name
 )
 def test_stage_notebooks_hold_no_logic(path):
     """A stage notebook calls its module and displays: no loops, no definitions, short cells."""
@@ -201,7 +201,7 @@ def test_stage_notebooks_hold_no_logic(path):
 
 
 @pytest.mark.slow
-def test_a_fresh_clone_pulls_every_output_and_is_up_to_date(tmp_path):
+def test_a_fresh_clone_pulls_every_output_and_is_up_to_date(tmp_path, jupyterlab_save):
     """A reviewer's clone: `dvc pull` restores every stage output from the in-repository
     remote (exit 0), and `dvc status` then finds nothing to re-run."""
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode:
@@ -231,6 +231,11 @@ def test_a_fresh_clone_pulls_every_output_and_is_up_to_date(tmp_path):
                 "src/runtime_backdoor/docs_text.py", "src/runtime_backdoor/cli.py"):  # fmt: skip
         with open(clone / rel, "a") as f:
             f.write("\n# a comment that changes no result\n")
+    # A student opens, runs and saves every notebook in JupyterLab: outputs, kernel metadata and
+    # cell ids go into the .ipynb, the py:percent twins that the stages run stay as they were.
+    for notebook in sorted((clone / "notebooks").glob("*.ipynb")):
+        jupyterlab_save(clone / "notebooks", notebook.name)
+    assert subprocess.run(["git", "-C", str(clone), "diff", "--quiet", "--", "notebooks/*.ipynb"]).returncode
     status = subprocess.run(
         [dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
     )
