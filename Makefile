@@ -20,13 +20,24 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The stamp holds pyproject.toml's sha256, not a time: installation runs when the venv has no
+# python or the hash differs (a fresh clone sharing an installed VENV=... has a newer
+# pyproject.toml, not another one).
+PYPROJECT_SHA := $(firstword $(shell sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml 2>/dev/null))
+INSTALLED := $(and $(wildcard $(BIN)/python),$(PYPROJECT_SHA),$(filter $(PYPROJECT_SHA),$(shell cat $(STAMP) 2>/dev/null)))
+.PHONY: pyproject-changed
+pyproject-changed:
+$(STAMP): $(if $(INSTALLED),,pyproject-changed)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,mat,demo,docs]'
 	# Keep notebook outputs out of git (cell tags such as `parameters` are kept).
 	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
-	touch $(STAMP)
+	# Papermill's kernels: no "running over TCP without encryption" notice on every stage (a
+	# local kernel's transport is not the user's to change); code warnings still show.
+	mkdir -p $(VENV)/etc/ipython
+	echo '{"IPKernelApp": {"log_level": "ERROR"}}' > $(VENV)/etc/ipython/ipython_kernel_config.json
+	echo $(PYPROJECT_SHA) > $(STAMP)
 
 reproduce: install
 	# The images and the trained miniature come from the DVC remote inside the repository.

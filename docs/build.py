@@ -15,8 +15,14 @@ missing or older than the notebook or ``runtime_backdoor/tutorial.py`` (well und
 a CPU); ``skip`` never runs it (the source without outputs when there is no copy); ``run``
 always does.
 
+An executed stage notebook shows one parameters cell: papermill's cell of the values the run
+used, with the comments of the notebook's own defaults cell (:func:`one_parameters_cell` says
+why). Pages show project-relative paths only: the build fails if a staged page shows the
+absolute path of ROOT (warnings and tracebacks from libraries under ROOT are made relative).
+
 Offline: nothing is downloaded when the book is built, and every page is checked for scripts
-or style sheets from elsewhere (the build fails if one is found).
+or style sheets from elsewhere (the build fails if one is found) and for the book's own style
+sheet, ``docs/_static/book.css`` (wide tables scroll within the column).
 
     python docs/build.py [--root ROOT] [--out OUT] [--tutorial auto|skip|run]
 """
@@ -24,7 +30,9 @@ or style sheets from elsewhere (the build fails if one is found).
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import json
 import os
 import posixpath
 import re
@@ -43,6 +51,7 @@ TUTORIAL = "notebooks/tutorial.ipynb"
 TUTORIAL_EXECUTED = "reports/tutorial/tutorial.ipynb"
 TUTORIAL_DEPS = (TUTORIAL, "src/runtime_backdoor/tutorial.py")
 NOTEBOOK = "@notebook"  # a stage's executed notebook, in STAGE_PAGES
+STYLE = "book.css"  # the book's own style sheet, in docs/_static/ (docs/conf.py loads it)
 
 #: Pages shown with a stage, in reading order (default: its notebook only). Pages of a stage
 #: that has not been added yet, and reports a checkout does not have, are left out.
@@ -321,6 +330,153 @@ def pages(root: Path, tutorial: str) -> tuple[list[tuple[str, list[Page]]], list
 
 # ------------------------------------------------------------------------------ staging
 
+PARAMETERS, INJECTED = "parameters", "injected-parameters"
+
+
+def _tags(cell) -> list[str]:
+    return list((cell.get("metadata") or {}).get("tags") or [])
+
+
+def _assignments(source: str) -> dict[str, tuple[str, str]] | None:
+    """``name -> (value as written, trailing comment)`` of a parameters cell made only of
+    one-name assignments (and papermill's ``# Parameters`` line); None for anything else."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return None
+    lines = source.splitlines()
+    statements = {n for b in body for n in range(b.lineno, b.end_lineno + 1)}
+    others = [
+        ln for i, ln in enumerate(lines, 1)
+        if i not in statements and ln.strip() and ln.strip() != "# Parameters"
+    ]  # fmt: skip
+    if others:
+        return None  # comment lines of their own: keep the cells' text as written
+    found = {}
+    for b in body:
+        if not (isinstance(b, ast.Assign) and len(b.targets) == 1
+                and isinstance(b.targets[0], ast.Name)):  # fmt: skip
+            return None
+        rest = lines[b.end_lineno - 1][b.value.end_col_offset :].strip()
+        if rest and not rest.startswith("#"):
+            return None  # more than one statement on the line
+        found[b.targets[0].id] = (ast.get_source_segment(source, b.value), rest)
+    return found
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return ast.literal_eval(a) == ast.literal_eval(b)
+    except (ValueError, SyntaxError, TypeError):
+        return a == b
+
+
+def one_parameters_cell(nb):
+    """A copy of the executed notebook ``nb`` with one parameters cell instead of two.
+
+    Papermill keeps the notebook's ``parameters`` cell (its defaults, each with a comment saying
+    what it is) and adds an ``injected-parameters`` cell after it (the values ``dvc repro``
+    passed from params.yaml, without comments). Shown as they are, a reader sees every
+    parameter twice, sometimes with two values, and has to know which cell won. What a reader
+    wants is the values the run used, with what each means: the injected cell is kept (at the
+    defaults' place) with the defaults' comments on its lines, the notebook's default named
+    where the run used another value, and the parameters the run did not set listed at their
+    defaults (they were in force too). A cell that is not plain ``name = value`` lines is kept
+    as written, under the values used. A notebook without both cells is returned as it is.
+    """
+    defaults = [i for i, c in enumerate(nb.cells) if PARAMETERS in _tags(c)]
+    injected = [i for i, c in enumerate(nb.cells) if INJECTED in _tags(c)]
+    if not defaults or not injected:
+        return nb
+    nb = copy.deepcopy(nb)
+    default_cell, used_cell = nb.cells[defaults[0]], nb.cells[injected[0]]
+    meaning, given = _assignments(default_cell.source), _assignments(used_cell.source)
+    head = (
+        "# The parameters this run used (papermill injected them),\n# with the notebook's comments"
+    )
+    if meaning is None or given is None:
+        used = re.sub(r"^# Parameters\n", "", used_cell.source.strip())
+        lines = [head, used, "",
+                 "# The notebook's defaults (the values above replace them):",
+                 default_cell.source.strip()]  # fmt: skip
+    else:
+        lines = [head]
+        for name, (default, comment) in meaning.items():
+            value = given.get(name, (default, ""))[0]
+            note = ""
+            if name not in given:
+                note = "(not set by this run: the notebook's default)"
+            elif not _same_value(value, default):
+                note = f"(the notebook's default: {default})"
+            comment = f"{comment} {note}".strip() if comment else (f"# {note}" if note else "")
+            lines.append(f"{name} = {value}" + (f"  {comment}" if comment else ""))
+        lines += [f"{name} = {value}" for name, (value, _) in given.items() if name not in meaning]
+    used_cell.source = "\n".join(lines)
+    nb.cells[defaults[0]] = used_cell
+    del nb.cells[injected[0]]
+    return nb
+
+
+def _project_relative(text: str, root: Path) -> str:
+    """``text`` with the absolute path of ``root`` (and of the folder it resolves to) taken out
+    of the paths under it: project-relative paths, as the rest of the page writes them."""
+    for folder in dict.fromkeys([str(root), str(root.resolve())]):
+        text = text.replace(folder.rstrip("/") + "/", "")
+    return text
+
+
+def unmade_paths(nb, root: Path):
+    """``nb`` with ``root``'s absolute path removed from the outputs nobody prints on purpose:
+    warnings on stderr and tracebacks (a library's file, under the project's .venv). What a
+    notebook prints itself is fixed where it is printed (paths relative to the project folder);
+    :func:`absolute_paths` fails the build on any left."""
+    for cell in nb.cells:
+        for out in cell.get("outputs") or []:
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                out["text"] = _project_relative(out["text"], root)
+            elif out.get("output_type") == "error":
+                out["traceback"] = [_project_relative(t, root) for t in out["traceback"]]
+                out["evalue"] = _project_relative(out["evalue"], root)
+    return nb
+
+
+def _shown(nb) -> list[tuple[str, str]]:
+    """(where, text) of everything a notebook page shows: each cell's source and outputs."""
+    shown = []
+    for n, cell in enumerate(nb.cells, 1):
+        shown.append((f"cell {n}", cell.source))
+        for out in cell.get("outputs") or []:
+            texts = [out.get("text", ""), out.get("evalue", ""), *(out.get("traceback") or [])]
+            for mime, data in (out.get("data") or {}).items():
+                if mime.startswith("text/") or mime.endswith(("json", "javascript")):
+                    texts.append(data if isinstance(data, str) else json.dumps(data))
+            shown += [(f"cell {n} output", t) for t in texts if t]
+    return shown
+
+
+def absolute_paths(stage: Path, root: Path) -> list[str]:
+    """Where a staged page shows the absolute path of ``root`` (the project the book is built
+    from): ``page: place: line``. A page must not show the folder of the machine that built it;
+    notebooks are read for what they show (sources and outputs, not their metadata). A root
+    of fewer than two folders (``/work``) is not checked: that text is too common."""
+    folders = {f.rstrip("/") for f in (str(root), str(root.resolve())) if len(Path(f).parts) > 2}
+    pattern = re.compile("|".join(re.escape(f) + r"(?![\w.-])" for f in sorted(folders)))
+    found = []
+    for page in sorted(stage.rglob("*")):
+        if not folders or not page.is_file() or page.suffix not in (".md", ".ipynb"):
+            continue
+        text = page.read_text(errors="replace")
+        if page.suffix == ".md":
+            places = [("", text)]
+        else:
+            places = _shown(nbformat.reads(text, as_version=4))
+        for place, shown in places:
+            for line in shown.splitlines():
+                if pattern.search(line):
+                    where = f"{page.relative_to(stage).as_posix()}: {place}".rstrip(": ")
+                    found.append(f"{where}: {line.strip()[:160]}")
+    return found
+
 
 class Stager:
     """Writes pages into the staged tree, rewriting their relative links to staged paths and
@@ -394,7 +550,7 @@ class Stager:
         self.put(page.path, ("\n".join(lines) + "\n").encode())
 
     def notebook(self, page: Page) -> None:
-        nb = copy.deepcopy(page.nb)
+        nb = unmade_paths(one_parameters_cell(copy.deepcopy(page.nb)), self.root)
         for cell in nb.cells:
             if cell.cell_type == "markdown":
                 cell.source = self.rewrite(cell.source, page.origin, page.path)
@@ -460,6 +616,21 @@ def external_resources(html: Path) -> list[str]:
     return found
 
 
+def unstyled(html: Path) -> list[str]:
+    """The built pages that do not load the book's own style sheet (:data:`STYLE`, listed in
+    docs/conf.py's ``html_css_files``: wide tables scroll within the column), or the sheet
+    itself when the build did not copy it."""
+    if not (html / "_static" / STYLE).is_file():
+        return [f"_static/{STYLE}"]
+    link = re.compile(r'<link\b[^>]*href="[^"]*_static/' + re.escape(STYLE) + r'(?:\?[^"]*)?"')
+    return sorted(
+        page.relative_to(html).as_posix()
+        for page in html.rglob("*.html")
+        if page.relative_to(html).parts[0] != "_static"  # the theme's templates, not pages
+        and not link.search(page.read_text(errors="replace"))
+    )
+
+
 def build(
     root: Path = ROOT, out: Path | None = None, tutorial: str = "auto", jobs: str = "auto"
 ) -> Path:
@@ -468,6 +639,12 @@ def build(
     out = Path(out).resolve() if out is not None else root / "_build"
     start = time.monotonic()
     staged, missing = stage_book(root, out / "source", tutorial)
+    shown = absolute_paths(out / "source", root)
+    if shown:
+        raise SystemExit(
+            f"pages show the project folder's absolute path ({root}): print paths relative to "
+            "it (runtime_backdoor.tutorial.project_path):\n" + "\n".join(shown)
+        )
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-j", jobs, "-c", str(HERE),
            "-d", str(out / "doctrees"), str(out / "source"), str(out / "html")]  # fmt: skip
     done = subprocess.run(cmd, text=True, capture_output=True)
@@ -479,6 +656,12 @@ def build(
     outside = external_resources(out / "html")
     if outside:
         raise SystemExit("pages load resources from elsewhere:\n" + "\n".join(outside))
+    plain = unstyled(out / "html")
+    if plain:
+        raise SystemExit(
+            f"pages without the book's style sheet (docs/_static/{STYLE}, html_css_files in "
+            "docs/conf.py):\n" + "\n".join(plain[:10])
+        )
     print(f"book: {out / 'html' / 'index.html'} ({len(staged) + 1} pages, "
           f"{time.monotonic() - start:.0f} s)")  # fmt: skip
     if missing:

@@ -39,6 +39,10 @@ html_theme_options = {
     "navigation_with_keys": False,
     "navbar_persistent": [],  # one search field (the sidebar's), not a second in the header
 }
+# docs/_static/book.css: wide tables scroll within the column (docs/build.py checks every page
+# loads it; its name is build.STYLE).
+html_static_path = ["_static"]
+html_css_files = ["book.css"]
 html_show_sourcelink = False
 html_last_updated_fmt = None
 

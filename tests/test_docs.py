@@ -169,6 +169,177 @@ def test_the_book_follows_the_pipeline():
         assert page.note, f"{page.path}: no note saying where it comes from"
 
 
+# --------------------------------------------------------------------------------- staging
+
+
+def executed_stage_notebook() -> nbformat.NotebookNode:
+    """An executed stage notebook as papermill leaves one: the notebook's ``parameters`` cell
+    (defaults with comments) and papermill's ``injected-parameters`` cell after it."""
+    nb = tiny_notebook("prepare (tiny)", b"")
+    nb.cells[1].source = (
+        'raw_dir = "data/raw"  # folder in the official layout\n'
+        "size = 16  # image side\n"
+        "limit = 0  # first N images only"
+    )
+    injected = nbformat.v4.new_code_cell('# Parameters\nraw_dir = "data/raw"\nsize = 128\n')
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.insert(2, injected)
+    return nb
+
+
+def staged(build, root: Path, stage: Path, nb, path="reports/notebooks/01_prepare.ipynb"):
+    """``nb`` staged as the book stages an executed notebook; the staged copy."""
+    stager = build.Stager(root, stage, {path}, {})
+    stager.notebook(build.Page(path, path, "note", "notebooks", nb=nb))
+    return nbformat.read(stage / path, as_version=4)
+
+
+def parameter_cells(nb) -> list:
+    tags = {"parameters", "injected-parameters"}
+    return [c for c in nb.cells if tags & set(c.get("metadata", {}).get("tags", []))]
+
+
+def test_a_staged_stage_notebook_shows_one_parameters_cell(tmp_path):
+    """The values the run used (papermill's cell), with the meaning the notebook gives each,
+    the default where the run used another value, and the parameters it did not set."""
+    build = build_module()
+    page = staged(build, tmp_path, tmp_path / "stage", executed_stage_notebook())
+    (cell,) = parameter_cells(page)
+    assert cell.metadata["tags"] == ["injected-parameters"]
+    lines = cell.source.splitlines()
+    assert lines[0].startswith("# The parameters this run used")
+    assert 'raw_dir = "data/raw"  # folder in the official layout' in lines
+    assert "size = 128  # image side (the notebook's default: 16)" in lines
+    assert "limit = 0  # first N images only (not set by this run: the notebook's default)" in lines
+    assert [c.source.splitlines()[0] for c in page.cells[2:]] == ["show()"]  # the rest as it was
+    # The executed notebooks of this checkout, where it has them: one parameters cell each.
+    for executed in sorted((ROOT / "reports/notebooks").glob("*.ipynb")):
+        nb = nbformat.read(executed, as_version=4)
+        shown = staged(build, ROOT, tmp_path / "real", nb, f"reports/notebooks/{executed.name}")
+        assert len(parameter_cells(shown)) == 1, executed.name
+        assert len(shown.cells) == len(nb.cells) - (len(parameter_cells(nb)) - 1)
+
+
+def test_a_parameters_cell_that_is_not_plain_assignments_is_kept_as_written(tmp_path):
+    build = build_module()
+    nb = executed_stage_notebook()
+    nb.cells[1].source = "# the image\nsize = 16; limit = 0"
+    (cell,) = parameter_cells(staged(build, tmp_path, tmp_path / "stage", nb))
+    assert "size = 128" in cell.source and "size = 16; limit = 0" in cell.source
+    assert cell.source.count("# Parameters") == 0  # papermill's own title is replaced
+
+
+def test_no_page_shows_the_absolute_path_of_the_build_root(tmp_path):
+    """What a notebook prints itself must be project-relative (the build fails otherwise);
+    warnings and tracebacks from libraries under the project are made relative when staged."""
+    build = build_module()
+    root = tmp_path / "project"
+    root.mkdir()
+    nb = tiny_notebook("tutorial (tiny)", b"")
+    nb.cells[2].outputs = [
+        nbformat.v4.new_output("stream", name="stderr",
+                               text=f"{root}/.venv/lib/torch/nn.py:12: UserWarning: slow\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="figures: reports/tutorial/\n"),
+    ]  # fmt: skip
+    stage = tmp_path / "book" / "source"
+    page = staged(build, root, stage, nb, "notebooks/tutorial.ipynb")
+    assert page.cells[2].outputs[0]["text"].startswith(".venv/lib/torch/nn.py:12:")
+    (stage / "docs").mkdir()
+    (stage / "docs" / "method.md").write_text(f"# Method\n\nRun it in `{root}-old`.\n")
+    assert build.absolute_paths(stage, root) == []  # another folder whose name starts alike
+    nb.cells[2].outputs[1]["text"] = f"figures: {root}/reports/tutorial\n"
+    staged(build, root, stage, nb, "notebooks/tutorial.ipynb")
+    (stage / "docs" / "method.md").write_text(f"# Method\n\nThe project: {root}\n")
+    found = build.absolute_paths(stage, root)
+    assert [f.split(": ")[0] for f in found] == ["docs/method.md", "notebooks/tutorial.ipynb"]
+    assert f"figures: {root}/reports/tutorial" in found[1]
+
+
+def test_the_tutorial_prints_paths_relative_to_the_project():
+    """The tutorial's own prints use project-relative paths (the executed tutorial is a page)."""
+    from runtime_backdoor.tutorial import project_path
+
+    source = "".join(
+        "".join(c["source"]) for c in nbformat.read(ROOT / "notebooks/tutorial.ipynb", 4).cells
+        if c["cell_type"] == "code"
+    )  # fmt: skip
+    assert ".resolve()" not in source and "{root}" not in source
+    assert project_path(ROOT / "reports" / "tutorial", ROOT) == "reports/tutorial"
+    assert project_path(ROOT, ROOT) == "."
+    assert project_path("/elsewhere/out", ROOT) == "/elsewhere/out"  # outside: as given
+
+
+def test_the_book_style_lets_wide_tables_scroll_and_every_page_loads_it(tmp_path):
+    build = build_module()
+    conf = {}
+    exec((ROOT / "docs" / "conf.py").read_text(), conf)
+    assert build.STYLE in conf["html_css_files"] and conf["html_static_path"] == ["_static"]
+    css = (ROOT / "docs" / "_static" / build.STYLE).read_text()
+    rule = re.search(r"([^{}]*)\{[^}]*overflow-x:\s*auto[^}]*\}", css)
+    assert rule and ".output.text_html" in rule[1] and "table-container" in rule[1], css
+    html = tmp_path / "html"
+    (html / "_static").mkdir(parents=True)
+    (html / "index.html").write_text(f'<link rel="stylesheet" href="_static/{build.STYLE}?v=1" />')
+    (html / "docs").mkdir()
+    (html / "docs" / "method.html").write_text("<p>no style</p>")
+    assert build.unstyled(html) == [f"_static/{build.STYLE}"]  # not copied by the build
+    (html / "_static" / build.STYLE).write_text(css)
+    assert build.unstyled(html) == ["docs/method.html"]
+
+
+def test_the_headline_names_the_editor_protection_costs_against():
+    """`reports/metrics.json`'s protection PSNR is of the implant stage's images, optimised
+    against the pipeline's editor: the headline says so."""
+    from runtime_backdoor import docs_text
+
+    metrics = {"n_images": 18, "protection_linf_8bit_max": 6.0}
+    for key in ("malicious_mask_hit_rate_clean", "malicious_mask_hit_rate_protected",
+                "protection_psnr"):  # fmt: skip
+        metrics |= {key: 0.5, f"{key}_low": 0.4, f"{key}_high": 0.6}
+    sweep = {"n_images": 18, "control_seeds": 3, "control_hit_rate_at_paper_eps": 0.4,
+             "control_hit_rate_at_paper_eps_low": 0.2, "control_hit_rate_at_paper_eps_high": 0.6}  # fmt: skip
+    block = docs_text.headline_block(metrics, sweep, {}, 0.025)
+    (cost,) = [ln for ln in block.splitlines() if "Cost of protecting" in ln]
+    assert "the pipeline's editor, the miniature LaMa" in cost and "reports/metrics.json" in cost
+
+
+# --------------------------------------------------------------------------- install stamp
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_the_install_stamp_follows_pyproject_contents_not_its_time(tmp_path):
+    """A fresh clone sharing an installed venv (`make docs VENV=...`) has a newer
+    pyproject.toml, not another one: nothing is installed. Another pyproject.toml, or no
+    venv, installs."""
+    import hashlib
+    import subprocess
+    import time
+
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    venv = tmp_path / "shared-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    (venv / "bin" / "python").chmod(0o755)
+    pyproject = tmp_path / "pyproject.toml"
+
+    def installs(venv_dir: Path) -> bool:
+        done = subprocess.run(
+            ["make", "-n", "install", f"VENV={venv_dir}"], cwd=tmp_path, capture_output=True,
+            text=True, check=True,
+        )  # fmt: skip
+        return "pip install" in done.stdout
+
+    assert installs(venv)  # no stamp yet
+    (venv / ".installed").write_text(hashlib.sha256(pyproject.read_bytes()).hexdigest() + "\n")
+    later = time.time() + 60
+    os.utime(pyproject, (later, later))  # checked out after the venv was installed
+    assert not installs(venv)
+    pyproject.write_text(pyproject.read_text() + "\n# another dependency\n")
+    assert installs(venv)
+    assert installs(tmp_path / "no-venv")
+
+
 # ------------------------------------------------------------------------------------ book
 
 
@@ -277,6 +448,7 @@ def test_the_book_is_offline_and_every_link_and_image_resolves(served_book, tmp_
     pages = sorted(p.relative_to(html).as_posix() for p in html.rglob("*.html"))
     assert "index.html" in pages and "notebooks/tutorial.html" in pages
     front = (html / "index.html").read_text()
+    assert "_static/book.css" in front  # the book's style: wide tables scroll in the column
     for out in missing:  # a missing executed notebook is listed, not silently dropped
         assert out in front, f"{out} is missing but the front page does not say so"
     outside, broken, unloaded = [], [], []

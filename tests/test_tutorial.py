@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,73 @@ def test_tutorial_runs_the_same_from_the_project_folder_and_from_notebooks(
     rates = results["control_hit_rates"]
     assert rates[tutorial.RATE_NAMES["sweep"]] == sweep["control_hit_rate_at_paper_eps"]
     assert rates[tutorial.RATE_NAMES["notebook"]] == 1.0
+    # it closes on its summary, made from these results, not on the raw dict
+    executed = json.loads((tmp_path / "root.ipynb").read_text(encoding="utf-8"))
+    last = [c for c in executed["cells"] if c["cell_type"] == "code"][-1]
+    printed = "".join("".join(o.get("text", "")) for o in last["outputs"])
+    assert [o["output_type"] for o in last["outputs"]] == ["stream"]
+    assert printed.strip() == tutorial.summary(results, saved=f"{tmp_path / 'root'}/tutorial.json")
+
+
+#: what the tutorial's results dict holds, with made-up values (the keys its last cell writes)
+RESULTS = {
+    "image": "logo_01", "size": 128, "miniature": "trained", "big_lama": False,
+    "control_error_start": 0.404, "control_error_final": 0.012,
+    "miniature_error_start": 0.47, "miniature_error_final": 0.44,
+    "protection": {"control": {"psnr": 39.21, "ssim": 0.99, "linf_8bit": 6.0},
+                   "miniature LaMa": {"psnr": 32.7, "ssim": 0.97, "linf_8bit": 6.0}},
+    "hit": {"control": True, "miniature LaMa": False},
+    "hit_clean": {"control": False, "miniature LaMa": False},
+    "ring_psnr": {"control": 38.2, "miniature LaMa": 32.8},
+    "gain": {"control": 42.4, "miniature LaMa": 1.06},
+    "needed": {"control": 15.9, "miniature LaMa": 18.7},
+    "control_hit_rates": {tutorial.RATE_NAMES["sweep"]: 0.37, tutorial.RATE_NAMES["notebook"]: 1.0},
+}  # fmt: skip
+
+
+def test_the_summary_is_made_from_the_results():
+    text = tutorial.summary(RESULTS, saved="reports/tutorial/tutorial.json")
+    assert max(len(line) for line in text.splitlines()) <= 88  # printed: fits the column
+    first, *items = [" ".join(item.split()) for item in text.split("\n- ")]
+    assert first == "What this run showed on logo_01 (128 px):"
+    control, mini, why, big, rate = items
+    assert "from 0.40 to 0.01" in control and "not on the clean one: protected" in control
+    assert "39.2 dB from the original" in control and "ring edit 38.2 dB" in control
+    assert mini.startswith("The trained miniature LaMa:") and "not a hit: not protected" in mini
+    assert "control 42.4 against 15.9 needed (enough to reach φ)" in why
+    assert "miniature LaMa 1.06 against 18.7 needed (too little to reach φ)" in why
+    assert big.startswith("Big-LaMa: skipped") and "ε-sweep hit rate is 37%" in rate
+    assert rate.endswith("Every number above, and more: reports/tutorial/tutorial.json")
+    # the numbers come from the dict: other results, other text
+    other = RESULTS | {"hit_clean": {"control": True, "miniature LaMa": False}, "big_lama": True}
+    text = " ".join(tutorial.summary(other | {"control_hit_rates": {}}).split())
+    assert "on the clean image too" in text and "Big-LaMa" not in text and "37%" not in text
+    assert tutorial.summary({}).startswith("What this run showed on ? (? px):")  # never raises
+
+
+def test_the_tutorial_closes_with_its_summary_and_where_to_go_next():
+    """Its last code cell prints :func:`tutorial.summary` (the dict stays in `results` and
+    tutorial.json); its last cell links the stage notebooks, the owner's commands and the
+    real-model page, and every link resolves."""
+    from runtime_backdoor.pipeline import STAGES
+
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    last = "".join(code[-1]["source"]).splitlines()
+    assert last[-1].startswith("print(tutorial.summary(results")
+    assert any(line.startswith("saved = write_json(") for line in last)
+    closing = nb["cells"][-1]
+    assert closing["cell_type"] == "markdown"
+    links = re.findall(r"\]\(([^)\s]+)\)", "".join(closing["source"]))
+    targets = [link.partition("#")[0] for link in links]
+    assert targets == [
+        *(Path(n).name for n in STAGES.values()),
+        "../README.md", "../docs/owners.md", "../docs/real-models.md",
+    ]  # fmt: skip
+    assert "../README.md#protect-an-image" in links
+    assert "## Protect an image" in (ROOT / "README.md").read_text()
+    for target in targets:
+        assert (NOTEBOOK.parent / target).is_file(), target
 
 
 def test_a_missing_miniature_is_an_error_that_says_what_to_run(tmp_path):

@@ -206,8 +206,9 @@ def headline_block(
 ) -> str:  # fmt: skip
     """The README's headline: the malicious hit rate (edit of the protected region *m*)
     clean -> protected on the pipeline's editor (``reports/metrics.json``), the toy control's
-    ε-sweep hit rate (``reports/eps_sweep.json``), what protection costs, and how many
-    conclusions ``results`` lists. 95 % intervals over images in brackets."""
+    ε-sweep hit rate (``reports/eps_sweep.json``), what protection against the pipeline's
+    editor costs (``reports/metrics.json``: the implant stage's images against the originals),
+    and how many conclusions ``results`` lists. 95 % intervals over images in brackets."""
     n = int(metrics["n_images"])
     clean = _estimate(metrics, "malicious_mask_hit_rate_clean", n).format(pct=True)
     protected = _estimate(metrics, "malicious_mask_hit_rate_protected", n).format(pct=True)
@@ -229,7 +230,10 @@ def headline_block(
         f"- **Toy control** (a deliberately sensitive stand-in, not an inpainter): ε-sweep hit "
         f"rate at {eps * 255:.1f}/255 over {int(sweep['control_seeds'])} δ₀ seeds: "
         f"{control.format(pct=True)} (`reports/eps_sweep.json`).",
-        f"- **Cost of protecting**: PSNR {psnr} dB against the original, at most {linf}/255 "
+        # reports/metrics.json's protection_* are the evaluate stage's measure of data/protected,
+        # which the implant stage optimised against the pipeline's editor (the miniature LaMa)
+        f"- **Cost of protecting** against the pipeline's editor, the miniature LaMa "
+        f"(`reports/metrics.json`): PSNR {psnr} dB against the original, at most {linf}/255 "
         f"per pixel value, at ε = {eps:g} ({eps * 255:.1f}/255).",
         f"- **{len(directional)} directional conclusions** that hold on every stability run "
         f"(exact tests, Holm within each family), {rest}: [{results}]({results}).",

@@ -8,6 +8,7 @@ Paths are relative to the project folder (the notebook enters it first, see
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,17 @@ MINIATURE_HELP = (
 BIG_LAMA_HELP = "`runtime-backdoor weights fetch big-lama` downloads them (docs/real-models.md)"
 
 
-# --------------------------------------------------------------------------------- inputs
+def project_path(path: str | Path, root: str | Path | None = None) -> str:
+    """``path`` as the notebook prints it: relative to the project folder ``root`` (default:
+    the working directory, which the notebook makes the project folder) when it is inside it,
+    else as given. The executed notebook is a page of the book: it must not show the folder of
+    the machine that ran it."""
+    root = Path(root if root is not None else Path.cwd()).resolve()
+    full = Path(path) if Path(path).is_absolute() else Path.cwd() / path
+    try:
+        return full.resolve().relative_to(root).as_posix() or "."
+    except ValueError:
+        return str(path)
 
 
 def sample_image(name: str, size: int, folder: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -447,6 +458,83 @@ def control_hit_rates(
     return pd.DataFrame(rows).set_index("name")
 
 
+# ------------------------------------------------------------------------------- summary
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    return "not measured" if value != value else format(value, spec)
+
+
+def _editor_line(label: str, key: str, results: dict) -> str:
+    """One editor's outcome in ``results``: the hole error over the optimisation, the hit,
+    and what protecting cost."""
+    start, final = results.get(f"{key}_error_start"), results.get(f"{key}_error_final")
+    name = "control" if key == "control" else "miniature LaMa"
+    hit = (results.get("hit") or {}).get(name)
+    hit_clean = (results.get("hit_clean") or {}).get(name)
+    quality = (results.get("protection") or {}).get(name) or {}
+    ring = (results.get("ring_psnr") or {}).get(name)
+    if hit and not hit_clean:
+        outcome = "a hit on the protected image and not on the clean one: protected"
+    elif hit:
+        outcome = "a hit on the clean image too: the editor is hit without protection"
+    else:
+        outcome = "not a hit: not protected"
+    return (
+        f"- {label}: the hole error went from {_fmt(start)} to {_fmt(final)} (0 is the target "
+        f"colour); the malicious edit of m is {outcome}. The protected image is "
+        f"{_fmt(quality.get('psnr'), '.1f')} dB from the original (PSNR) and its benign ring "
+        f"edit {_fmt(ring, '.1f')} dB from the clean image's."
+    )
+
+
+def summary(results: dict, saved: str | Path | None = None, width: int = 88) -> str:
+    """The tutorial's closing summary, made from its ``results`` (the dict it writes to
+    ``tutorial.json``), never typed: what happened on each editor, why (its gain against the
+    gain reaching φ needs) and how often the control is hit across the study's images.
+    ``saved``: where the full results were written; lines are wrapped at ``width``. The
+    notebook's last cell then says where to go next."""
+    lines = [
+        f"What this run showed on {results.get('image', '?')} ({results.get('size', '?')} px):",
+        _editor_line("The sensitive control", "control", results),
+        _editor_line(
+            f"The {results.get('miniature', 'trained')} miniature LaMa", "miniature", results
+        ),
+    ]
+    gain, needed = results.get("gain") or {}, results.get("needed") or {}
+    why = []
+    for editor, g in gain.items():
+        n = needed.get(editor)
+        if n is None:
+            continue
+        verdict = "enough to reach φ" if float(g) >= float(n) else "too little to reach φ"
+        why.append(f"{editor} {_fmt(g, '.3g')} against {_fmt(n, '.3g')} needed ({verdict})")
+    if why:
+        lines.append("- Why, the editor's gain: " + "; ".join(why) + ".")
+    if not results.get("big_lama", False):
+        lines.append("- Big-LaMa: skipped, no weights on this machine.")
+    rate = (results.get("control_hit_rates") or {}).get(RATE_NAMES["sweep"])
+    if rate is not None:
+        across = (
+            "not in this checkout's reports"
+            if _fmt(rate) in ("?", "not measured")
+            else f"{_fmt(float(rate) * 100, '.0f')}%"
+        )
+        lines.append(
+            f"- One image is one draw: across the study's images the control's "
+            f"{RATE_NAMES['sweep']} is {across} (section 6 gives every definition)."
+        )
+    if saved is not None:
+        lines.append(f"Every number above, and more: {saved}")
+    # printed: wrapped to the width of a notebook's output (and of the book's column)
+    wrap = dict(subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+    return "\n".join(textwrap.fill(line, width, **wrap) for line in lines)
+
+
 __all__ = [
     "BIG_LAMA_HELP",
     "MINIATURE_HELP",
@@ -464,7 +552,9 @@ __all__ = [
     "loss_curves",
     "loss_terms_figure",
     "on_target",
+    "project_path",
     "protection_figure",
     "regions_figure",
     "sample_image",
+    "summary",
 ]
