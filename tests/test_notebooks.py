@@ -36,7 +36,11 @@ def jupyterlab_save(folder: Path, name: str, edit=None) -> None:
         nb.metadata["kernelspec"] = {
             "display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"
         }  # fmt: skip
-        nb.metadata["language_info"] = {"name": "python", "version": "3.11.9", "mimetype": "text/x-python"}
+        nb.metadata["language_info"] = {
+            "name": "python",
+            "version": "3.11.9",
+            "mimetype": "text/x-python",
+        }
         nb.nbformat_minor = max(nb.nbformat_minor, 5)  # JupyterLab upgrades to 4.5: cells get ids
         for i, cell in enumerate(nb.cells):
             cell["id"] = f"opened-{i}"
@@ -63,7 +67,9 @@ def test_every_notebook_has_its_twin_with_the_same_cells(notebook):
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_the_twin_is_what_jupytext_writes_from_the_notebook(notebook):
     """No drift in formatting either: re-pairing rewrites no twin."""
-    config = jupytext.config.load_jupytext_configuration_file(str(ROOT / "notebooks" / "jupytext.toml"))
+    config = jupytext.config.load_jupytext_configuration_file(
+        str(ROOT / "notebooks" / "jupytext.toml")
+    )
     nb = nbformat.read(notebook, as_version=4)
     text = jupytext.writes(nb, "py:percent", config=config)
     assert text == notebook.with_suffix(".py").read_text()
@@ -75,7 +81,9 @@ def test_the_twins_carry_no_notebook_metadata_and_only_tags():
         assert not text.startswith("# ---"), f"{notebook.stem}.py: a metadata header"
         for line in text.splitlines():
             if line.startswith("# %%"):
-                assert "=" not in line or line.split(" ", 2)[-1].startswith(("[markdown]", "tags=")), line
+                assert "=" not in line or line.split(" ", 2)[-1].startswith(
+                    ("[markdown]", "tags=")
+                ), line
 
 
 def test_a_jupyterlab_save_leaves_every_twin_byte_for_byte(tmp_path):

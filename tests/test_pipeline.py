@@ -166,16 +166,19 @@ def test_dvc_repro_end_to_end_on_a_tiny_setting(tmp_path):
                "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
     for args in (["add", "-A"], ["commit", "-qm", "baseline"]):
         subprocess.run(["git", *args], cwd=tmp_path, env=git_env, check=True, capture_output=True)
+    import vl_convert
+
     ran = dvc("exp", "run", "-S", "implant.eps=0.05")
     assert "Stage 'editor' didn't change" in ran and "Running stage 'implant'" in ran, ran
     shown = json.loads(dvc("metrics", "show", "--json"))
     assert 0 < sum(len(flatten(v)) for v in shown[""]["data"].values()) <= 100
     changed = dvc("exp", "show", "--only-changed", "--csv")
     assert "implant.eps" in changed.splitlines()[0] and "0.05" in changed
-    plots = json.loads(dvc("plots", "diff", "HEAD", "--json"))
-    sweep = next(v for k, v in plots.items() if "eps_sweep" in k)
-    revs = {row["rev"] for row in sweep[0]["content"]["data"]["values"]}
-    assert revs == {"HEAD", "workspace"}, revs
+    plots = json.loads(dvc("plots", "diff", "HEAD", "--json"))["data"]
+    for name in ("eps_sweep", "loss_curves", "purification_worst_case"):
+        spec = plots[name][0]["content"]
+        assert {row["rev"] for row in spec["data"]["values"]} == {"HEAD", "workspace"}, name
+        assert "<svg" in vl_convert.vegalite_to_svg(spec)  # drawn offline: one chart, both runs
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
@@ -263,7 +266,9 @@ def test_a_fresh_clone_pulls_every_output_and_is_up_to_date(tmp_path, jupyterlab
     # cell ids go into the .ipynb, the py:percent twins that the stages run stay as they were.
     for notebook in sorted((clone / "notebooks").glob("*.ipynb")):
         jupyterlab_save(clone / "notebooks", notebook.name)
-    assert subprocess.run(["git", "-C", str(clone), "diff", "--quiet", "--", "notebooks/*.ipynb"]).returncode
+    assert subprocess.run(
+        ["git", "-C", str(clone), "diff", "--quiet", "--", "notebooks/*.ipynb"]
+    ).returncode
     status = subprocess.run(
         [dvc, "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
     )
