@@ -114,12 +114,16 @@ def test_free_squares_shrink_until_one_fits():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape, win", [((6, 1, 128, 128), 129), ((3, 1, 40, 56), 41), ((2, 1, 33, 33), 7)])
+@pytest.mark.parametrize(
+    "shape, win", [((6, 1, 128, 128), 129), ((3, 1, 40, 56), 41), ((2, 1, 33, 33), 7)]
+)
 def test_window_mean_of_a_mask_is_avg_pool_bit_for_bit(shape, win, dtype):
     g = torch.Generator().manual_seed(win)
     for density in (0.0, 0.02, 0.3, 1.0):
         m = (torch.rand(shape, generator=g) < density).to(dtype)
-        ref = torch.nn.functional.avg_pool2d(m, win, stride=1, padding=win // 2, count_include_pad=False)
+        ref = torch.nn.functional.avg_pool2d(
+            m, win, stride=1, padding=win // 2, count_include_pad=False
+        )
         got = masks.window_mean_01(m, win)
         assert got.dtype == dtype and torch.equal(got, ref)
 

@@ -3,7 +3,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from runtime_backdoor import metrics
+from runtime_backdoor import feature_metrics, metrics
 
 
 def img(value=0.5, h=16, w=20):
@@ -177,7 +177,7 @@ def no_default_weights(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.delenv(metrics.CLIP_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(metrics, "DEFAULT_CLIP_DIR", tmp_path / "models" / "clip")
+    monkeypatch.setattr(feature_metrics, "DEFAULT_CLIP_DIR", tmp_path / "models" / "clip")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     return tmp_path
 

@@ -211,6 +211,23 @@ def implant(
     x, m = check_inputs(image, mask, settings)
     if len(weights) != 3 or any(w < 0 for w in weights):
         raise ValueError(f"weights must be three non-negative numbers, got {weights}")
+    editors, editor_weights = _editor_list(editor, editor_weights)
+    if editors is not None:
+        if len(editors) > 1 or editor_weights[0] != 1.0:
+            return _implant_ensemble(
+                editors, editor_weights, x, m, settings, weights=weights,
+                expand_kernel=expand_kernel, target=target, autocast_dtype=autocast_dtype,
+            )  # fmt: skip
+        editor = editors[0]
+    return _implant_single(
+        editor, x, m, settings, weights=weights, expand_kernel=expand_kernel, target=target,
+        autocast_dtype=autocast_dtype, batch_passes=batch_passes,
+    )  # fmt: skip
+
+
+def _editor_list(editor, editor_weights) -> tuple[list | None, list[float] | None]:
+    """``(editors, editor_weights)`` for a list of editors (weights default 1 each, checked);
+    ``(None, None)`` for one editor, which takes no ``editor_weights``."""
     if isinstance(editor, Sequence):
         editors = list(editor)
         if not editors:
@@ -222,15 +239,25 @@ def implant(
             raise ValueError(
                 f"editor_weights must be {len(editors)} non-negative numbers, got {editor_weights}"
             )
-        if len(editors) > 1 or editor_weights[0] != 1.0:
-            return _implant_ensemble(
-                editors, editor_weights, x, m, settings, weights=weights,
-                expand_kernel=expand_kernel, target=target, autocast_dtype=autocast_dtype,
-            )  # fmt: skip
-        editor = editors[0]
-    elif editor_weights is not None:
+        return editors, editor_weights
+    if editor_weights is not None:
         raise ValueError("editor_weights is for a list of editors")
+    return None, None
 
+
+def _implant_single(
+    editor: torch.nn.Module,
+    x: torch.Tensor,
+    m: torch.Tensor,
+    settings: dict,
+    *,
+    weights: tuple[float, float, float],
+    expand_kernel: int,
+    target: str | torch.Tensor,
+    autocast_dtype: torch.dtype | None,
+    batch_passes: bool,
+) -> ImplantResult:
+    """:func:`implant` against one editor (``batch_passes``: the three passes as one call)."""
     big = expand(m, expand_kernel)
     band = ring(m, expand_kernel)
     phi = make_target(x, target)

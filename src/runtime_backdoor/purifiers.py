@@ -22,7 +22,8 @@ Classical, offline (no weights):
 - ``adverse-cleaner``: AdverseCleaner (lllyasviel, 2023): 64 bilateral filters (diameter 5,
   σ_color 8, σ_space 8, in 8-bit units) then 4 guided filters (radius 4, eps 16 in 8-bit²
   units) guided by the input, in OpenCV (``cv2.bilateralFilter``,
-  ``cv2.ximgproc.guidedFilter``) on float images in [0, 255] (:func:`adverse_cleaner`); the
+  ``cv2.ximgproc.guidedFilter``) on float images in [0, 255]
+  (:func:`runtime_backdoor.adverse_cleaner.adverse_cleaner`, importable from here too); the
   result is rounded to 8 bits (AdverseCleaner truncates).
 
 Diffusion-based, real weights only (never a random stand-in; without the weights the stage
@@ -57,11 +58,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import transforms as T
+from .adverse_cleaner import (
+    BILATERAL_DIAMETER,  # noqa: F401 (re-exported: AdverseCleaner's settings)
+    BILATERAL_PASSES,  # noqa: F401
+    BILATERAL_SIGMA_COLOR,  # noqa: F401
+    BILATERAL_SIGMA_SPACE,  # noqa: F401
+    GUIDED_EPS,  # noqa: F401
+    GUIDED_PASSES,  # noqa: F401
+    GUIDED_RADIUS,  # noqa: F401
+    adverse_cleaner,
+    bilateral_passes,
+    guided_passes,
+)
 from .model_paths import fetch_command, models_dir
 from .robustness import gaussian_noise as _robust_noise
 from .robustness import jpeg as _robust_jpeg
@@ -96,10 +108,6 @@ DEFAULT_VALUE = {"gridpure": 0.1}
 UPSCALE_PROMPT = "a high quality photograph"
 #: Gaussian noise added to the ×4-downscaled image by ``noisy-upscale`` (on [0, 1])
 UPSCALE_NOISE_SIGMA = 0.1
-
-# AdverseCleaner's settings (8-bit units)
-BILATERAL_PASSES, BILATERAL_DIAMETER, BILATERAL_SIGMA_COLOR, BILATERAL_SIGMA_SPACE = 64, 5, 8.0, 8.0
-GUIDED_PASSES, GUIDED_RADIUS, GUIDED_EPS = 4, 4, 16.0
 
 # GrIDPure's settings
 GRID_TILE, GRID_STRIDE, GRID_ITERATIONS, GRID_BLEND = 256, 128, 20, 0.1
@@ -165,59 +173,6 @@ def crop_resize(image: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
 def crop_resize_mask(mask: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     """:func:`crop_resize`'s geometry for a 0/1 mask (bilinear, thresholded at 0.5)."""
     return (_crop_resize(mask.float(), fraction, "bilinear") >= 0.5).to(mask.dtype)
-
-
-def bilateral_passes(
-    image: np.ndarray,
-    passes: int = BILATERAL_PASSES,
-    diameter: int = BILATERAL_DIAMETER,
-    sigma_color: float = BILATERAL_SIGMA_COLOR,
-    sigma_space: float = BILATERAL_SIGMA_SPACE,
-) -> np.ndarray:
-    """``passes`` OpenCV bilateral filters of an H x W x 3 float32 image in [0, 255]."""
-    import cv2
-
-    y = np.ascontiguousarray(image, dtype=np.float32)
-    for _ in range(passes):
-        y = cv2.bilateralFilter(y, diameter, sigma_color, sigma_space)
-    return y
-
-
-def guided_passes(
-    guide: np.ndarray,
-    image: np.ndarray,
-    passes: int = GUIDED_PASSES,
-    radius: int = GUIDED_RADIUS,
-    eps: float = GUIDED_EPS,
-) -> np.ndarray:
-    """``passes`` OpenCV guided filters of ``image`` guided by ``guide`` (float32, [0, 255])."""
-    import cv2
-
-    g = np.ascontiguousarray(guide, dtype=np.float32)
-    y = np.ascontiguousarray(image, dtype=np.float32)
-    for _ in range(passes):
-        y = cv2.ximgproc.guidedFilter(g, y, radius, eps)
-    return y
-
-
-def adverse_cleaner(
-    image: torch.Tensor,
-    bilateral: int = BILATERAL_PASSES,
-    diameter: int = BILATERAL_DIAMETER,
-    sigma_color: float = BILATERAL_SIGMA_COLOR,
-    sigma_space: float = BILATERAL_SIGMA_SPACE,
-    guided: int = GUIDED_PASSES,
-    radius: int = GUIDED_RADIUS,
-    eps: float = GUIDED_EPS,
-) -> torch.Tensor:
-    """AdverseCleaner: bilateral filters, then guided filters guided by the input (8-bit units)."""
-    arr = (to_8bit(image) * 255).permute(0, 2, 3, 1).detach().cpu().numpy().astype(np.float32)
-    out = []
-    for a in arr:
-        y = bilateral_passes(a, bilateral, diameter, sigma_color, sigma_space)
-        out.append(guided_passes(a, y, guided, radius, eps))
-    y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255
-    return to_8bit(y.to(image.device, image.dtype))
 
 
 # ------------------------------------------------------------------------------- diffusion

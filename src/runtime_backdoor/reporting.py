@@ -303,12 +303,8 @@ def _section(title: str, header: list[str]) -> list[str]:
     return ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
 
-def markdown(
-    per_edit: pd.DataFrame, protection: pd.DataFrame, lpips_unavailable: str | None = None
-) -> str:
-    """``reports/beyond/results.md``: the five tables, compact. LPIPS columns where
-    ``per_edit`` has them; else a line saying why not (``lpips_unavailable``)."""
-    lp = "lpips_region_vs_clean_edit" in per_edit
+def _intro(lp: bool, lpips_unavailable: str | None) -> list[str]:
+    """The title and what the numbers mean, down to the conclusions' heading."""
     lines = ["# Beyond the paper: fair masks, robustness, EOT, baselines, transfer", ""]
     lines += [
         "Hit = at least the set share of the edited region within the tolerance of the target",
@@ -329,8 +325,13 @@ def markdown(
         f"each family of comparisons; never a direction on fewer than {MIN_N} images (`stats`).",
         "",
     ]
+    return lines
+
+
+def _conclusion_lines(per_edit: pd.DataFrame) -> list[str]:
+    """One line per conclusion with hits; one for the comparisons without any."""
     found = conclusions(per_edit)
-    lines += [f"- {c['sentence']}." for c in found if not c["no_hits"]]
+    lines = [f"- {c['sentence']}." for c in found if not c["no_hits"]]
     empty = [c["id"] for c in found if c["no_hits"]]
     if empty:
         lines.append(
@@ -338,7 +339,12 @@ def markdown(
             + ", ".join(f"`{i}`" for i in empty)
             + "."
         )
-    lines += _section(
+    return lines
+
+
+def _fair_mask_lines(per_edit: pd.DataFrame, lp: bool) -> list[str]:
+    """The fair-mask table: the backdoor under every scenario, untransformed."""
+    lines = _section(
         "Fair masks (backdoor, no transformation)",
         ["source", "kind", "family", "scenario", "images", "hit clean → protected", "SSIM region"]
         + (["LPIPS region"] if lp else []),
@@ -349,7 +355,12 @@ def markdown(
             f"| {r['source']} | {r['kind']} | {r['family']} | {r['scenario']} | {r['n_images']} | "
             f"{_ci(r, 'hit_rate_clean', True)} → {_ci(r, 'hit_rate_protected', True)} | {_ci(r, 'ssim_region_vs_clean_edit')} |{lpips}"
         )
-    lines += _section(
+    return lines
+
+
+def _robustness_lines(per_edit: pd.DataFrame, lp: bool) -> list[str]:
+    """The robustness table: the backdoor under every transformation."""
+    lines = _section(
         "Robustness (backdoor; transformation applied to the image before editing)",
         ["source", "transform", "images", "malicious hit", "survival", "malicious SSIM region"]
         + ["benign hit", "benign SSIM region"]
@@ -364,30 +375,37 @@ def markdown(
             f"{_fmt(_first(mal, 'survival'), True)} | {_ci(mal, 'ssim_region_vs_clean_edit')} | "
             f"{_ci(ben, 'hit_rate_protected', True)} | {_ci(ben, 'ssim_region_vs_clean_edit')} |{lpips}"
         )
-    if (per_edit["method"] == "backdoor_eot").any():
-        lines += _section(
-            "EOT: what it buys and costs (same images)",
-            ["source", "transform", "malicious hit: backdoor → EOT"]
-            + ["benign SSIM region: backdoor → EOT"],
-        )
-        t = eot_table(per_edit, protection)
-        methods = ("backdoor", "backdoor_eot")
-        for (source, transform), g in t.groupby(["source", "transform"], sort=False):
-            lines.append(
-                f"| {source} | {transform} | "
-                f"{_cells(g, 'malicious', 'hit_rate_protected', True, 'method', methods, ' → ')} | "
-                f"{_cells(g, 'benign', 'ssim_region_vs_clean_edit', False, 'method', methods, ' → ')} |"
-            )
-        cost = t.drop_duplicates(["source", "method"])[["source", "method", "seconds_per_image"]]
-        lines.append("")
+    return lines
+
+
+def _eot_lines(per_edit: pd.DataFrame, protection: pd.DataFrame) -> list[str]:
+    """The EOT table (backdoor against backdoor with EOT) and their cost."""
+    lines = _section(
+        "EOT: what it buys and costs (same images)",
+        ["source", "transform", "malicious hit: backdoor → EOT"]
+        + ["benign SSIM region: backdoor → EOT"],
+    )
+    t = eot_table(per_edit, protection)
+    methods = ("backdoor", "backdoor_eot")
+    for (source, transform), g in t.groupby(["source", "transform"], sort=False):
         lines.append(
-            "Cost (s per image): "
-            + "; ".join(
-                f"{r.source} {r.method} {r.seconds_per_image:.2f}" for r in cost.itertuples()
-            )
-            + "."
+            f"| {source} | {transform} | "
+            f"{_cells(g, 'malicious', 'hit_rate_protected', True, 'method', methods, ' → ')} | "
+            f"{_cells(g, 'benign', 'ssim_region_vs_clean_edit', False, 'method', methods, ' → ')} |"
         )
-    lines += _section(
+    cost = t.drop_duplicates(["source", "method"])[["source", "method", "seconds_per_image"]]
+    lines.append("")
+    lines.append(
+        "Cost (s per image): "
+        + "; ".join(f"{r.source} {r.method} {r.seconds_per_image:.2f}" for r in cost.itertuples())
+        + "."
+    )
+    return lines
+
+
+def _baseline_lines(per_edit: pd.DataFrame, protection: pd.DataFrame, lp: bool) -> list[str]:
+    """The methods side by side, official and fair scenarios."""
+    lines = _section(
         "Methods side by side (same images, editor and budget; no transformation)",
         ["source", "method", "malicious hit (official / fair)"]
         + ["malicious SSIM region (official / fair)", "benign hit (official / fair)"]
@@ -410,6 +428,12 @@ def markdown(
                 _cells(g, "benign", "lpips_region_vs_clean_edit", False, "family", families, " / ")
             )
         lines.append(f"| {source} | {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _transfer_lines(per_edit: pd.DataFrame, lp: bool) -> list[str]:
+    """The transfer table, where any protection was edited by another editor."""
+    lines = []
     tr = transfer_table(per_edit)
     if len(tr):
         editors = list(dict.fromkeys(tr["editor"]))
@@ -428,6 +452,23 @@ def markdown(
                     ben += " / " + _ci(here[here["kind"] == "benign"], "lpips_region_vs_clean_edit")
                 cells.append(f"{mal} / {ben}")
             lines.append(f"| {method} | {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(
+    per_edit: pd.DataFrame, protection: pd.DataFrame, lpips_unavailable: str | None = None
+) -> str:
+    """``reports/beyond/results.md``: the five tables, compact. LPIPS columns where
+    ``per_edit`` has them; else a line saying why not (``lpips_unavailable``)."""
+    lp = "lpips_region_vs_clean_edit" in per_edit
+    lines = _intro(lp, lpips_unavailable)
+    lines += _conclusion_lines(per_edit)
+    lines += _fair_mask_lines(per_edit, lp)
+    lines += _robustness_lines(per_edit, lp)
+    if (per_edit["method"] == "backdoor_eot").any():
+        lines += _eot_lines(per_edit, protection)
+    lines += _baseline_lines(per_edit, protection, lp)
+    lines += _transfer_lines(per_edit, lp)
     return "\n".join(lines) + "\n"
 
 

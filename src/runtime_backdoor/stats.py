@@ -171,6 +171,22 @@ def group_estimates(
     return pd.DataFrame(rows)
 
 
+def seed_spread(df: pd.DataFrame, by: list[str], column: str, key, *, min_seeds: int = 0) -> dict:
+    """How much one δ₀ seed moves a rate: per group of ``by``, the mean of ``column`` over the
+    rows of each ``seed`` (under ``key(group, seed)``) and the range of those means over seeds
+    (under ``key(group, None)``); ``group`` is the tuple of the ``by`` values. Groups with
+    fewer than ``min_seeds`` seeds are left out."""
+    out: dict = {}
+    for group, g in df.groupby(by, sort=False):
+        rates = g.groupby("seed")[column].mean().astype(float)
+        if len(rates) < min_seeds:
+            continue
+        for s, rate in rates.items():
+            out[key(group, s)] = float(rate)
+        out[key(group, None)] = float(rates.max() - rates.min())
+    return out
+
+
 #: Kinds of per-image outcome a comparison is made on (:func:`compare`).
 RATE, VALUE = "rate", "value"
 #: The tests, as the conclusions name them.
@@ -435,4 +451,5 @@ __all__ = [
     "group_estimates",
     "paired_frames",
     "per_image",
+    "seed_spread",
 ]

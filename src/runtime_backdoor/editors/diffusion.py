@@ -316,28 +316,10 @@ def load_sd_inpainting(
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    source = str(model)
-    is_folder = Path(source).expanduser().is_dir()
-    if is_folder:
-        source = str(Path(source).expanduser())
-    if not is_folder and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"{source} is neither a folder nor a hub id (owner/name)")
-    if not is_folder and "xl" in source.rsplit("/", 1)[-1].lower():
-        raise NotImplementedError(_SDXL_MESSAGE)
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    source, is_folder = _checked_source(model, scheduler)
     if local_files_only is None:
         local_files_only = is_folder or _hub_offline()
-
-    def load(loader: Any, subfolder: str, **kwargs: Any) -> Any:
-        # the cache first, even when downloads are allowed: without network a hub
-        # look-up retries for tens of seconds before falling back to the cache
-        for cache_only in (True,) if local_files_only else (True, False):
-            try:
-                return loader(source, subfolder=subfolder, local_files_only=cache_only, **kwargs)
-            except OSError as err:
-                error = err
-        raise OSError(_missing_message(source, subfolder, is_folder, local_files_only)) from error
+    load = _component_loader(source, is_folder, local_files_only)
 
     # the config first: reject SDXL / non-inpainting UNets before loading any weights
     _check_unet_config(load(UNet2DConditionModel.load_config, "unet"))
@@ -369,6 +351,39 @@ def load_sd_inpainting(
         seed=seed,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+def _checked_source(model: str | os.PathLike, scheduler: str) -> tuple[str, bool]:
+    """``(source, is_folder)``: a local folder (expanded) or a hub id (``owner/name``), not
+    SDXL, with a known ``scheduler``."""
+    source = str(model)
+    is_folder = Path(source).expanduser().is_dir()
+    if is_folder:
+        source = str(Path(source).expanduser())
+    if not is_folder and (source.count("/") != 1 or source.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{source} is neither a folder nor a hub id (owner/name)")
+    if not is_folder and "xl" in source.rsplit("/", 1)[-1].lower():
+        raise NotImplementedError(_SDXL_MESSAGE)
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {scheduler!r}")
+    return source, is_folder
+
+
+def _component_loader(source: str, is_folder: bool, local_files_only: bool):
+    """``load(loader, subfolder, **kwargs)``: one component of ``source`` through ``loader``
+    (``from_pretrained``, ``load_config``), or an ``OSError`` saying how to get it."""
+
+    def load(loader: Any, subfolder: str, **kwargs: Any) -> Any:
+        # the cache first, even when downloads are allowed: without network a hub
+        # look-up retries for tens of seconds before falling back to the cache
+        for cache_only in (True,) if local_files_only else (True, False):
+            try:
+                return loader(source, subfolder=subfolder, local_files_only=cache_only, **kwargs)
+            except OSError as err:
+                error = err
+        raise OSError(_missing_message(source, subfolder, is_folder, local_files_only)) from error
+
+    return load
 
 
 def _load_tokenizer(source: str, **kwargs: Any) -> Any:

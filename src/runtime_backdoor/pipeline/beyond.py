@@ -16,21 +16,23 @@ Every edit is compared with the same edit of the clean image after the same tran
 Editors are given as compact specs (``label:name(key:value,...)``, see
 :func:`runtime_backdoor.editors.specs.parse_editor_spec`) so that ``params.yaml`` holds them as
 plain strings. The tables, ``results.md`` and ``metrics.json`` are built by
-:mod:`runtime_backdoor.reporting`; the figures are drawn here.
+:mod:`runtime_backdoor.reporting`; the figures are drawn by :mod:`runtime_backdoor.beyond_figures`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from .. import reporting
 from ..baselines import METHODS, NotApplicable, protect
+from ..beyond_figures import baseline_plot, fair_mask_figure, robustness_plot, transfer_plot
 from ..budget import Budget
 from ..data import load_prepared, read_folder, read_image, to_tensor, write_csv, write_json
 from ..editors.specs import PIPELINE, ParsedSpec, build_from_spec, parse_editor_specs
@@ -46,7 +48,7 @@ from ..metrics import (
     reduce_ssim,
     ssim_map,
 )
-from ..plots import bars, plt, save_figure, sns
+from ..plots import save_figure
 from ..project import resolve_device
 from ..robustness import FAIR_BENIGN, FAIR_MALICIOUS, fair_masks, parse_transforms, to_8bit
 from ..targets import make_target
@@ -80,6 +82,59 @@ def load_protected(protected_dir, names) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- metrics
+
+
+def _edit_batches(editor, batch: torch.Tensor, regions: torch.Tensor, batch_size: int):
+    """``editor`` on ``batch`` with ``regions``, ``batch_size`` images at a time."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                editor(batch[i : i + batch_size], regions[i : i + batch_size])
+                for i in range(0, batch.shape[0], batch_size)
+            ]
+        )
+
+
+def _method_rows(
+    prot_edit, clean_edit, target, region, valid, *, names, where: dict, hit_tol: float,
+    hit_min_fraction: float, lpips_model,
+) -> list[dict]:  # fmt: skip
+    """One row per image with a non-empty ``region``: the hit fractions of the protected and
+    the clean image's edits, and the protected edit's SSIM, MSE (and LPIPS) against the clean
+    edit; ``where``: the row's method, transformation, scenario, kind and family."""
+    rows = []
+    safe = region.clone()
+    safe[~valid] = 1  # metrics of an empty region are dropped below
+    frac_p = hit_fraction_batch(prot_edit, target, safe, hit_tol)
+    frac_c = hit_fraction_batch(clean_edit, target, safe, hit_tol)
+    smap = ssim_map(prot_edit, clean_edit)
+    ssim_all, ssim_reg = reduce_ssim(smap), reduce_ssim(smap, safe)
+    mse_reg = ((prot_edit - clean_edit) ** 2 * safe).flatten(1).sum(1) / (
+        3 * safe.flatten(1).sum(1)
+    )
+    lpips = {}
+    if lpips_model is not None:
+        lpips["lpips_vs_clean_edit"] = lpips_batch(prot_edit, clean_edit, lpips_model)
+        lpips["lpips_region_vs_clean_edit"] = lpips_batch(prot_edit, clean_edit, lpips_model, safe)
+    for i in range(prot_edit.shape[0]):
+        if not valid[i]:
+            continue
+        rows.append(
+            {
+                "name": names[i],
+                **where,
+                "edited_fraction": float(region[i].mean()),
+                "hit_fraction_clean": float(frac_c[i]),
+                "hit_fraction_protected": float(frac_p[i]),
+                "hit_clean": bool(frac_c[i] >= hit_min_fraction),
+                "hit_protected": bool(frac_p[i] >= hit_min_fraction),
+                "ssim_vs_clean_edit": float(ssim_all[i]),
+                "ssim_region_vs_clean_edit": float(ssim_reg[i]),
+                "mse_region_vs_clean_edit": float(mse_reg[i]),
+                **{k: float(v[i]) for k, v in lpips.items()},
+            }
+        )
+    return rows
 
 
 def evaluate_grid(
@@ -141,14 +196,7 @@ def evaluate_grid(
         known = clean_edits.get(key) if clean_edits is not None else None
         batch = torch.cat([*([] if known is not None else [clean_t]), *prot_t.values()])
         region_b = region.repeat(batch.shape[0] // n, 1, 1, 1)
-        with torch.no_grad():
-            edits = torch.cat(
-                [
-                    editor(batch[i : i + batch_size], region_b[i : i + batch_size])
-                    for i in range(0, batch.shape[0], batch_size)
-                ]
-            )
-        edits = to_8bit(edits).to(device)
+        edits = to_8bit(_edit_batches(editor, batch, region_b, batch_size)).to(device)
         if known is not None:
             edits = torch.cat([known, edits])
         elif clean_edits is not None:
@@ -160,47 +208,159 @@ def evaluate_grid(
         for j, method in enumerate(methods):
             prot_edit = edits[(j + 1) * n : (j + 2) * n]
             target = t.frame(targets[method])
-            safe = region.clone()
-            safe[~valid] = 1  # metrics of an empty region are dropped below
-            frac_p = hit_fraction_batch(prot_edit, target, safe, hit_tol)
-            frac_c = hit_fraction_batch(clean_edit, target, safe, hit_tol)
-            smap = ssim_map(prot_edit, clean_edit)
-            ssim_all, ssim_reg = reduce_ssim(smap), reduce_ssim(smap, safe)
-            mse_reg = ((prot_edit - clean_edit) ** 2 * safe).flatten(1).sum(1) / (
-                3 * safe.flatten(1).sum(1)
-            )
-            lpips = {}
-            if lpips_model is not None:
-                lpips["lpips_vs_clean_edit"] = lpips_batch(prot_edit, clean_edit, lpips_model)
-                lpips["lpips_region_vs_clean_edit"] = lpips_batch(
-                    prot_edit, clean_edit, lpips_model, safe
-                )
-            for i in range(n):
-                if not valid[i]:
-                    continue
-                rows.append(
-                    {
-                        "name": names[i],
-                        "method": method,
-                        "transform": t.name,
-                        "scenario": scenario,
-                        "kind": kind,
-                        "family": family,
-                        "edited_fraction": float(region[i].mean()),
-                        "hit_fraction_clean": float(frac_c[i]),
-                        "hit_fraction_protected": float(frac_p[i]),
-                        "hit_clean": bool(frac_c[i] >= hit_min_fraction),
-                        "hit_protected": bool(frac_p[i] >= hit_min_fraction),
-                        "ssim_vs_clean_edit": float(ssim_all[i]),
-                        "ssim_region_vs_clean_edit": float(ssim_reg[i]),
-                        "mse_region_vs_clean_edit": float(mse_reg[i]),
-                        **{k: float(v[i]) for k, v in lpips.items()},
-                    }
-                )
+            where = {"method": method, "transform": t.name, "scenario": scenario, "kind": kind,
+                     "family": family}  # fmt: skip
+            rows += _method_rows(
+                prot_edit, clean_edit, target, region, valid, names=names, where=where,
+                hit_tol=hit_tol, hit_min_fraction=hit_min_fraction, lpips_model=lpips_model,
+            )  # fmt: skip
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Measurement:
+    """What the parts of :func:`measure` share: its settings, the editors built so far (one per
+    label) with their clean edits (the same for every method and δ₀ seed), and the rows."""
+
+    editor_record: Any
+    protected_dir: Any
+    device: torch.device
+    budget: Budget
+    methods: list
+    eot: dict
+    transforms: list
+    robust: list | None
+    all_targets: list
+    grid: dict  #: the keywords every :func:`evaluate_grid` call shares
+    progress: bool
+    built: dict = field(default_factory=dict)
+    clean_edits: dict = field(default_factory=dict)  #: editor label -> its clean edits
+    frames: list = field(default_factory=list)
+    log: list = field(default_factory=list)
+
+    @property
+    def base_seed(self) -> int:
+        return int(self.budget.seed)
+
+    def editor_of(self, spec: ParsedSpec):
+        if spec.label not in self.built:
+            self.built[spec.label] = build_from_spec(spec, self.editor_record, self.device)
+        return self.built[spec.label]
+
+    def add(self, df: pd.DataFrame, source: str, target: str, run_seed: int | None = None) -> None:
+        if len(df):
+            run_seed = self.base_seed if run_seed is None else run_seed
+            self.frames.append(df.assign(source=source, editor=target, seed=run_seed))
+
+    def pipeline_part(self, spec: ParsedSpec, prepared_dir) -> None:
+        """The pipeline's own protected images, every image: fair masks and robustness."""
+        device = self.device
+        _, x, m = load_prepared(prepared_dir)
+        names = list(read_folder(prepared_dir)["name"])
+        x, m = x.to(device), m.to(device)
+        xp = load_protected(self.protected_dir, names).to(device)
+        phi = make_target(x, self.budget.target)
+        df = evaluate_grid(
+            self.editor_of(spec), x, m, {"backdoor": xp}, {"backdoor": phi}, names=names,
+            transforms=self.transforms, robust_scenarios=self.robust, progress=self.progress,
+            clean_edits=self.clean_edits.setdefault(spec.label, {}), **self.grid,
+        )  # fmt: skip
+        self.add(df, spec.label, spec.label)
+        imp = read_folder(self.protected_dir).set_index("name")
+        for i, name in enumerate(names):
+            self.log.append(
+                {
+                    "source": spec.label, "method": "backdoor", "name": name,
+                    "seed": self.base_seed, "status": "ok", "seconds": float(imp.loc[name, "seconds"]),
+                    "linf_8bit": float((xp[i] - x[i]).abs().max() * 255),
+                }
+            )  # fmt: skip
+
+    def protect_methods(self, spec, editor, x, m, order, run_budget: Budget, run_seed: int):
+        """``(protected, targets)``: method -> images of every method against ``editor`` that
+        applies to it (each logged, as are those that do not apply)."""
+        protected, targets = {}, {}
+        for method in self.methods:
+            if spec.name == PIPELINE and method == "backdoor":
+                protected[method] = load_protected(self.protected_dir, order).to(self.device)
+                targets[method] = make_target(x, self.budget.target)
+                continue
+            try:
+                r = protect(method, editor, x, m, budget=run_budget, eot=self.eot, progress=False)
+            except NotApplicable as err:
+                self.log.extend(
+                    {
+                        "source": spec.label,
+                        "method": method,
+                        "name": n,
+                        "seed": run_seed,
+                        "status": f"n/a: {err}",
+                    }
+                    for n in order
+                )
+                continue
+            protected[method], targets[method] = r.protected, r.target
+            for i, name in enumerate(order):
+                self.log.append(
+                    {
+                        "source": spec.label, "method": method, "name": name, "seed": run_seed, "status": "ok",
+                        "seconds": r.seconds / len(order),
+                        "linf_8bit": float(r.delta[i].abs().max() * 255),
+                    }
+                )  # fmt: skip
+        return protected, targets
+
+    def protect_against(self, spec, editor, x, m, order, run_budget: Budget, run_seed: int):
+        """Every method against ``spec``'s editor on the subset, evaluated with that editor
+        and (transfer) with every other editor."""
+        protected, targets = self.protect_methods(spec, editor, x, m, order, run_budget, run_seed)
+        # The pipeline's backdoor already has its rows (every image) from part 1.
+        own = {
+            k: v for k, v in protected.items() if not (spec.name == PIPELINE and k == "backdoor")
+        }
+        # Transformations only for the backdoor and its EOT variant (the robustness and EOT
+        # tables); the baselines are compared untransformed, which is all their table uses.
+        for group, group_transforms in (
+            ({k: v for k, v in own.items() if k in ROBUST_METHODS}, self.transforms),
+            ({k: v for k, v in own.items() if k not in ROBUST_METHODS}, ["none"]),
+        ):
+            if not group:
+                continue
+            df = evaluate_grid(
+                editor, x, m, group, targets, names=order, transforms=group_transforms,
+                robust_scenarios=self.robust, progress=self.progress,
+                clean_edits=self.clean_edits.setdefault(spec.label, {}), **self.grid,
+            )  # fmt: skip
+            self.add(df, spec.label, spec.label, run_seed)
+        # 3. Transfer: the same protected images, edited by every other editor.
+        for other in self.all_targets:
+            if other.label == spec.label or not protected:
+                continue
+            # Only the official scenarios: the transfer table and its conclusions use no others.
+            df = evaluate_grid(
+                self.editor_of(other), x, m, protected, targets, names=order, transforms=["none"],
+                scenarios=OFFICIAL_MALICIOUS + OFFICIAL_BENIGN, progress=self.progress,
+                clean_edits=self.clean_edits.setdefault(other.label, {}), **self.grid,
+            )  # fmt: skip
+            self.add(df, spec.label, other.label, run_seed)
+
+
+def _checked_methods(methods: str | list, robust_scenarios: str | list | None) -> tuple:
+    """``(methods, robust_scenarios)`` as lists (``None``: every scenario), checked."""
+    methods = methods.split() if isinstance(methods, str) else list(methods)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    robust = robust_scenarios.split() if isinstance(robust_scenarios, str) else robust_scenarios
+    if robust is not None and set(robust) - set(ALL_SCENARIOS):
+        raise ValueError(
+            f"unknown robust_scenarios {sorted(set(robust) - set(ALL_SCENARIOS))}; "
+            f"known: {', '.join(ALL_SCENARIOS)}"
+        )
+    return methods, robust
 
 
 def measure(
@@ -243,16 +403,7 @@ def measure(
     kernel = int(budget.expand_kernel)
     sources = parse_editor_specs(editors)
     all_targets = parse_editor_specs(sources + parse_editor_specs(transfer_editors))
-    methods = methods.split() if isinstance(methods, str) else list(methods)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    robust = robust_scenarios.split() if isinstance(robust_scenarios, str) else robust_scenarios
-    if robust is not None and set(robust) - set(ALL_SCENARIOS):
-        raise ValueError(
-            f"unknown robust_scenarios {sorted(set(robust) - set(ALL_SCENARIOS))}; "
-            f"known: {', '.join(ALL_SCENARIOS)}"
-        )
+    methods, robust = _checked_methods(methods, robust_scenarios)
     transform_list = [t.name for t in parse_transforms(transforms)]  # refused here, not later
     eot = {"transforms": tuple(s.name for s in parse_draws(eot_transforms))}
     device = torch.device(device)
@@ -264,122 +415,32 @@ def measure(
         "kernel": kernel, "shift_px": shift_px, "seed": seed, "hit_tol": hit_tol,
         "hit_min_fraction": hit_min_fraction, "batch_size": batch_size, "lpips_model": lpips_model,
     }  # fmt: skip
-    editors_built: dict[str, torch.nn.Module] = {}
-
-    def editor_of(spec: ParsedSpec):
-        if spec.label not in editors_built:
-            editors_built[spec.label] = build_from_spec(spec, editor_record, device)
-        return editors_built[spec.label]
-
-    clean_edits: dict[str, dict] = {}  # editor label -> its clean edits, shared across calls
-
-    frames, log = [], []
-    base_seed = int(budget.seed)
-
-    def add(df: pd.DataFrame, source: str, target: str, run_seed: int = base_seed) -> None:
-        if len(df):
-            frames.append(df.assign(source=source, editor=target, seed=run_seed))
+    run = _Measurement(
+        editor_record, protected_dir, device, budget, methods, eot, transform_list, robust,
+        all_targets, grid, progress,
+    )  # fmt: skip
+    base_seed = run.base_seed
 
     # 1. The pipeline's own protected images, every image: fair masks and robustness.
     pipeline = [s for s in sources if s.name == PIPELINE]
     if pipeline:
-        _, x, m = load_prepared(prepared_dir)
-        names = list(read_folder(prepared_dir)["name"])
-        x, m = x.to(device), m.to(device)
-        xp = load_protected(protected_dir, names).to(device)
-        phi = make_target(x, budget.target)
-        df = evaluate_grid(
-            editor_of(pipeline[0]), x, m, {"backdoor": xp}, {"backdoor": phi}, names=names,
-            transforms=transform_list, robust_scenarios=robust, progress=progress,
-            clean_edits=clean_edits.setdefault(pipeline[0].label, {}), **grid,
-        )  # fmt: skip
-        add(df, pipeline[0].label, pipeline[0].label)
-        imp = read_folder(protected_dir).set_index("name")
-        for i, name in enumerate(names):
-            log.append(
-                {
-                    "source": pipeline[0].label, "method": "backdoor", "name": name,
-                    "seed": base_seed, "status": "ok", "seconds": float(imp.loc[name, "seconds"]),
-                    "linf_8bit": float((xp[i] - x[i]).abs().max() * 255),
-                }
-            )  # fmt: skip
+        run.pipeline_part(pipeline[0], prepared_dir)
 
-    # 2. Every method against every source editor on the subset.
+    # 2. Every method against every source editor on the subset (and 3. transfer).
     _, x, m = load_prepared(prepared_dir, chosen)
     x, m = x.to(device), m.to(device)
     order = list(read_folder(prepared_dir).query("name in @chosen")["name"])
-
-    def protect_against(spec: ParsedSpec, editor, run_budget: Budget, run_seed: int) -> None:
-        protected, targets = {}, {}
-        for method in methods:
-            if spec.name == PIPELINE and method == "backdoor":
-                protected[method] = load_protected(protected_dir, order).to(device)
-                targets[method] = make_target(x, budget.target)
-                continue
-            try:
-                r = protect(method, editor, x, m, budget=run_budget, eot=eot, progress=False)
-            except NotApplicable as err:
-                log.extend(
-                    {
-                        "source": spec.label,
-                        "method": method,
-                        "name": n,
-                        "seed": run_seed,
-                        "status": f"n/a: {err}",
-                    }
-                    for n in order
-                )
-                continue
-            protected[method], targets[method] = r.protected, r.target
-            for i, name in enumerate(order):
-                log.append(
-                    {
-                        "source": spec.label, "method": method, "name": name, "seed": run_seed, "status": "ok",
-                        "seconds": r.seconds / len(order),
-                        "linf_8bit": float(r.delta[i].abs().max() * 255),
-                    }
-                )  # fmt: skip
-        # The pipeline's backdoor already has its rows (every image) from part 1.
-        own = {
-            k: v for k, v in protected.items() if not (spec.name == PIPELINE and k == "backdoor")
-        }
-        # Transformations only for the backdoor and its EOT variant (the robustness and EOT
-        # tables); the baselines are compared untransformed, which is all their table uses.
-        for group, group_transforms in (
-            ({k: v for k, v in own.items() if k in ROBUST_METHODS}, transform_list),
-            ({k: v for k, v in own.items() if k not in ROBUST_METHODS}, ["none"]),
-        ):
-            if not group:
-                continue
-            df = evaluate_grid(
-                editor, x, m, group, targets, names=order, transforms=group_transforms,
-                robust_scenarios=robust, progress=progress,
-                clean_edits=clean_edits.setdefault(spec.label, {}), **grid,
-            )  # fmt: skip
-            add(df, spec.label, spec.label, run_seed)
-        # 3. Transfer: the same protected images, edited by every other editor.
-        for other in all_targets:
-            if other.label == spec.label or not protected:
-                continue
-            # Only the official scenarios: the transfer table and its conclusions use no others.
-            df = evaluate_grid(
-                editor_of(other), x, m, protected, targets, names=order, transforms=["none"],
-                scenarios=OFFICIAL_MALICIOUS + OFFICIAL_BENIGN, progress=progress,
-                clean_edits=clean_edits.setdefault(other.label, {}), **grid,
-            )  # fmt: skip
-            add(df, spec.label, other.label, run_seed)
-
     for spec in sources:
-        editor = editor_of(spec)
+        editor = run.editor_of(spec)
         for run_seed in range(base_seed, base_seed + (1 if spec.name == PIPELINE else seeds)):
             run_budget = budget.with_seed(run_seed)
-            protect_against(spec, editor, run_budget, run_seed)
-    per_edit = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            run.protect_against(spec, editor, x, m, order, run_budget, run_seed)
+    per_edit = pd.concat(run.frames, ignore_index=True) if run.frames else pd.DataFrame()
     if len(per_edit):
         per_edit["content"] = per_edit["name"].map(content)
         first = ["source", "editor", "method", "name", "content", "transform", "scenario"]
         per_edit = per_edit[first + [c for c in per_edit.columns if c not in first]]
-    return per_edit, pd.DataFrame(log)
+    return per_edit, pd.DataFrame(run.log)
 
 
 __all__ = [
@@ -393,94 +454,44 @@ __all__ = [
 ]
 
 
-def _compared(per_edit: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the images every method was run on (the subset), so that bars compare alike."""
-    names = set(per_edit.loc[per_edit["method"] != "backdoor", "name"]) or set(per_edit["name"])
-    return per_edit[per_edit["name"].isin(names)]
+def _lpips(lpips_backbone: str, dev) -> tuple:
+    """``(model, None)``, or ``(None, why not)``: LPIPS-alex on ``lpips_backbone``."""
+    lpips_model, lpips_unavailable = None, "no backbone given (evaluate.lpips_backbone)"
+    if lpips_backbone:
+        try:
+            lpips_model, lpips_unavailable = load_lpips("alex", lpips_backbone, device=dev), None
+        except LpipsUnavailable as err:
+            print(f"LPIPS unavailable: {err}")
+            lpips_unavailable = "no backbone: runtime-backdoor weights fetch lpips-alex"
+    return lpips_model, lpips_unavailable
 
 
-def robustness_plot(per_edit: pd.DataFrame):
-    """Malicious hit rate and benign SSIM (region) per transformation, per source and method,
-    on the images every method was run on."""
-    d = _compared(per_edit)
-    t = reporting.robustness_table(d, methods=list(d["method"].unique()))
-    panels = (
-        (lambda t: t["kind"] == "malicious", "hit_rate_protected", "malicious: target-hit rate"),
-        (
-            lambda t: t["kind"] == "benign",
-            "ssim_region_vs_clean_edit",
-            "benign: SSIM (region) vs clean edit",
-        ),
+def _tables_and_figures(
+    per_edit, protection, out: Path, fig_dir: Path, prepared_dir, budget: Budget, shift_px: int
+) -> tuple[dict, list]:
+    """Every table (written as ``out/NAME.csv``) and figure (under ``fig_dir``)."""
+    seed = budget.seed
+    manifest = read_folder(prepared_dir)
+    firsts = manifest.groupby("content", sort=False).head(1)["name"].tolist()
+    fig = fair_mask_figure(prepared_dir, firsts, budget.expand_kernel, shift_px=shift_px, seed=seed)
+    figures = [save_figure(fig, fig_dir / "fair_masks.png")]
+    tables = {
+        "fair_masks": reporting.fair_mask_table(per_edit),
+        "robustness": reporting.robustness_table(per_edit),
+    }
+    has_eot = (per_edit["method"] == "backdoor_eot").any()
+    tables["eot"] = (
+        reporting.eot_table(per_edit, protection) if has_eot else tables["robustness"].iloc[:0]
     )
-    return bars(t, "transform", panels, "Robustness: transformation before editing")
-
-
-def baseline_plot(per_edit: pd.DataFrame, protection: pd.DataFrame):
-    """Hit rate and SSIM (region) by method and scenario group, per source editor."""
-    t = reporting.baseline_table(per_edit, protection)
-    t = t[t["status"] == "ok"].copy()
-    t["group"] = t["kind"] + "\n" + t["family"]
-    panels = (
-        (lambda t: t["kind"].notna(), "hit_rate_protected", "target-hit rate"),
-        (lambda t: t["kind"].notna(), "ssim_region_vs_clean_edit", "SSIM (region) vs clean edit"),
-    )
-    return bars(t, "group", panels, "Methods side by side (no transformation)")
-
-
-def transfer_plot(per_edit: pd.DataFrame):
-    """Heat maps: method and editor protected against (rows) x editor edited with (columns)."""
-    t = reporting.transfer_table(per_edit)
-    t["protected against"] = t["method"] + " / " + t["source"]
-    rows = list(dict.fromkeys(t["protected against"]))
-    cols = list(dict.fromkeys(t["editor"]))
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.4 * len(cols), 1.2 + 0.35 * len(rows)))
-    for ax, (kind, col, title) in zip(
-        axes,
-        (
-            ("malicious", "hit_rate_protected", "malicious: target-hit rate"),
-            ("benign", "ssim_region_vs_clean_edit", "benign: SSIM (region) vs clean edit"),
-        ),
-        strict=True,
-    ):
-        piv = t[t["kind"] == kind].pivot(index="protected against", columns="editor", values=col)
-        piv = piv.reindex(index=rows, columns=cols)
-        sns.heatmap(piv, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=False)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("method / protected against")
-        ax.set_xlabel("edited with")
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def fair_mask_figure(
-    prepared_dir, names: list[str], kernel: int, *, shift_px: int = 4, seed: int = 0
-):
-    """One row per image: the protected region and every fair scenario's mask."""
-    _, x, m = load_prepared(prepared_dir, names)
-    fair = fair_masks(m, shift_px=shift_px, seed=seed)
-    cols = ["image + m", *fair]
-    fig, axes = plt.subplots(
-        len(names), len(cols), figsize=(1.5 * len(cols), 1.6 * len(names)), squeeze=False
-    )
-    for i, name in enumerate(names):
-        img = x[i].permute(1, 2, 0).numpy()
-        for c, label in enumerate(cols):
-            ax = axes[i, c]
-            ax.imshow(img)
-            region = m[i, 0] if c == 0 else fair[label][i, 0]
-            ax.imshow(
-                np.ma.masked_where(region.numpy() < 0.5, region.numpy()), cmap="autumn", alpha=0.55
-            )
-            ax.contour(m[i, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(label, fontsize=7)
-            if c == 0:
-                ax.set_ylabel(name, fontsize=7)
-    fig.tight_layout()
-    return fig
+    tables["baselines"] = reporting.baseline_table(per_edit, protection)
+    tables["transfer"] = reporting.transfer_table(per_edit)
+    for name, table in tables.items():
+        write_csv(out / f"{name}.csv", table)
+    figures.append(save_figure(robustness_plot(per_edit), fig_dir / "robustness.png"))
+    figures.append(save_figure(baseline_plot(per_edit, protection), fig_dir / "baselines.png"))
+    if per_edit["editor"].nunique() > 1:
+        figures.append(save_figure(transfer_plot(per_edit), fig_dir / "transfer.png"))
+    return tables, figures
 
 
 def run(
@@ -515,13 +526,7 @@ def run(
     fig_dir = Path(reports_dir) / "figures" / "beyond"
     seed = budget.seed
     dev = resolve_device(device)
-    lpips_model, lpips_unavailable = None, "no backbone given (evaluate.lpips_backbone)"
-    if lpips_backbone:
-        try:
-            lpips_model, lpips_unavailable = load_lpips("alex", lpips_backbone, device=dev), None
-        except LpipsUnavailable as err:
-            print(f"LPIPS unavailable: {err}")
-            lpips_unavailable = "no backbone: runtime-backdoor weights fetch lpips-alex"
+    lpips_model, lpips_unavailable = _lpips(lpips_backbone, dev)
     start = time.perf_counter()
     per_edit, protection = measure(
         prepared_dir, protected_dir, editor_record,
@@ -534,26 +539,9 @@ def run(
     write_csv(out / "per_edit.csv", per_edit)
     write_csv(out / "protection.csv", protection)
 
-    manifest = read_folder(prepared_dir)
-    firsts = manifest.groupby("content", sort=False).head(1)["name"].tolist()
-    fig = fair_mask_figure(prepared_dir, firsts, budget.expand_kernel, shift_px=shift_px, seed=seed)
-    figures = [save_figure(fig, fig_dir / "fair_masks.png")]
-    tables = {
-        "fair_masks": reporting.fair_mask_table(per_edit),
-        "robustness": reporting.robustness_table(per_edit),
-    }
-    has_eot = (per_edit["method"] == "backdoor_eot").any()
-    tables["eot"] = (
-        reporting.eot_table(per_edit, protection) if has_eot else tables["robustness"].iloc[:0]
+    tables, figures = _tables_and_figures(
+        per_edit, protection, out, fig_dir, prepared_dir, budget, shift_px
     )
-    tables["baselines"] = reporting.baseline_table(per_edit, protection)
-    tables["transfer"] = reporting.transfer_table(per_edit)
-    for name, table in tables.items():
-        write_csv(out / f"{name}.csv", table)
-    figures.append(save_figure(robustness_plot(per_edit), fig_dir / "robustness.png"))
-    figures.append(save_figure(baseline_plot(per_edit, protection), fig_dir / "baselines.png"))
-    if per_edit["editor"].nunique() > 1:
-        figures.append(save_figure(transfer_plot(per_edit), fig_dir / "transfer.png"))
     markdown = reporting.markdown(per_edit, protection, lpips_unavailable)
     (out / "results.md").write_text(markdown)
     # The comparisons the text states, by stable id: what `make stability` re-checks.

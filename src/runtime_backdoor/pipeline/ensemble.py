@@ -24,7 +24,7 @@ from ..implant import implant
 from ..masks import ring
 from ..plots import interval_bars, plt, save_figure, sns
 from ..project import resolve_device
-from ..stats import RATE, VALUE, Findings, compare, group_estimates
+from ..stats import RATE, VALUE, Findings, compare, group_estimates, seed_spread
 
 PROTECTIONS = ("alone", "without", "all")  #: against E alone, the others (E left out), all
 
@@ -154,16 +154,11 @@ def conclusions(per_image: pd.DataFrame) -> list[dict]:
     return found.decide()
 
 
-def seed_spread(per_image: pd.DataFrame) -> dict:
-    """Each editor and protection's hit rate per δ₀ seed, and their range over seeds."""
-    out: dict = {}
-    for (editor, protection), g in per_image.groupby(["editor", "protection"], sort=False):
-        rates = g.groupby("seed")["hit"].mean().astype(float)
-        key = f"{editor}_{protection}".replace("-", "_")
-        for s, rate in rates.items():
-            out[f"{key}_seed{s}_hit_rate"] = float(rate)
-        out[f"{key}_hit_rate_seed_range"] = float(rates.max() - rates.min())
-    return out
+def _seed_key(group: tuple, seed) -> str:
+    """The ``metrics.json`` key of an (editor, protection)'s hit rate under δ₀ ``seed``, or of
+    its range over seeds (``seed=None``; :func:`runtime_backdoor.stats.seed_spread`)."""
+    key = f"{group[0]}_{group[1]}".replace("-", "_")
+    return f"{key}_hit_rate_seed_range" if seed is None else f"{key}_seed{seed}_hit_rate"
 
 
 def summarize(table: pd.DataFrame, n_images: int) -> dict:
@@ -231,7 +226,10 @@ def run(
     write_csv(out / "per_image.csv", per_image)
     write_csv(out / "table.csv", table)
     write_json(out / "conclusions.json", found)
-    write_json(out / "metrics.json", summarize(table, n) | seed_spread(per_image))
+    write_json(
+        out / "metrics.json",
+        summarize(table, n) | seed_spread(per_image, ["editor", "protection"], "hit", _seed_key),
+    )
     lines = [
         f"Leave-one-editor-out on {n} images, {int(seeds)} δ₀ seeds (means with 95 % intervals "
         "over images, each image averaged over its seeds): each row is the editor the image was "

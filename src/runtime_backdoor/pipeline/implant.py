@@ -75,44 +75,57 @@ def implant_folder(
         _, x, m = load_prepared(prepared_dir, names)
         x, m = x.to(device), m.to(device)
         r = implant(editor, x, m, budget=budget, progress=False, **options)
-        rows, curves = [], []
-        for i, name in enumerate(names):
-            write_png(out_dir / f"{name}.png", to_array(r.protected[i]), overwrite=True)
-            d = r.delta[i]
-            rows.append(
-                {
-                    "name": name,
-                    "settings": tag,
-                    "seconds": r.seconds / len(names),
-                    "linf_8bit": float(d.abs().max() * 255),
-                    "mean_abs_8bit": float(d.abs().mean() * 255),
-                    "target": ",".join(f"{v:.0f}" for v in (r.target[i, :, 0, 0] * 255).tolist()),
-                    **{f"final_{k}": float(v[-1, i]) for k, v in r.losses.items() if len(v)},
-                }
-            )
-            steps = r.losses["total"].shape[0]
-            curves.append(
-                pd.DataFrame(
-                    {"name": name, "step": np.arange(steps)}
-                    | {k: v[:, i].cpu().numpy() for k, v in r.losses.items()}
-                )
-            )
+        rows, curves = _write_batch(r, names, out_dir, tag)
         # Recorded after the PNGs are written: the ledger is what a resumed run trusts.
         ledger.record(manifest=pd.DataFrame(rows), losses=pd.concat(curves, ignore_index=True))
     new = ledger.collect()
     if ranks.main:
         done |= {row["name"]: row for row in new["manifest"].to_dict("records")}
-        manifest = pd.DataFrame([done[n] for n in df["name"]]).merge(
-            df[["name", "content"]], on="name"
-        )
-        write_csv(out_dir / "manifest.csv", manifest)
-        old_curves = previous["losses"]
-        kept = [old_curves[old_curves["name"].isin(resumed)]] if len(old_curves) else []
-        kept += [new["losses"]] if len(new["losses"]) else []
-        if kept:
-            write_csv(out_dir / "losses.csv", latest_curves(pd.concat(kept, ignore_index=True)))
+        manifest = _write_tables(out_dir, df, done, previous["losses"], new["losses"], resumed)
     ledger.close()
     return manifest if ranks.main else read_folder(out_dir)
+
+
+def _write_batch(r, names: list[str], out_dir: Path, tag: str) -> tuple[list, list]:
+    """Write a batch's protected images (``NAME.png``); return its manifest rows and loss
+    curves."""
+    rows, curves = [], []
+    for i, name in enumerate(names):
+        write_png(out_dir / f"{name}.png", to_array(r.protected[i]), overwrite=True)
+        d = r.delta[i]
+        rows.append(
+            {
+                "name": name,
+                "settings": tag,
+                "seconds": r.seconds / len(names),
+                "linf_8bit": float(d.abs().max() * 255),
+                "mean_abs_8bit": float(d.abs().mean() * 255),
+                "target": ",".join(f"{v:.0f}" for v in (r.target[i, :, 0, 0] * 255).tolist()),
+                **{f"final_{k}": float(v[-1, i]) for k, v in r.losses.items() if len(v)},
+            }
+        )
+        steps = r.losses["total"].shape[0]
+        curves.append(
+            pd.DataFrame(
+                {"name": name, "step": np.arange(steps)}
+                | {k: v[:, i].cpu().numpy() for k, v in r.losses.items()}
+            )
+        )
+    return rows, curves
+
+
+def _write_tables(
+    out_dir: Path, df: pd.DataFrame, done: dict, old_curves, new_curves, resumed: set
+) -> pd.DataFrame:
+    """Write ``manifest.csv`` (every image, in ``df``'s order) and ``losses.csv`` (the curves
+    of the images kept from an earlier run and of the new ones); return the manifest."""
+    manifest = pd.DataFrame([done[n] for n in df["name"]]).merge(df[["name", "content"]], on="name")
+    write_csv(out_dir / "manifest.csv", manifest)
+    kept = [old_curves[old_curves["name"].isin(resumed)]] if len(old_curves) else []
+    kept += [new_curves] if len(new_curves) else []
+    if kept:
+        write_csv(out_dir / "losses.csv", latest_curves(pd.concat(kept, ignore_index=True)))
+    return manifest
 
 
 def loss_plot(losses: pd.DataFrame):
