@@ -12,6 +12,7 @@ prepared_dir = "data/prepared"  # from the prepare stage
 editor_record = "models/editor/editor.json"  # from the editor stage
 out_dir = "data/protected"  # written by this stage
 figure = "reports/figures/loss_curves.png"  # the loss curves
+curves = "reports/plots/loss_curves.csv"  # their medians per step, for `dvc plots`
 eps = 0.025  # L-infinity budget (fraction of the pixel range): 6.4/255, the paper's
 steps = 20  # Adam iterations (paper: 20)
 lr = 0.1  # Adam learning rate (paper: 0.1)
@@ -39,7 +40,7 @@ from runtime_backdoor.pipeline import implant
 
 # %%
 stage = implant.run(
-    out_dir, prepared_dir=prepared_dir, editor_record=editor_record, figure=figure,
+    out_dir, prepared_dir=prepared_dir, editor_record=editor_record, figure=figure, curves=curves,
     batch_size=batch_size, device=device, launcher=launcher,
     budget=budget,
 )

@@ -485,3 +485,13 @@ def test_psnr_batch_matches_the_reference_and_caps():
     same = metrics.psnr_batch(target, target, cap=100.0)
     assert torch.all(same == 100.0) and metrics.psnr(target[0], target[0]) == float("inf")
     assert torch.all(metrics.psnr_batch(edited, target, cap=5.0) <= 5.0)
+
+
+def test_ssim_map_with_a_shared_reference_is_bit_for_bit_the_same(rng):
+    from runtime_backdoor.metrics import ssim_map, ssim_reference
+
+    clean = torch.rand(3, 3, 40, 33, generator=rng)
+    ref = ssim_reference(clean)
+    for _ in range(2):  # one reference, several protected edits
+        edit = (clean + 0.1 * torch.randn(clean.shape, generator=rng)).clamp(0, 1)
+        assert torch.equal(ssim_map(edit, clean), ssim_map(edit, reference=ref))

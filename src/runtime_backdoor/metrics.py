@@ -63,6 +63,7 @@ __all__ = [
     "ssim",
     "ssim_batch",
     "ssim_map",
+    "ssim_reference",
     "target_hit",
     "target_hit_fraction",
     "try_load_clip",
@@ -128,18 +129,30 @@ def _box_mean(x: torch.Tensor, win: int) -> torch.Tensor:
     return F.avg_pool2d(x, win, stride=1)
 
 
-def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+#: scikit-image's SSIM window (uniform, 7 x 7) and the padding that keeps the image size
+SSIM_WIN, SSIM_PAD = 7, 3
+
+
+def ssim_reference(b: torch.Tensor) -> tuple:
+    """What :func:`ssim_map` computes of its second image: to compare several images with one
+    reference (every protection's edit with the clean image's) without recomputing it."""
+    bp = _symmetric_pad(b.double(), SSIM_PAD)
+    return bp, _box_mean(bp, SSIM_WIN), _box_mean(bp * bp, SSIM_WIN)
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor | None = None, reference=None) -> torch.Tensor:
     """(B, 1, H, W) SSIM map of (B, 3, H, W) images, averaged over channels (float64).
 
     scikit-image's definition, as :func:`ssim` uses it: 7x7 uniform window, sample
     covariance, K1 0.01, K2 0.03, data range 1, symmetric padding. The same numbers as
     :func:`ssim` to rounding (1e-9, tested), computed in torch for whole batches.
+    ``reference``: :func:`ssim_reference` of ``b``, given instead of ``b`` (the same numbers,
+    bit for bit: every window mean is taken per channel in the same order either way).
     """
-    a, b = a.double(), b.double()
-    win, pad = 7, 3
-    norm = win * win / (win * win - 1)
-    stats = _box_mean(_symmetric_pad(torch.cat([a, b, a * a, b * b, a * b], 1), pad), win)
-    ua, ub, aa, bb, ab = stats.chunk(5, dim=1)
+    bp, ub, bb = reference if reference is not None else ssim_reference(b)
+    ap = _symmetric_pad(a.double(), SSIM_PAD)
+    ua, aa, ab = (_box_mean(x, SSIM_WIN) for x in (ap, ap * ap, ap * bp))
+    norm = SSIM_WIN * SSIM_WIN / (SSIM_WIN * SSIM_WIN - 1)
     va, vb, cov = norm * (aa - ua * ua), norm * (bb - ub * ub), norm * (ab - ua * ub)
     c1, c2 = 0.01**2, 0.03**2
     smap = ((2 * ua * ub + c1) * (2 * cov + c2)) / ((ua**2 + ub**2 + c1) * (va + vb + c2))

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
-from pathlib import Path
 
 import pandas as pd
+
+from .data import write_json
 
 #: stage -> regular expressions (full match) of the keys of its metrics.json shown as headline
 HEADLINES = {
@@ -49,26 +48,11 @@ def headline(recorded: dict, stage: str) -> dict:
     return {k: v for k, v in recorded.items() if any(p.fullmatch(k) for p in patterns)}
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_headline(path: str | os.PathLike, recorded: dict, stage: str) -> dict:
-    """Write :func:`headline` of ``recorded`` as JSON to ``path``; returns it."""
+    """Write :func:`headline` of ``recorded`` as JSON to ``path`` (atomically); returns it."""
     shown = headline(recorded, stage)
-    write_atomic(path, json.dumps(shown, indent=1, sort_keys=True) + "\n")
+    write_json(path, shown)
     return shown
-
-
-def write_csv(path: str | os.PathLike, table: pd.DataFrame) -> Path:
-    return write_atomic(path, table.to_csv(index=False))
 
 
 # ----------------------------------------------------------------------------- plot data

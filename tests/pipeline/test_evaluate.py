@@ -19,8 +19,9 @@ def folders(raw, tmp_path_factory):
     record = write_json(d / "editor.json", editor_record("toy-control"))
     common = {"prepared_dir": d / "prepared", "editor_record": record, "device": "cpu"}
     implant.run(
-        d / "protected", figure=d / "loss.png", budget=Budget(steps=3, expand_kernel=3), **common
-    )
+        d / "protected", figure=d / "loss.png", curves=d / "loss.csv",
+        budget=Budget(steps=3, expand_kernel=3), **common,
+    )  # fmt: skip
     edit.run(d / "edited", protected_dir=d / "protected", expand_kernel=3, **common)
     return d
 

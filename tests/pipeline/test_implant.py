@@ -2,6 +2,9 @@
 
 import json
 
+import pandas as pd
+import pytest
+
 from runtime_backdoor.editors.simple import GlobalMixEditor
 from runtime_backdoor.implant import Budget
 from runtime_backdoor.launch import code_hash
@@ -53,11 +56,42 @@ def test_stage_writes_losses_figure_and_summary(raw, tmp_path):
 
     prepare.prepare(raw, tmp_path / "prepared", size=32)
     record = write_json(tmp_path / "editor.json", editor_record("toy-control"))
-    result = implant.run(
-        tmp_path / "protected", prepared_dir=tmp_path / "prepared", editor_record=record,
-        figure=tmp_path / "loss.png", device="cpu", budget=Budget(steps=2, expand_kernel=3),
-    )  # fmt: skip
+
+    def run():
+        return implant.run(
+            tmp_path / "protected", prepared_dir=tmp_path / "prepared", editor_record=record,
+            figure=tmp_path / "loss.png", curves=tmp_path / "plots" / "loss.csv", device="cpu",
+            budget=Budget(steps=2, expand_kernel=3),
+        )  # fmt: skip
+
+    result = run()
     summary = json.loads((tmp_path / "protected" / "summary.json").read_text())
     assert summary == result["summary"] and summary["n_images"] == 3
     assert summary["linf_8bit_max"] <= 6.375 + 1e-6
     assert (tmp_path / "loss.png").stat().st_size > 5_000
+    curves = pd.read_csv(tmp_path / "plots" / "loss.csv")
+    losses = pd.read_csv(tmp_path / "protected" / "losses.csv")
+    assert curves["step"].tolist() == [0, 1]
+    assert curves["total"].tolist() == pytest.approx(
+        losses.groupby("step")["total"].median().tolist()
+    )
+
+
+def test_a_rerun_says_what_it_reused(raw, tmp_path, capsys):
+    prepare.prepare(raw, tmp_path / "prepared", size=32)
+
+    def protect():
+        return implant.implant_folder(
+            GlobalMixEditor(gain=800), tmp_path / "prepared", tmp_path / "protected",
+            budget=Budget(steps=2, expand_kernel=3), batch_size=2,
+        )  # fmt: skip
+
+    protect()
+    assert "reused" not in capsys.readouterr().out
+    protect()
+    out = capsys.readouterr()
+    assert (
+        "reused 3 of 3 protected images from an earlier run" in out.out
+        and "0 to protect" in out.out
+    )
+    assert "protect:" not in out.err  # no empty progress bar

@@ -47,10 +47,12 @@ from ..metrics import (
     lpips_batch,
     reduce_ssim,
     ssim_map,
+    ssim_reference,
 )
 from ..plots import save_figure
 from ..project import resolve_device
 from ..robustness import FAIR_BENIGN, FAIR_MALICIOUS, fair_masks, parse_transforms, to_8bit
+from ..summaries import write_headline
 from ..targets import make_target
 
 MALICIOUS = OFFICIAL_MALICIOUS + FAIR_MALICIOUS
@@ -97,17 +99,18 @@ def _edit_batches(editor, batch: torch.Tensor, regions: torch.Tensor, batch_size
 
 def _method_rows(
     prot_edit, clean_edit, target, region, valid, *, names, where: dict, hit_tol: float,
-    hit_min_fraction: float, lpips_model,
+    hit_min_fraction: float, lpips_model, ssim_ref=None,
 ) -> list[dict]:  # fmt: skip
     """One row per image with a non-empty ``region``: the hit fractions of the protected and
     the clean image's edits, and the protected edit's SSIM, MSE (and LPIPS) against the clean
-    edit; ``where``: the row's method, transformation, scenario, kind and family."""
+    edit; ``where``: the row's method, transformation, scenario, kind and family. ``ssim_ref``:
+    :func:`~runtime_backdoor.metrics.ssim_reference` of ``clean_edit``, shared by the methods."""
     rows = []
     safe = region.clone()
     safe[~valid] = 1  # metrics of an empty region are dropped below
     frac_p = hit_fraction_batch(prot_edit, target, safe, hit_tol)
     frac_c = hit_fraction_batch(clean_edit, target, safe, hit_tol)
-    smap = ssim_map(prot_edit, clean_edit)
+    smap = ssim_map(prot_edit, clean_edit, reference=ssim_ref)
     ssim_all, ssim_reg = reduce_ssim(smap), reduce_ssim(smap, safe)
     mse_reg = ((prot_edit - clean_edit) ** 2 * safe).flatten(1).sum(1) / (
         3 * safe.flatten(1).sum(1)
@@ -205,6 +208,7 @@ def evaluate_grid(
         valid = region.flatten(1).sum(1) > 0
         kind = "malicious" if scenario in MALICIOUS else "benign"
         family = "fair" if scenario in FAIR_MALICIOUS + FAIR_BENIGN else "official"
+        ssim_ref = ssim_reference(clean_edit)
         for j, method in enumerate(methods):
             prot_edit = edits[(j + 1) * n : (j + 2) * n]
             target = t.frame(targets[method])
@@ -213,6 +217,7 @@ def evaluate_grid(
             rows += _method_rows(
                 prot_edit, clean_edit, target, region, valid, names=names, where=where,
                 hit_tol=hit_tol, hit_min_fraction=hit_min_fraction, lpips_model=lpips_model,
+                ssim_ref=ssim_ref,
             )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -552,6 +557,7 @@ def run(
         summary["lpips_unavailable"] = lpips_unavailable
     summary["stage_seconds"] = seconds
     write_json(out / "metrics.json", summary)
+    write_headline(out / "headline.json", summary, "beyond")  # what `dvc metrics show` shows
     recorded = {
         "n_edits": summary["n_edits"],
         "stage_seconds": seconds,

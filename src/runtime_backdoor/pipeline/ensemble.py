@@ -25,6 +25,7 @@ from ..masks import ring
 from ..plots import interval_bars, plt, save_figure, sns
 from ..project import resolve_device
 from ..stats import RATE, VALUE, Findings, compare, group_estimates, seed_spread
+from ..summaries import write_headline
 
 PROTECTIONS = ("alone", "without", "all")  #: against E alone, the others (E left out), all
 
@@ -226,10 +227,11 @@ def run(
     write_csv(out / "per_image.csv", per_image)
     write_csv(out / "table.csv", table)
     write_json(out / "conclusions.json", found)
-    write_json(
-        out / "metrics.json",
-        summarize(table, n) | seed_spread(per_image, ["editor", "protection"], "hit", _seed_key),
+    metrics = summarize(table, n) | seed_spread(
+        per_image, ["editor", "protection"], "hit", _seed_key
     )
+    write_json(out / "metrics.json", metrics)
+    write_headline(out / "headline.json", metrics, "ensemble")  # what `dvc metrics show` shows
     lines = [
         f"Leave-one-editor-out on {n} images, {int(seeds)} δ₀ seeds (means with 95 % intervals "
         "over images, each image averaged over its seeds): each row is the editor the image was "

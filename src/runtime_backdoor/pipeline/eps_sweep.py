@@ -23,6 +23,7 @@ from ..masks import ring
 from ..plots import lines_with_ci, plt, save_figure
 from ..project import resolve_device
 from ..stats import group_estimates
+from ..summaries import eps_sweep_curves
 
 
 def pick_names(manifest: pd.DataFrame, per_content: int) -> list[str]:
@@ -158,6 +159,7 @@ def run(
     sweep = pd.concat(parts, ignore_index=True)
     reports = Path(reports_dir)
     write_csv(reports / "eps_sweep.csv", sweep)
+    write_csv(reports / "plots" / "eps_sweep.csv", eps_sweep_curves(sweep))  # `dvc plots`
     # Means over images (seeds averaged within an image first) with 95 % intervals.
     finite = sweep.replace(float("inf"), 100.0).assign(hit=sweep["hit"].astype(float))
     columns = ["hit", "hit_fraction", "ring_psnr", "protection_psnr"]

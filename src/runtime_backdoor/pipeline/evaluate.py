@@ -13,6 +13,7 @@ from ..data import read_folder, read_image, read_mask, write_csv, write_json
 from ..masks import MALICIOUS, SCENARIOS
 from ..project import resolve_device
 from ..stats import estimate
+from ..summaries import write_headline
 
 
 def _colour(text: str) -> np.ndarray:
@@ -212,6 +213,7 @@ def run(
     write_csv(reports / "imperceptibility.csv", imperceptibility)
     write_json(reports / "clip_fid.json", clip)
     write_json(reports / "metrics.json", summary)
+    write_headline(reports / "headline.json", summary, "evaluate")  # what `dvc metrics show` shows
     return {
         "per_edit": per_edit,
         "imperceptibility": imperceptibility,

@@ -27,6 +27,7 @@ from ..launch import (
     settings_hash,
 )
 from ..plots import plt, save_figure, sns
+from ..summaries import loss_curves
 
 
 def implant_folder(
@@ -71,7 +72,13 @@ def implant_folder(
     resumed = set(done)
     todo = [n for n in df["name"] if n not in done]
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    for names in tqdm(ranks.share(batches), desc="protect", disable=not progress):
+    if resumed and ranks.main and progress:  # say so, rather than an empty progress bar
+        print(
+            f"reused {len(resumed)} of {len(df)} protected images from an earlier run with the same "
+            f"settings ({out_dir / 'manifest.csv'}: their seconds are that run's); "
+            f"{len(todo)} to protect"
+        )
+    for names in tqdm(ranks.share(batches), desc="protect", disable=not progress or not todo):
         _, x, m = load_prepared(prepared_dir, names)
         x, m = x.to(device), m.to(device)
         r = implant(editor, x, m, budget=budget, progress=False, **options)
@@ -149,18 +156,20 @@ def run(
     prepared_dir="data/prepared",
     editor_record="models/editor/editor.json",
     figure="reports/figures/loss_curves.png",
+    curves="reports/plots/loss_curves.csv",
     batch_size: int = 6,
     device: str = "auto",
     launcher: str = "none",
 ) -> dict:
     """The stage: protect every image at ``budget`` (here or under ``launcher``), plot the
-    losses, summarise."""
+    losses (``figure``; their medians per step to ``curves``), summarise."""
     manifest = run_stage(
         implant_folder, launcher, editor_record=editor_record, device=device,
         prepared_dir=prepared_dir, out_dir=out_dir, batch_size=batch_size, budget=budget.kwargs(),
     )  # fmt: skip
     losses = pd.read_csv(Path(out_dir) / "losses.csv")
     save_figure(loss_plot(losses), figure)
+    write_csv(curves, loss_curves(losses))  # the median curves for `dvc plots`
     summary = {
         "n_images": int(len(manifest)),
         "linf_8bit_max": float(manifest["linf_8bit"].max()),

@@ -50,7 +50,7 @@ from ..editors.specs import PIPELINE, build_from_spec, parse_editor_specs
 from ..eot import EOTEditor
 from ..implant import implant
 from ..masks import ring
-from ..metrics import hit_fraction_batch, psnr_batch, ssim_batch
+from ..metrics import hit_fraction_batch, psnr_batch, reduce_ssim, ssim_map, ssim_reference
 from ..plots import save_figure
 from ..project import resolve_device
 from ..purification_report import (
@@ -62,6 +62,7 @@ from ..purification_report import (
 )
 from ..robustness import to_8bit
 from ..stats import group_estimates
+from ..summaries import purification_worst_case, write_headline
 from ..targets import make_target
 
 SCENARIOS = ("mask", "ring")
@@ -134,7 +135,8 @@ def evaluate_editor(
     ``purifiers``: name -> (:class:`~runtime_backdoor.purifiers.PurifierSpec`, function).
     ``purified_clean``: a dict the caller keeps, so that ``p(x)`` (the same for every editor)
     is computed once per purifier; ``clean_edits``: one the caller keeps per editor, so that the
-    edits of ``x`` and ``p(x)`` are computed once for every method protecting against it.
+    edits of ``x`` and ``p(x)`` (and their SSIM references, about 0.7 GB for 18 images at 128 px
+    and 8 purifiers) are computed once for every method protecting against it.
     """
     regions = {"mask": m, "ring": ring(m, kernel)}
     cache = purified_clean if purified_clean is not None else {}
@@ -158,6 +160,12 @@ def evaluate_editor(
             edit_pc, edit_pp = edits_of[(name, scenario)], _edit(editor, pp, r, batch_size)
             clean_edit = edits_of[("clean", scenario)]
             reference = spec.frame(clean_edit)
+            if ("ssim", name, scenario) not in edits_of:  # the same for every protection
+                edits_of[("ssim", name, scenario)] = (
+                    ssim_reference(reference),
+                    ssim_reference(edit_pc),
+                )
+            ssim_clean, ssim_purified_clean = edits_of[("ssim", name, scenario)]
             frac_p = hit_fraction_batch(edit_pp, phi, r, hit_tol)
             frac_pc = hit_fraction_batch(edit_pc, phi, r, hit_tol)
             frac_c = hit_fraction_batch(clean_edit, target, region, hit_tol)
@@ -170,9 +178,11 @@ def evaluate_editor(
                 "hit_clean": frac_c >= hit_min_fraction,
                 "target_mse_protected": _region_mse(edit_pp, phi, r),
                 "psnr_vs_clean_edit": psnr_batch(edit_pp, reference, cap=PSNR_CAP),
-                "ssim_vs_clean_edit": ssim_batch(edit_pp, reference),
+                "ssim_vs_clean_edit": reduce_ssim(ssim_map(edit_pp, reference=ssim_clean)),
                 "psnr_vs_purified_clean_edit": psnr_batch(edit_pp, edit_pc, cap=PSNR_CAP),
-                "ssim_vs_purified_clean_edit": ssim_batch(edit_pp, edit_pc),
+                "ssim_vs_purified_clean_edit": reduce_ssim(
+                    ssim_map(edit_pp, reference=ssim_purified_clean)
+                ),
                 "purified_psnr": purified_psnr,
                 "purified_clean_psnr": purified_clean_psnr,
                 "region_pixels": r.flatten(1).sum(1),
@@ -373,6 +383,8 @@ def _write_reports(reports_dir, per_edit, table, found, status, settings) -> tup
     (out / "results.md").write_text(text)
     metrics = summarize(table, status, settings["n_images"]) | unpurified_seed_spread(per_edit)
     write_json(out / "metrics.json", metrics)
+    write_headline(out / "headline.json", metrics, "purify")  # what `dvc metrics show` shows
+    write_csv(reports / "plots" / "purification_worst_case.csv", purification_worst_case(table))
     figure = save_figure(purification_plot(table), reports / "figures" / "purification.png")
     return text, metrics, figure
 
