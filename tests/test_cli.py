@@ -794,6 +794,7 @@ def test_protect_gives_one_verdict_from_the_written_png(files, capsys, editor):
         "protected",
         "not protected",
         "protected, with a side effect on benign edits",
+        "not protected, with a side effect on benign edits",
     )
     lines = [ln for ln in err.splitlines() if ln.startswith("runtime-backdoor: verdict: ")]
     assert len(lines) == 1 and report["verdict"] in lines[0]
@@ -805,8 +806,8 @@ def test_protect_gives_one_verdict_from_the_written_png(files, capsys, editor):
     side = got["ring_psnr"] < 30 or (
         got["ring_hit_fraction"] >= 0.5 and got["ring_hit_fraction_original"] < 0.5
     )
-    expected = "not protected" if not hit else ("protected" if not side else "protected, with")
-    assert report["verdict"].startswith(expected)
+    expected = ("not protected" if not hit else "protected") + (", with" if side else "")
+    assert report["verdict"].startswith(expected) and ("side effect" in report["verdict"]) == side
     if editor == "blur-fill":  # insensitive: the file is written, and said not to protect
         assert report["verdict"] == "not protected" and report["hit_fraction"] <= 0.05
         assert (files / "out.png").is_file()
@@ -833,6 +834,8 @@ def test_verdict_is_in_the_help_with_its_thresholds(capsys):
     text = capsys.readouterr().out
     for words in (
         "protected, with a side effect on benign edits",
+        "not protected, with a side effect on benign edits",
+        "The same side effect without the protection",
         "at least 50% of the edited region with every channel within 0.1",
         "below 30 dB PSNR",
         "0 when the PNG was written, whatever the verdict",
@@ -894,6 +897,40 @@ def test_resume_redoes_damaged_outputs(tmp_path, capsys):
     assert "redoing img00: img00_example.png does not decode" in err
     assert "redoing img02: img02_example_mask.png does not decode" in err
     assert (out / "img00_example.png").read_bytes() == good["img00"]
+
+
+@pytest.mark.parametrize(
+    "garbage, reason",
+    [
+        (
+            b"name,verdict\nimg00,ok\nimg01,ok,extra,fields\n",
+            "C error: Expected 2 fields in line 3, saw 4",
+        ),  # fmt: skip
+        (bytes(range(128, 256)) * 4, "'utf-8' codec can't decode byte 0x80"),
+        (b"", "No columns to parse from file"),
+    ],
+)
+def test_a_garbage_manifest_is_named_in_one_line(tmp_path, capsys, monkeypatch, garbage, reason):
+    from runtime_backdoor import batch
+
+    src, out = tmp_path / "photos", tmp_path / "protected"
+    make_folder(src, n=2)
+    out.mkdir()
+    (out / "manifest.csv").write_bytes(garbage)
+    loaded = []
+    monkeypatch.setattr(batch, "_build_editor", lambda *a: loaded.append(a))
+    code, stdout, err = run(capsys, *folder_protect(src, out))
+    assert code == 2 and stdout == "" and loaded == []  # refused before the editor is loaded
+    assert err.startswith(f"runtime-backdoor: error: {out / 'manifest.csv'}: not a CSV table (")
+    assert reason in err and "rename or remove it" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (out / "manifest.csv").read_bytes() == garbage  # left as it was
+    # a killed run's part of the manifest is named the same way
+    (out / "manifest.csv").unlink()
+    (out / ".parts").mkdir()
+    (out / ".parts" / "manifest.rank0.csv").write_bytes(garbage)
+    code, _, err = run(capsys, *folder_protect(src, out))
+    assert code == 2 and f"{out / '.parts' / 'manifest.rank0.csv'}: not a CSV table (" in err
 
 
 def test_an_unwritable_out_is_refused_before_any_work(files, capsys, monkeypatch):
@@ -1080,7 +1117,21 @@ def test_the_kernel_scales_with_the_image():
 # ------------------------------------------------------------------------------- ensembles
 
 PAIR = "toy-control,blur-fill"
-RANK = ("protected", "protected, with a side effect on benign edits", "not protected")
+RANK = (
+    "protected",
+    "protected, with a side effect on benign edits",
+    "not protected",
+    "not protected, with a side effect on benign edits",
+)
+
+
+def ensemble_of(*verdicts) -> str:
+    """The ensemble's verdict: protected only against every editor, a side effect if any."""
+    protected = all(not v.startswith("not") for v in verdicts)
+    side = any("side effect" in v for v in verdicts)
+    return ("protected" if protected else "not protected") + (
+        ", with a side effect on benign edits" if side else ""
+    )
 
 
 def test_protect_against_two_editors_gives_each_verdict_and_the_ensembles(files, capsys):
@@ -1104,9 +1155,10 @@ def test_protect_against_two_editors_gives_each_verdict_and_the_ensembles(files,
     toy, blur = per_editor["toy-control"], per_editor["blur-fill"]
     assert toy["hit_fraction"] >= 0.5 and toy["verdict"].startswith("protected")
     assert blur["verdict"] == "not protected" and blur["hit_fraction"] <= 0.05
-    # the ensemble is only as protected as its weakest editor
-    assert report["verdict"] == "not protected"
-    assert report["verdict"] == max((toy["verdict"], blur["verdict"]), key=RANK.index)
+    # the ensemble is protected only when protected against every editor, and its benign
+    # edits are disturbed when any editor's are
+    assert report["verdict"].startswith("not protected")
+    assert report["verdict"] == ensemble_of(toy["verdict"], blur["verdict"])
     assert report["verdict_detail"].startswith("protected against 1 of 2 editors (toy-control: ")
     losses = report["final_losses"]
     assert losses["total"] == pytest.approx(losses["total/toy-control"] + losses["total/blur-fill"])
@@ -1116,7 +1168,7 @@ def test_protect_against_two_editors_gives_each_verdict_and_the_ensembles(files,
         " verdict for toy-control",
         " verdict for blur-fill",
     ]
-    assert lines[0] == f"runtime-backdoor: verdict: not protected: {report['verdict_detail']}"
+    assert lines[0] == f"runtime-backdoor: verdict: {report['verdict']}: {report['verdict_detail']}"
 
 
 def test_editor_weights_weigh_each_editors_loss(files, capsys):
@@ -1314,7 +1366,7 @@ def test_folder_ensemble_records_each_verdict_and_resumes(tmp_path, capsys):
         row = manifest.loc[name]
         each = [row["verdict/toy-control"], row["verdict/blur-fill"]]
         assert set(each) <= set(RANK) and row["verdict/blur-fill"] == "not protected"
-        assert row["verdict"] == max(each, key=RANK.index) == "not protected"
+        assert row["verdict"] == ensemble_of(*each) and row["verdict"].startswith("not protected")
         assert row["hit_fraction/blur-fill"] <= 0.05 and row["hit_fraction/toy-control"] >= 0
         assert json.loads(row["editor_weights"]) == [1.0, 1.0]
         # the same bytes as protecting the image alone against the same editors
@@ -1325,7 +1377,8 @@ def test_folder_ensemble_records_each_verdict_and_resumes(tmp_path, capsys):
         single = json.loads(stdout)
         assert single["per_editor"]["toy-control"]["verdict"] == row["verdict/toy-control"]
     assert [line["verdict/blur-fill"] for line in lines[:-1]] == ["not protected"] * 2
-    assert summary["verdicts"] == {"not protected": 2}
+    assert summary["verdicts"] == manifest["verdict"].value_counts().to_dict()
+    assert sum(summary["verdicts"].values()) == 2
     assert summary["verdicts_per_editor"]["blur-fill"] == {"not protected": 2}
     tags = {manifest.loc[names[0], "settings"]}
     # the same editors: resumed; other editors, order or weights: redone

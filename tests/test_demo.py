@@ -78,10 +78,30 @@ def test_the_outcome_replaces_the_prediction():
     check = {"eps": EPS, "gain": 38.6, "needed": 28.6, "verdict": "likely protectable"}
     numbers = {"verdict": "not protected", "verdict_detail": "the malicious edit puts 0% ..."}
     text = D.outcome_text(numbers, check, "toy-control", "the uploaded file m.png, 3% of it")
-    assert text.startswith("**❌ Not protected** against toy-control, tested on the protected PNG")
+    assert text.startswith("**✗ Not protected** against toy-control, tested on the protected PNG")
     assert "check had predicted likely protectable (gain 38.6 vs needed 28.6)" in text
     side = numbers | {"verdict": "protected, with a side effect on benign edits"}
-    assert "**⚠️ Protected, with a side effect on benign edits**" in D.outcome_text(side, check, "t", "m")  # fmt: skip
+    assert "**⚠ Protected, with a side effect on benign edits**" in D.outcome_text(side, check, "t", "m")  # fmt: skip
+    both = numbers | {"verdict": "not protected, with a side effect on benign edits"}
+    assert D.outcome_text(both, check, "t", "m").startswith("**✗ Not protected, with a side effect on benign edits** against t")  # fmt: skip
+
+
+def test_the_verdict_marks_need_no_emoji_font():
+    """Chromium without an emoji font shows ✅/❌ as empty boxes: the marks are glyphs of
+    DejaVu Sans (which matplotlib ships), one heading per verdict."""
+    import matplotlib
+    from PIL import ImageFont
+
+    from runtime_backdoor import owner
+
+    assert set(D.OUTCOME_HEAD) == set(owner.VERDICTS)
+    font = ImageFont.truetype(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf", 24)
+    missing = font.getmask("\U0010ffff").getbbox()  # the box a missing glyph draws
+    for head in D.OUTCOME_HEAD.values():
+        for ch in head:
+            assert ord(ch) < 0x1F000 and ch != "\ufe0f", (head, ch)  # no emoji, no emoji style
+            if not ch.isspace():
+                assert font.getmask(ch).getbbox() != missing, (head, ch)
 
 
 def test_messages_are_one_line_and_name_files_not_temporary_folders(tmp_path):
@@ -310,7 +330,9 @@ def test_an_ensemble_on_the_page_is_the_commands_result(files, page_demo, capsys
     assert n["verdict"] == report["verdict"] and list(n["per_editor"]) == ["toy-control", "blur-fill"]  # fmt: skip
     for name, own in n["per_editor"].items():
         assert own == report["per_editor"][name], name
-    assert n["per_editor"]["blur-fill"]["verdict"] == "not protected" == n["verdict"]
+    assert n["per_editor"]["blur-fill"]["verdict"] == "not protected"
+    assert n["verdict"] == owner.ensemble_verdict({k: v["verdict"] for k, v in n["per_editor"].items()})[0]  # fmt: skip
+    assert n["verdict"].startswith("not protected")
     head = f"**{D.OUTCOME_HEAD[n['verdict']]}** against the ensemble toy-control + blur-fill"
     assert r["verdict"].startswith(head) and "A prediction" not in r["verdict"]
     for name, own in n["per_editor"].items():
@@ -567,7 +589,7 @@ def test_an_ensemble_in_a_browser(files, server, tmp_path):
         expect(results).to_contain_text(f"--editor {PAIR} ", timeout=120_000)
         expect(verdict).to_contain_text("against the ensemble toy-control + blur-fill")
         expect(verdict).to_contain_text(re.compile(r"toy-control: .*(Protected|Not protected)"))
-        expect(verdict).to_contain_text("blur-fill: ❌ Not protected")
+        expect(verdict).to_contain_text("blur-fill: ✗ Not protected")
         expect(verdict).not_to_contain_text("A prediction")
         expect(page.locator("#comparison img")).to_be_visible()
         with page.expect_download() as download:
@@ -643,3 +665,57 @@ def test_the_server_refuses_other_origins_and_large_uploads(files, server):
     status, _ = _post(url, upload, big, {"Content-Type": kind, "Origin": own})
     assert status == 413
     assert proc.poll() is None  # still serving
+
+
+def _get(url: str, host: str | None, origin: str | None = None) -> tuple[int, str]:
+    """(status, text) of a GET of the page with the ``Host`` (and ``Origin``) given."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=60)
+    try:
+        conn.putrequest("GET", "/", skip_host=host is not None)
+        if host is not None:
+            conn.putheader("Host", host)
+        if origin is not None:
+            conn.putheader("Origin", origin)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_the_server_refuses_other_host_names(server):
+    """DNS rebinding: a foreign name pointed at 127.0.0.1 is same-origin with itself, so
+    Origin alone lets it through; the Host header is what tells it apart."""
+    url, proc, _ = server
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "127.0.0.1", f"localhost.evil.example:{port}"):  # fmt: skip
+        status, text = _get(url, host, origin=f"http://{host}")
+        assert status == 403, (host, status)
+        assert text.startswith("request refused: the Host header is not an address this demo serves")  # fmt: skip
+        assert f"127.0.0.1:{port}" in text and "\n" not in text
+    # the addresses it serves: accepted
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", None):
+        status, text = _get(url, host)
+        assert status == 200 and "<html" in text.lower(), (host, status)
+    status, _ = _get(url, f"127.0.0.1:{port}", origin=f"http://127.0.0.1:{port}")
+    assert status == 200
+    assert proc.poll() is None
+
+
+def test_the_guard_knows_the_addresses_it_serves():
+    guard = D.RequestGuard(None, host="127.0.0.1")
+    assert guard.served("127.0.0.1:7860", 7860) and guard.served("[::1]:7860", 7860)
+    assert guard.served("localhost:7860", 7860) and not guard.served("localhost:7861", 7860)
+    assert not guard.served("evil.example:7860", 7860) and not guard.served("", 7860)
+    assert not guard.served("10.0.0.5:7860", 7860) and not guard.served("127.0.0.1:x", 7860)
+    assert not guard.served("user@127.0.0.1:7860", 7860)
+    named = D.RequestGuard(None, host="Studio.lan")
+    assert named.served("studio.lan:7860", 7860) and not named.served("evil.example:7860", 7860)
+    anywhere = D.RequestGuard(None, host="0.0.0.0")
+    assert anywhere.served("10.0.0.5:7860", 7860) and anywhere.served("[fe80::1]:7860", 7860)
+    assert not anywhere.served("evil.example:7860", 7860)
+    assert named.served_text(7860) == "127.0.0.1:7860, localhost:7860, [::1]:7860, studio.lan:7860"

@@ -13,6 +13,7 @@ from PIL import Image
 from runtime_backdoor import owner
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_SIDE = "not protected, with a side effect on benign edits"
 
 
 def numbers(hit=1.0, hit_clean=0.0, ring_psnr=40.0, ring_hit=0.0, ring_hit_clean=0.0) -> dict:
@@ -44,7 +45,13 @@ def test_the_hit_is_the_pipelines():
         ({"ring_psnr": math.inf}, "protected"),  # identical ring edits
         ({"ring_hit": 0.5}, "protected, with a side effect on benign edits"),
         ({"ring_hit": 0.5, "ring_hit_clean": 0.5}, "protected"),  # it hit on the original too
-        ({"hit": 0.0, "ring_psnr": 5.0, "ring_hit": 1.0}, "not protected"),
+        ({"hit": 0.0, "ring_psnr": 5.0, "ring_hit": 1.0}, NOT_SIDE),
+        # not protected, and benign edits disturbed all the same: the same side-effect test
+        ({"hit": 0.0, "ring_psnr": 29.99}, NOT_SIDE),
+        ({"hit": 0.0, "ring_psnr": 30.0}, "not protected"),
+        ({"hit": 0.4999, "ring_hit": 0.5}, NOT_SIDE),
+        ({"hit": 0.0, "ring_hit": 0.5, "ring_hit_clean": 0.5}, "not protected"),
+        ({"hit_clean": 0.6, "ring_psnr": 12.0}, NOT_SIDE),  # hits on the original, ring apart
     ],
 )
 def test_the_verdict_rule(given, verdict):
@@ -52,13 +59,77 @@ def test_the_verdict_rule(given, verdict):
     assert set(given) <= keys
     got, detail = owner.verdict_of(numbers(**given))
     assert got == verdict and got in owner.VERDICTS
-    assert "a hit needs 50% within 0.1" in detail and "side effect below 30 dB" in detail
+    assert "a hit needs 50% within 0.1" in detail and "below 30 dB" in detail
+
+
+def test_the_benign_edit_is_said_apart_from_the_threshold():
+    """The PSNR is the benign edit's closeness to the original's; the threshold is said as
+    such, so that 37.3 dB does not read as the size of a side effect."""
+    _, detail = owner.verdict_of(numbers(ring_psnr=37.34))
+    assert (
+        "; the benign edit of the ring is 37.3 dB PSNR from the original's ring edit (no side "
+        "effect: a side effect is below 30 dB) and puts 0% of the ring on the target colour "
+        "(the original's: 0%)" in detail
+    )
+    verdict, detail = owner.verdict_of(numbers(ring_psnr=25.04))
+    assert verdict == owner.SIDE_EFFECT
+    assert "is 25.0 dB PSNR from the original's ring edit (a side effect: below 30 dB)" in detail
+    verdict, detail = owner.verdict_of(numbers(hit=0.1, ring_psnr=25.04))
+    assert verdict == owner.NOT_PROTECTED_SIDE_EFFECT == NOT_SIDE
+    assert "(a side effect: below 30 dB)" in detail
+    verdict, detail = owner.verdict_of(numbers(ring_hit=0.6))
+    assert verdict == owner.SIDE_EFFECT and "no side effect: a side effect is below 30 dB" in detail
+    assert "puts 60% of the ring on the target colour (the original's: 0%; a side effect: the original's does not hit)" in detail  # fmt: skip
+    _, detail = owner.verdict_of(numbers(ring_psnr=math.inf))
+    assert "the benign edit of the ring is identical to the original's ring edit (no side" in detail  # fmt: skip
+
+
+def test_the_threshold_in_the_words_is_the_constant(monkeypatch):
+    monkeypatch.setattr(owner, "SIDE_EFFECT_PSNR_DB", 40.0)
+    verdict, detail = owner.verdict_of(numbers(ring_psnr=37.34))
+    assert verdict == owner.SIDE_EFFECT
+    assert "37.3 dB PSNR from the original's ring edit (a side effect: below 40 dB)" in detail
+    assert owner.verdict_of(numbers(hit=0.0, ring_psnr=37.34))[0] == NOT_SIDE
+    verdict, detail = owner.verdict_of(numbers(ring_psnr=41.0))
+    assert verdict == owner.PROTECTED and "(no side effect: a side effect is below 40 dB)" in detail
+
+
+def test_the_verdicts_and_rules_name_the_new_verdict():
+    assert owner.VERDICTS == (
+        "protected",
+        "protected, with a side effect on benign edits",
+        "not protected",
+        NOT_SIDE,
+    )
+    assert f"'{NOT_SIDE}' when it does not protect but benign edits are disturbed" in owner.VERDICT_RULE  # fmt: skip
+    assert f"'{NOT_SIDE}' when not protected against at least one with a side effect" in owner.ENSEMBLE_RULE  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "verdicts, expected, held",
+    [
+        (("protected", "protected"), "protected", 2),
+        (("protected", owner.SIDE_EFFECT), owner.SIDE_EFFECT, 2),
+        (("protected", "not protected"), "not protected", 1),
+        ((owner.SIDE_EFFECT, "not protected"), NOT_SIDE, 1),  # protected by one, disturbed
+        (("protected", NOT_SIDE), NOT_SIDE, 1),
+        (("not protected", "not protected"), "not protected", 0),
+    ],
+)
+def test_an_ensembles_verdict(verdicts, expected, held):
+    got, detail = owner.ensemble_verdict(dict(zip(("a", "b"), verdicts, strict=True)))
+    assert got == expected
+    assert detail.startswith(f"protected against {held} of 2 editors (a: {verdicts[0]}; b: ")
+    assert ("with a side effect when any editor's benign edits are disturbed" in detail) == (
+        "side effect" in expected
+    )
 
 
 def test_the_verdict_says_why():
     _, detail = owner.verdict_of(numbers(hit=0.97, hit_clean=0.0, ring_psnr=41.24))
     assert detail.startswith("the malicious edit puts 97% of the region on the target colour")
-    assert "(the original's: 0%;" in detail and "the benign ring edit is 41.2 dB" in detail
+    assert "(the original's: 0%;" in detail
+    assert "the benign edit of the ring is 41.2 dB PSNR from the original's ring edit" in detail
     _, detail = owner.verdict_of(numbers(hit_clean=1.0))
     assert detail.startswith("the editor fills the region with the target colour on the original")
     got, detail = owner.verdict_of(numbers() | {"ring_psnr_vs_original_edit": None})
@@ -188,7 +259,7 @@ def test_the_benchmark_runs_on_two_images(tmp_path):
     assert s["cases"] == 2 * 5 and s["budgets_8bit"] == [16.0] and "mini-lama" not in s["editors"]
     for row in s["rows"]:
         assert row["predicted"] == (row["gain"] >= row["needed"])
-        assert row["worked"] == (row["verdict"] != "not protected")
+        assert row["worked"] == (not row["verdict"].startswith("not protected"))
     assert (
         "| check said | worked | did not work |" in (tmp_path / "check_reliability.md").read_text()
     )

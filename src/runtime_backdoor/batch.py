@@ -365,6 +365,24 @@ def _folder_checks(args) -> None:
     _check_options(args)
 
 
+def _check_manifest(out: Path) -> None:
+    """Refuse, in one line naming the file, a ``manifest.csv`` in ``out`` (or a killed run's
+    part of one) that pandas cannot read as a CSV table (binary bytes, ragged rows, empty)."""
+    import pandas as pd
+
+    for path in [out / "manifest.csv", *sorted((out / ".parts").glob("manifest.rank*.csv"))]:
+        if not path.is_file():
+            continue
+        try:
+            pd.read_csv(path)
+        except (ValueError, pd.errors.ParserError) as err:  # EmptyDataError, UnicodeDecodeError
+            reason = one_line(err, 200).removeprefix("Error tokenizing data. ")
+            raise CliError(
+                f"{path}: not a CSV table ({reason}); it lists the images --out already "
+                "holds: rename or remove it, and every image is done again"
+            ) from None
+
+
 def _resume(args, previous, tag: str) -> tuple[dict, dict]:
     """The rows of the ``previous`` manifest finished with these settings whose outputs check
     out, and ``{name: problem}`` of those to redo (a resume trusts only outputs that do)."""
@@ -446,6 +464,7 @@ def run_folder(args) -> int:
             f"{folder}: no '*{IMAGE_SUFFIX}' images (official layout: NAME{IMAGE_SUFFIX} + NAME{MASK_SUFFIX})"
         )
     _check_writable(out, is_folder=True)
+    _check_manifest(out)  # before an editor is loaded: a resume must be able to read it
     device_from_option(args.device)  # refused here in one line naming --device
     ranks = launched_ranks(args.device)
     editors = _build_editor(args, ranks.device)

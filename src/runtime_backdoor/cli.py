@@ -34,6 +34,7 @@ from .owner import (
     HIT_MIN_FRACTION,
     HIT_TOL,
     NOT_PROTECTED,
+    NOT_PROTECTED_SIDE_EFFECT,
     PROTECTED,
     SIDE_EFFECT,
     SIDE_EFFECT_PSNR_DB,
@@ -69,6 +70,7 @@ verdict:
     {PROTECTED}
     {SIDE_EFFECT}
     {NOT_PROTECTED}
+    {NOT_PROTECTED_SIDE_EFFECT}
 
   A hit: at least {HIT_MIN_FRACTION:.0%} of the edited region with every channel within {HIT_TOL:g}
   of the target colour (the pipeline's evaluate.hit_tol and hit_min_fraction).
@@ -76,7 +78,8 @@ verdict:
   original's does not (hit_fraction_original). A side effect on benign edits: the
   protected image's ring edit is below {SIDE_EFFECT_PSNR_DB:g} dB PSNR against the original's
   (ring_psnr_vs_original_edit), or hits the target while the original's does not
-  (ring_hit_fraction, ring_hit_fraction_original).
+  (ring_hit_fraction, ring_hit_fraction_original). The same side effect without the
+  protection: "{NOT_PROTECTED_SIDE_EFFECT}".
 
 exit status:
   0 when the PNG was written, whatever the verdict; 1 when images of a folder were

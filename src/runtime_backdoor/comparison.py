@@ -76,7 +76,7 @@ def compare_figure(edits: dict, numbers: dict, colour: str | None = None):
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
-    from .owner import COMPARE_GAP, NOT_PROTECTED, PROTECTED, SIDE_EFFECT
+    from .owner import COMPARE_GAP, NOT_PROTECTED, NOT_PROTECTED_SIDE_EFFECT, PROTECTED, SIDE_EFFECT
 
     h, w = edits["target"].shape[:2]
     ph, pw, shown = _scaler(h, w)
@@ -130,6 +130,7 @@ def compare_figure(edits: dict, numbers: dict, colour: str | None = None):
         boxes["target"] = (top + line, left, ph, pw)
     top = pad + 2 * (2 * line + ph + pad)
     shade = {PROTECTED: (0, 110, 40), SIDE_EFFECT: (170, 90, 0), NOT_PROTECTED: (190, 0, 0)}
+    shade[NOT_PROTECTED_SIDE_EFFECT] = shade[NOT_PROTECTED]
     for i, text in enumerate(footer):
         colour_of_line = shade.get(verdict, "black") if i == 0 else "black"
         draw.text((pad, top + i * line), text, fill=colour_of_line, font=font)

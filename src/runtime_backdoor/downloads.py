@@ -3,9 +3,12 @@
 
     runtime-backdoor weights fetch big-lama clip-vit-b-32
 
-Every file, plain URL or hub repository file alike, is streamed to a temporary file next to
-its destination, hash-checked, then renamed: a partial file never has the final name. An
-attempt gives up when the server stalls (:data:`STALL_SECONDS`), a download stops at the
+Every file, plain URL or hub repository file alike, is streamed to a hidden ``.NAME.part``
+file next to its destination, hash-checked, then renamed: a partial file never has the final
+name. A fetch that was killed leaves its ``.part``; the next fetch of the same file resumes it
+with an HTTP Range request (when the file has a published hash to verify the whole against and
+the server honours Range; otherwise it starts over), and ``.part`` files of other names older
+than :data:`PART_MAX_AGE` are removed. An attempt gives up when the server stalls (:data:`STALL_SECONDS`), a download stops at the
 registered size plus a small margin, and no file spends more than :data:`GIVE_UP_SECONDS`
 failing in all. ``huggingface_hub`` resolves the hub commit and each file's size and
 SHA-256 (it has no stall or size bound of its own, so its downloader is not used);
@@ -96,6 +99,8 @@ STALL_MIN_BYTES = 16 << 10
 SIZE_MARGIN = 64 << 10
 #: the cap of an entry without a registered size
 MAX_UNREGISTERED_BYTES = 4 << 30
+#: ``.part`` files of other downloads left this long (a killed fetch never resumed) are removed
+PART_MAX_AGE = 24 * 3600.0
 #: no file spends longer than this failing: a stalled attempt is retried only if another
 #: whole stall still fits (with 30 s stalls: two attempts, about 62 s)
 GIVE_UP_SECONDS = 90.0
@@ -130,14 +135,20 @@ def _stalled(got: int, of: str) -> _Failed:
 
 
 def _stream(
-    url: str, out, limit: int, algorithm: str, progress: bool, label: str, headers=None
-) -> str:
-    """One attempt: ``url`` into the open file ``out``; returns the hex digest. Gives up on a
-    stall (no data, or under STALL_MIN_BYTES, for STALL_SECONDS), a short body and more than
-    ``limit`` bytes, each as a :class:`_Failed` that says so."""
+    url: str, out, limit: int, algorithm: str, progress: bool, label: str, headers=None,
+    offset: int = 0,
+) -> tuple[str, int]:  # fmt: skip
+    """One attempt: ``url`` into the open file ``out`` (``r+b``); returns the hex digest of the
+    whole file and the offset it resumed from. With ``offset``, the bytes ``out`` already holds
+    up to there are kept when the server answers the Range request for the rest (206); on any
+    other answer ``out`` is emptied and filled from the start. Gives up on a stall (no data,
+    or under STALL_MIN_BYTES, for STALL_SECONDS), a short body and more than ``limit`` bytes,
+    each as a :class:`_Failed` that says so."""
     import requests
     from tqdm.auto import tqdm
 
+    if offset:
+        headers = {**(headers or {}), "Range": f"bytes={offset}-"}
     try:
         response = requests.get(
             url, stream=True, timeout=(STALL_SECONDS, STALL_SECONDS), headers=headers
@@ -149,17 +160,34 @@ def _stream(
     except requests.ConnectionError as err:
         raise _Failed(_connect_reason(err)) from None
     with response:
+        if offset and not _resumes(response, offset):
+            if response.status_code == 416 or response.status_code == 206:
+                response.close()  # the range does not fit this file: from the start instead
+                out.seek(0)
+                out.truncate()
+                return _stream(url, out, limit, algorithm, progress, label, headers={
+                    k: v for k, v in headers.items() if k != "Range"}, offset=0)  # fmt: skip
+            offset = 0  # the server ignored the Range request: the whole file comes
         if response.status_code >= 400:
             raise _Failed(f"HTTP {response.status_code}", retry=response.status_code >= 500)
         declared = response.headers.get("Content-Length")
-        declared = int(declared) if declared and declared.isdigit() else None
+        declared = offset + int(declared) if declared and declared.isdigit() else None
         if declared is not None and declared > limit:
             raise _Failed(
                 f"it announced {declared:,} bytes, more than the {limit:,} expected "
                 "(registered size plus margin); nothing was downloaded",
                 retry=False,
             )
-        digest, got = hashlib.new(algorithm), 0
+        digest, got = hashlib.new(algorithm), offset
+        out.seek(0)
+        if offset:  # the bytes already there count towards the hash
+            left = offset
+            while left:
+                block = out.read(min(left, 1 << 20))
+                digest.update(block)
+                left -= len(block)
+        out.truncate(offset)
+        out.seek(offset)
         of = f" of {declared:,}" if declared is not None else ""
         read1 = getattr(response.raw, "read1", None)
         chunks = (
@@ -168,7 +196,10 @@ def _stream(
             else response.iter_content(1 << 16)
         )
         window, in_window = time.monotonic(), 0
-        bar = tqdm(total=declared, unit="B", unit_scale=True, desc=label, disable=not progress)
+        bar = tqdm(
+            total=declared, initial=offset, unit="B", unit_scale=True, desc=label,
+            disable=not progress,
+        )  # fmt: skip
         try:
             for block in chunks:
                 got += len(block)
@@ -200,53 +231,137 @@ def _stream(
             bar.close()
         if declared is not None and got < declared:
             raise _Failed(f"the connection closed after {got:,}{of} bytes")
-    return digest.hexdigest()
+    out.flush()
+    return digest.hexdigest(), offset
+
+
+def _resumes(response, offset: int) -> bool:
+    """Whether ``response`` is the rest of the file from ``offset`` (206 with a Content-Range
+    that starts there)."""
+    if response.status_code != 206:
+        return False
+    found = re.fullmatch(
+        r"bytes (\d+)-(\d+)/(\d+|\*)", response.headers.get("Content-Range", "").strip()
+    )
+    return found is not None and int(found.group(1)) == offset
+
+
+def part_path(target: Path) -> Path:
+    """The one ``.part`` file a download of ``target`` writes (the same name every time, so a
+    fetch that was killed is found, and resumed, by the next)."""
+    return target.with_name(f".{target.name}.part")
+
+
+def _lock(path: Path, create: bool = True) -> int | None:
+    """An open descriptor of ``path`` (``r+``) holding an exclusive lock, or None when another
+    process holds it (a fetch of the same file under way) or ``path`` is gone."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # renamed or removed meanwhile
+            raise BlockingIOError
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_stale_parts(folder: Path, keep: Path | None = None, max_age: float = PART_MAX_AGE):
+    """Remove the ``.part`` files in ``folder`` that no fetch is writing (unlocked) and that
+    are older than ``max_age`` seconds, or, whatever their age, that are earlier partial copies
+    of ``keep``'s target under another name; ``keep`` itself stays (it is resumed)."""
+    # earlier versions named them .TARGET.XXXXXXXX.part (a random infix), one per attempt
+    legacy = (
+        re.compile(re.escape(f".{keep.name[1 : -len('.part')]}.") + r"[A-Za-z0-9_]{8}\.part")
+        if keep is not None
+        else None
+    )
+    now = time.time()
+    for path in folder.glob(".*.part") if folder.is_dir() else []:
+        if path == keep or not path.is_file():
+            continue
+        try:
+            old = now - path.stat().st_mtime > max_age
+        except FileNotFoundError:
+            continue
+        if not (old or (legacy is not None and legacy.fullmatch(path.name))):
+            continue
+        fd = _lock(path, create=False)
+        if fd is not None:
+            try:
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
 
 
 def _download(
     spec: WeightFile, url: str, target: Path, known_hash, retries, progress, *, limit=None,
     headers=None, by_hand: str | None = None,
 ) -> None:  # fmt: skip
-    """Stream ``url`` to a temporary file next to ``target``, hash-checked, then renamed.
+    """Stream ``url`` to :func:`part_path` next to ``target``, hash-checked, then renamed.
 
-    Each of the ``1 + retries`` attempts gives up on a stall within :data:`STALL_SECONDS`,
-    a stalled attempt is retried only while :data:`GIVE_UP_SECONDS` leaves room for another
-    stall, and no attempt brings more than ``limit`` bytes (default :func:`size_limit`).
-    Every failure is one :class:`WeightsError` line naming the cause; no partial file keeps
-    the final name.
+    A ``.part`` left by a fetch that was killed is resumed (Range request) when there is a
+    hash to verify the whole file against; a resumed file whose hash does not match is
+    downloaded again from the start before the mismatch counts. Each of the ``1 + retries``
+    attempts gives up on a stall within :data:`STALL_SECONDS`, resuming where the last one
+    stopped, a stalled attempt is retried only while :data:`GIVE_UP_SECONDS` leaves room for
+    another stall, and no attempt brings more than ``limit`` bytes (default
+    :func:`size_limit`). Every failure is one :class:`WeightsError` line naming the cause and
+    removes the ``.part``; no partial file keeps the final name.
     """
-    from .data import temp_file_for
-
     algorithm, _, expected = (known_hash or "sha256:").partition(":")
     limit = size_limit(spec) if limit is None else limit
     by_hand = by_hand or _by_hand(spec, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    for attempt in range(retries + 1):
-        fd, tmp = temp_file_for(target, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                found = _stream(url, out, limit, algorithm, progress, spec.name, headers)
-            if expected and not digest_matches(found, expected):
-                raise WeightsError(
-                    f"{spec.name}: checksum mismatch for {url}: expected {known_hash}, found "
-                    f"{algorithm}:{found}; the download was deleted ({target} not written)"
-                )
-            os.replace(tmp, target)
-            return
-        except _Failed as err:
-            room = time.monotonic() - start + STALL_SECONDS <= GIVE_UP_SECONDS
-            if err.retry and attempt < retries and room:
-                continue
-            reason = str(err)
-            if reason.startswith("HTTP "):
-                raise WeightsError(f"{spec.name}: {url} answered {reason}; {by_hand}") from None
-            raise WeightsError(
-                f"{spec.name}: cannot download {url} ({reason}); {by_hand}"
-            ) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    part = part_path(target)
+    remove_stale_parts(target.parent, keep=part)
+    fd = _lock(part)
+    if fd is None:
+        raise WeightsError(
+            f"{spec.name}: another fetch is writing {part}; wait for it to end, then fetch again"
+        )
+    start, done, interrupted = time.monotonic(), False, False
+    try:
+        with os.fdopen(fd, "r+b") as out:
+            for attempt in range(retries + 1):
+                # resume only what a hash will check; without one, start over
+                offset = out.seek(0, os.SEEK_END) if expected else 0
+                try:
+                    found, resumed = _stream(
+                        url, out, limit, algorithm, progress, spec.name, headers, offset
+                    )
+                    if expected and resumed and not digest_matches(found, expected):
+                        found, _ = _stream(url, out, limit, algorithm, progress, spec.name, headers)  # fmt: skip
+                    if expected and not digest_matches(found, expected):
+                        raise WeightsError(
+                            f"{spec.name}: checksum mismatch for {url}: expected {known_hash}, "
+                            f"found {algorithm}:{found}; the download was deleted ({target} not "
+                            "written)"
+                        )
+                    os.replace(part, target)
+                    done = True
+                    return
+                except _Failed as err:
+                    room = time.monotonic() - start + STALL_SECONDS <= GIVE_UP_SECONDS
+                    if err.retry and attempt < retries and room:
+                        continue
+                    reason = str(err)
+                    if reason.startswith("HTTP "):
+                        raise WeightsError(f"{spec.name}: {url} answered {reason}; {by_hand}") from None  # fmt: skip
+                    raise WeightsError(
+                        f"{spec.name}: cannot download {url} ({reason}); {by_hand}"
+                    ) from None
+    except (KeyboardInterrupt, SystemExit):
+        interrupted = True  # stopped by hand: the next fetch resumes the .part
+        raise
+    finally:
+        if not done and not (interrupted and expected):
+            part.unlink(missing_ok=True)
 
 
 def _by_hand(spec: WeightFile, target: Path) -> str:

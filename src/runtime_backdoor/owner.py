@@ -63,7 +63,9 @@ SIDE_EFFECT_PSNR_DB = 30.0
 PROTECTED = "protected"
 NOT_PROTECTED = "not protected"
 SIDE_EFFECT = "protected, with a side effect on benign edits"
-VERDICTS = (PROTECTED, SIDE_EFFECT, NOT_PROTECTED)
+NOT_PROTECTED_SIDE_EFFECT = "not protected, with a side effect on benign edits"
+#: from best to worst
+VERDICTS = (PROTECTED, SIDE_EFFECT, NOT_PROTECTED, NOT_PROTECTED_SIDE_EFFECT)
 UNVERIFIED = "not verified (--no-verify)"
 
 VERDICT_RULE = (
@@ -73,17 +75,21 @@ VERDICT_RULE = (
     f"target (the pipeline's evaluate.hit_tol and hit_min_fraction). '{SIDE_EFFECT}' when it "
     f"hits but the benign edit (the editor fills the ring E(m) - m around the region) of the "
     f"protected image is below {SIDE_EFFECT_PSNR_DB:g} dB PSNR against the original's ring "
-    f"edit, or hits the target while the original's does not. '{NOT_PROTECTED}' otherwise."
+    f"edit, or hits the target while the original's does not. '{NOT_PROTECTED}' otherwise, "
+    f"and '{NOT_PROTECTED_SIDE_EFFECT}' when it does not protect but benign edits are "
+    "disturbed all the same (the same side-effect test)."
 )
 
 
-#: how several editors' verdicts make one: the weakest editor decides, since an attacker
-#: picks the editor the protection does not hold against
+#: how several editors' verdicts make one: protected only against every editor, since an
+#: attacker picks the editor the protection does not hold against; a side effect on any
+#: editor's benign edits is a side effect of the one protected image
 ENSEMBLE_RULE = (
-    f"With several editors the verdict is the weakest editor's: '{PROTECTED}' only when "
-    f"protected against every editor, '{SIDE_EFFECT}' when protected against every editor "
-    f"with a side effect on at least one, '{NOT_PROTECTED}' when not protected against at "
-    "least one."
+    f"With several editors, '{PROTECTED}' only when protected against every editor, "
+    f"'{SIDE_EFFECT}' when protected against every editor with a side effect on at least "
+    f"one, '{NOT_PROTECTED}' when not protected against at least one, and "
+    f"'{NOT_PROTECTED_SIDE_EFFECT}' when not protected against at least one with a side "
+    "effect on at least one."
 )
 
 
@@ -383,24 +389,42 @@ def verdict_of(n: dict) -> tuple[str, str]:
         f"(the original's: {n['hit_fraction_original']:.0%}; a hit needs "
         f"{HIT_MIN_FRACTION:.0%} within {HIT_TOL:g})"
     )
-    psnr = n.get("ring_psnr_vs_original_edit")
-    if psnr is None:
-        benign, side = "no ring to edit (expansion kernel 1): benign edits not checked", False
-    else:
-        ring_hit = n["ring_hit_fraction"] >= HIT_MIN_FRACTION
-        ring_hit_clean = n["ring_hit_fraction_original"] >= HIT_MIN_FRACTION
-        benign = (
-            f"the benign ring edit is {psnr:.1f} dB from the original's (a side effect below "
-            f"{SIDE_EFFECT_PSNR_DB:g} dB) with {n['ring_hit_fraction']:.0%} of the ring on the "
-            f"target (the original's: {n['ring_hit_fraction_original']:.0%})"
-        )
-        side = psnr < SIDE_EFFECT_PSNR_DB or (ring_hit and not ring_hit_clean)
+    benign, side = benign_words(n)
     if hit and hit_clean:
         detail = "the editor fills the region with the target colour on the original too"
-        return NOT_PROTECTED, f"{detail}: {malicious}; {benign}"
+        return (NOT_PROTECTED_SIDE_EFFECT if side else NOT_PROTECTED), f"{detail}: {malicious}; {benign}"  # fmt: skip
     if not hit:
-        return NOT_PROTECTED, f"{malicious}; {benign}"
+        return (NOT_PROTECTED_SIDE_EFFECT if side else NOT_PROTECTED), f"{malicious}; {benign}"
     return (SIDE_EFFECT if side else PROTECTED), f"{malicious}; {benign}"
+
+
+def benign_words(n: dict) -> tuple[str, bool]:
+    """The benign ring edit of :func:`compare_edits`' numbers in words, and whether it is a
+    side effect (:data:`SIDE_EFFECT_PSNR_DB`, or a ring edit that hits the target while the
+    original's does not). The PSNR is how close the protected image's ring edit is to the
+    original's: high is good; the words say which side of the threshold it is on."""
+    psnr = n.get("ring_psnr_vs_original_edit")
+    if psnr is None:
+        return "no ring to edit (expansion kernel 1): benign edits not checked", False
+    ring, ring_clean = n["ring_hit_fraction"], n["ring_hit_fraction_original"]
+    low = psnr < SIDE_EFFECT_PSNR_DB
+    ring_side = ring >= HIT_MIN_FRACTION and ring_clean < HIT_MIN_FRACTION
+    close = (
+        "identical to the original's ring edit"
+        if math.isinf(psnr)
+        else f"{psnr:.1f} dB PSNR from the original's ring edit"
+    )
+    if low:
+        threshold = f"a side effect: below {SIDE_EFFECT_PSNR_DB:g} dB"
+    else:
+        threshold = f"no side effect: a side effect is below {SIDE_EFFECT_PSNR_DB:g} dB"
+    words = (
+        f"the benign edit of the ring is {close} ({threshold}) and puts {ring:.0%} of the "
+        f"ring on the target colour (the original's: {ring_clean:.0%}"
+        + ("; a side effect: the original's does not hit" if ring_side else "")
+        + ")"
+    )
+    return words, low or ring_side
 
 
 def verify_protection(
@@ -415,12 +439,17 @@ def verify_protection(
 def ensemble_verdict(verdicts: Mapping[str, str]) -> tuple[str, str]:
     """One of :data:`VERDICTS` for several editors' verdicts (label -> verdict), by
     :data:`ENSEMBLE_RULE`, and the verdicts behind it in words."""
-    worst = max(verdicts.values(), key=VERDICTS.index)
-    held = sum(v != NOT_PROTECTED for v in verdicts.values())
+    held = sum(v in (PROTECTED, SIDE_EFFECT) for v in verdicts.values())
+    side = any(v in (SIDE_EFFECT, NOT_PROTECTED_SIDE_EFFECT) for v in verdicts.values())
+    if held == len(verdicts):
+        verdict = SIDE_EFFECT if side else PROTECTED
+    else:
+        verdict = NOT_PROTECTED_SIDE_EFFECT if side else NOT_PROTECTED
     each = "; ".join(f"{k}: {v}" for k, v in verdicts.items())
-    return worst, (
-        f"protected against {held} of {len(verdicts)} editors ({each}); the weakest editor's "
-        "verdict is the ensemble's"
+    return verdict, (
+        f"protected against {held} of {len(verdicts)} editors ({each}); protected only when "
+        "protected against every editor"
+        + (", with a side effect when any editor's benign edits are disturbed" if side else "")
     )
 
 

@@ -346,6 +346,10 @@ def weights_status(name: str, root: Path | None = None) -> tuple[bool, str]:
     return ok, "ok" if ok else unavailable_message(name)
 
 
+#: the components with weights of the diffusion purifiers' folders: safetensors only
+SD_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
 def _folder(name: str, folder: str | Path | None) -> Path:
     path = Path(folder) if folder is not None else models_dir() / name
     if not (path / "model_index.json").is_file():
@@ -371,10 +375,13 @@ def load_img2img(
     η = 0) and the empty prompt's embeddings; no safety checker."""
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
+    from .editors.diffusion import refuse_pickle_weights
+
     path = _folder("sd15", folder)
+    refuse_pickle_weights(path, SD_COMPONENTS)
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True,
+        local_files_only=True, use_safetensors=True,
     )  # fmt: skip
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to(device=device, dtype=dtype)
@@ -394,8 +401,13 @@ def load_upscaler(
     negative prompt's embeddings."""
     from diffusers import StableDiffusionUpscalePipeline
 
+    from .editors.diffusion import refuse_pickle_weights
+
     path = _folder("sd-x4-upscaler", folder)
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, local_files_only=True)
+    refuse_pickle_weights(path, SD_COMPONENTS)
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(
+        path, local_files_only=True, use_safetensors=True
+    )
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     embeds, negative = _encode(pipe, prompt, "", True)

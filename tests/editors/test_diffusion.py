@@ -286,3 +286,100 @@ def test_pads_sizes_that_are_not_multiples_of_8(parts):
     assert out.shape == image.shape
     assert torch.equal(out[..., :10, :], image[..., :10, :])
     assert (out - image)[mask.bool().expand_as(out)].abs().mean() > 1e-2
+
+
+def _tiny_pipeline(parts) -> StableDiffusionInpaintPipeline:
+    return StableDiffusionInpaintPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=SCHEDULERS["ddim"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_pickle_weights_are_refused_by_the_project_itself(parts, tmp_path, monkeypatch, capsys):
+    """A folder saved as pickles is refused before anything is read, whatever the libraries'
+    defaults would do; the same pipeline saved as safetensors loads."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from runtime_backdoor.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = _tiny_pipeline(parts)
+    pickled, safe = tmp_path / "pickled", tmp_path / "safe"
+    pipe.save_pretrained(pickled, safe_serialization=False)
+    pipe.save_pretrained(safe)
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    assert not list((pickled / "unet").glob("*.safetensors"))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was read")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    embeds = {"prompt_embeds": parts["embeds"], "negative_prompt_embeds": parts["negative"]}
+    with pytest.raises(ValueError) as info:
+        load_sd_inpainting(pickled, steps=2, **embeds)
+    message = str(info.value)
+    assert message.startswith(
+        f"{pickled / 'unet'} holds only pickle weights (diffusion_pytorch_model.bin), which are "
+        "refused"
+    )
+    assert "convert the folder to safetensors" in message and "\n" not in message
+
+    # the safetensors copy loads, and is the same editor
+    loaded = load_sd_inpainting(safe, steps=2, guidance_scale=5.0, **embeds)
+    image, mask = images_and_masks(48)
+    with torch.no_grad():
+        expected = make_editor(parts, steps=2, guidance_scale=5.0)(image, mask)
+        assert torch.allclose(loaded(image, mask), expected, atol=1e-6)
+
+    # a text encoder kept as a pickle: refused when it would be loaded, not otherwise
+    encoder = tmp_path / "encoder"
+    shutil.copytree(safe, encoder)
+    (encoder / "text_encoder" / "model.safetensors").unlink()
+    (encoder / "text_encoder" / "pytorch_model.bin").write_bytes(b"a pickle")
+    assert load_sd_inpainting(encoder, steps=2, guidance_scale=5.0, **embeds) is not None
+    refused = re.escape(f"{encoder / 'text_encoder'} holds only pickle weights (pytorch_model.bin)")
+    with pytest.raises(ValueError, match=f"^{refused}"):
+        load_sd_inpainting(encoder, steps=2, prompt="a cat")
+    # a folder with a lone single-file checkpoint
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "sd-v1-5-inpainting.ckpt").write_bytes(b"a pickle")
+    refused = re.escape(f"{lone} holds only pickle weights (sd-v1-5-inpainting.ckpt)")
+    with pytest.raises(ValueError, match=f"^{refused}"):
+        load_sd_inpainting(lone, steps=2, **embeds)
+
+    # the command: one line naming the folder, no traceback
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(tmp_path / "photo.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 4:12] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    argv = ["protect", tmp_path / "photo.png", "--mask", tmp_path / "mask.png"]
+    argv += ["--editor", "sd-inpainting", "--weights", pickled, "--out", tmp_path / "out.png"]
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"runtime-backdoor: error: --weights {pickled}: cannot load ")
+    assert f"{pickled / 'unet'} holds only pickle weights" in err and "safetensors" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_the_purifiers_refuse_pickle_weights(parts, tmp_path):
+    import re
+
+    from runtime_backdoor import purifiers
+
+    pickled = tmp_path / "sd15"
+    _tiny_pipeline(parts).save_pretrained(pickled, safe_serialization=False)
+    for load in (purifiers.load_img2img, purifiers.load_upscaler):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(pickled / 'unet'))} holds only"):
+            load(pickled)

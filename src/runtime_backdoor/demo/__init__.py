@@ -14,7 +14,8 @@ each editor's verdict, comparison and numbers, and the ensemble's verdict
 (:data:`runtime_backdoor.owner.ENSEMBLE_RULE`).
 
 The app serves this machine only (no share link, no analytics, no font or script from the
-internet), refuses requests from other origins (a page elsewhere cannot drive it) and
+internet), refuses requests for other host names (a foreign name pointed at this machine,
+DNS rebinding, gets 403), requests from other origins (a page elsewhere cannot drive it) and
 uploads over :data:`MAX_UPLOAD_BYTES`, refuses images over ``max_pixels`` from their header,
 runs one request at a time (others wait in a queue) and writes nothing outside one
 temporary folder, which is removed when it stops. Gradio is imported only here.
@@ -106,7 +107,7 @@ def serve(
         app.launch(
             server_name=host, server_port=port, share=False, inbrowser=False, theme=theme,
             show_error=True, allowed_paths=[str(folder)], max_file_size=MAX_UPLOAD_BYTES,
-            app_kwargs={"middleware": [Middleware(RequestGuard, max_body=MAX_REQUEST_BYTES)]},
+            app_kwargs={"middleware": [Middleware(RequestGuard, max_body=MAX_REQUEST_BYTES, host=host)]},
         )  # fmt: skip
     return 0
 

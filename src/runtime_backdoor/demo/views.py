@@ -48,10 +48,12 @@ def verdict_text(report: dict, editor: str, mask_note: str) -> str:
     )
 
 
+#: the verdict's heading; its marks are in DejaVu Sans (no emoji font needed)
 OUTCOME_HEAD = {
-    owner.PROTECTED: "✅ Protected",
-    owner.SIDE_EFFECT: "⚠️ Protected, with a side effect on benign edits",
-    owner.NOT_PROTECTED: "❌ Not protected",
+    owner.PROTECTED: "✓ Protected",
+    owner.SIDE_EFFECT: "⚠ Protected, with a side effect on benign edits",
+    owner.NOT_PROTECTED: "✗ Not protected",
+    owner.NOT_PROTECTED_SIDE_EFFECT: "✗ Not protected, with a side effect on benign edits",
 }
 
 
@@ -93,7 +95,7 @@ def ensemble_outcome_text(ensemble: dict, checks: dict, mask_note: str) -> str:
     lines = [
         f"**{OUTCOME_HEAD[ensemble['verdict']]}** against the ensemble "
         f"{' + '.join(per_editor)}, tested on the protected PNG as written against each "
-        "editor (the weakest editor's verdict is the ensemble's):",
+        "editor (protected only when protected against every editor):",
         "",
     ]
     for name, n in per_editor.items():

@@ -311,7 +311,11 @@ def load_sd_inpainting(
     True for folders and when ``HF_HUB_OFFLINE`` is set; a hub id that is not
     cached then fails at once with ``OSError`` saying how to download it. Cached
     files are used as they are (no update check).
-    Raises ``NotImplementedError`` for SDXL and ``ValueError`` for a non-inpainting UNet.
+    Weights are read from safetensors only (``use_safetensors=True``, whatever the libraries'
+    defaults): a folder whose components hold only pickles is refused
+    (:func:`refuse_pickle_weights`).
+    Raises ``NotImplementedError`` for SDXL and ``ValueError`` for a non-inpainting UNet or
+    pickle weights.
     """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -320,11 +324,15 @@ def load_sd_inpainting(
     if local_files_only is None:
         local_files_only = is_folder or _hub_offline()
     load = _component_loader(source, is_folder, local_files_only)
+    if is_folder:
+        refuse_pickle_weights(source, ("unet", "vae"))
 
     # the config first: reject SDXL / non-inpainting UNets before loading any weights
     _check_unet_config(load(UNet2DConditionModel.load_config, "unet"))
-    unet = load(UNet2DConditionModel.from_pretrained, "unet", torch_dtype=dtype).to(device)
-    vae = load(AutoencoderKL.from_pretrained, "vae", torch_dtype=dtype).to(device)
+    unet = load(UNet2DConditionModel.from_pretrained, "unet", torch_dtype=dtype, use_safetensors=True)  # fmt: skip
+    unet = unet.to(device)
+    vae = load(AutoencoderKL.from_pretrained, "vae", torch_dtype=dtype, use_safetensors=True)
+    vae = vae.to(device)
     scheduler_cls = getattr(diffusers, SCHEDULERS[scheduler])
     scheduler_obj = scheduler_cls.from_config(load(scheduler_cls.load_config, "scheduler"))
 
@@ -332,8 +340,10 @@ def load_sd_inpainting(
     if prompt_embeds is None or need_negative:
         from transformers import CLIPTextModel
 
+        if is_folder:
+            refuse_pickle_weights(source, ("text_encoder",))
         tokenizer = load(_load_tokenizer, "tokenizer")
-        text_encoder = load(CLIPTextModel.from_pretrained, "text_encoder")
+        text_encoder = load(CLIPTextModel.from_pretrained, "text_encoder", use_safetensors=True)
         text_encoder = text_encoder.to(device, dtype).eval()
         if prompt_embeds is None:
             prompt_embeds = encode_prompt(tokenizer, text_encoder, prompt)
@@ -351,6 +361,32 @@ def load_sd_inpainting(
         seed=seed,
         gradient_checkpointing=gradient_checkpointing,
     )
+
+
+#: weight files that are pickles (loading one can run code stored in it): never read from a
+#: diffusers folder, which must hold safetensors
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+
+def refuse_pickle_weights(folder: str | os.PathLike, subfolders: tuple[str, ...]) -> None:
+    """Raise a one-line ``ValueError`` naming the first of ``folder``'s ``subfolders`` (or
+    ``folder`` itself, when it has none of them: a lone ``.ckpt``) that holds pickle weights
+    (:data:`PICKLE_SUFFIXES`) and no ``.safetensors``, saying to convert it. Nothing is read."""
+    folder = Path(folder)
+    places = [folder / s for s in subfolders if (folder / s).is_dir()] or [folder]
+    for where in places:
+        files = [p for p in where.iterdir() if p.is_file()]
+        if any(p.name.endswith(".safetensors") for p in files):
+            continue
+        pickles = sorted(p.name for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+            raise ValueError(
+                f"{where} holds only pickle weights ({shown}), which are refused (loading a "
+                "pickle can run code stored in it): convert the folder to safetensors "
+                "(diffusers' save_pretrained(..., safe_serialization=True), where you trust "
+                "the file) or download the safetensors files"
+            )
 
 
 def _checked_source(model: str | os.PathLike, scheduler: str) -> tuple[str, bool]:
