@@ -20,7 +20,8 @@ SAMPLES = {
     "noise": "noise:12.75", "crop:px": "crop:6px", "crop:%": "crop:10%",
     "adverse-cleaner": "adverse-cleaner", "dilate": "dilate:2", "shift": "shift:4",
     "noisy-upscale": "noisy-upscale:20", "upscale": "upscale:320", "diffpure": "diffpure:0.1",
-    "gridpure": "gridpure:0.1",
+    "gridpure": "gridpure:0.1", "lanczos": "lanczos:0.5", "img2img-denoise": "img2img-denoise:0.15",
+    "vae-roundtrip": "vae-roundtrip",
 }  # fmt: skip
 
 

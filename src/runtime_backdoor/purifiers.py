@@ -24,7 +24,12 @@ Classical, offline (no weights):
   units) guided by the input, in OpenCV (``cv2.bilateralFilter``,
   ``cv2.ximgproc.guidedFilter``) on float images in [0, 255]
   (:func:`runtime_backdoor.adverse_cleaner.adverse_cleaner`, importable from here too); the
-  result is rounded to 8 bits (AdverseCleaner truncates).
+  result is rounded to 8 bits (AdverseCleaner truncates);
+- ``resize:S`` / ``lanczos:S``: downscale by S and back to the size, PIL bicubic / Lanczos;
+- chains ``step+step``: classical steps run in order, each stored in 8 bits
+  (:mod:`runtime_backdoor.chains`): ``jpeg:75+lanczos:0.5`` (JPEG 75, then 0.5× Lanczos down
+  and back: Sun et al. 2026) and ``resize:0.75+jpeg:90`` (a screenshot-like rescale then a
+  JPEG re-encode) are the candidates :data:`CANDIDATES`.
 
 Diffusion-based, real weights only (never a random stand-in; without the weights the stage
 reports the purifier unavailable):
@@ -46,6 +51,13 @@ reports the purifier unavailable):
   its tiles; here the tiles go through the same SD 1.5 DiffPure (a stated deviation). An image
   smaller than a tile is one tile.
 
+- ``img2img-denoise:S``: the off-the-shelf denoiser (Pleimling et al., SaTML 2026): SD 1.5
+  image-to-image (weights ``sd15``) at strength S (bare: 0.15), "Denoise the image" against the
+  negative prompt "Add adversarial perturbation to the image", guidance 7.5, 50 scheduled
+  DDIM steps (int(50·S) run);
+- ``vae-roundtrip``: SD 1.5's VAE (``sd15``), encode, posterior mode, decode (deterministic).
+
+They live in :mod:`runtime_backdoor.diffusion_purifiers` and are re-exported here.
 Each diffusion purifier draws its noise from CPU generators seeded per image with ``seed``, so
 the output of an image does not depend on the batch it is in.
 """
@@ -55,8 +67,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,10 +84,41 @@ from .adverse_cleaner import (
     bilateral_passes,
     guided_passes,
 )
-from .model_paths import fetch_command, models_dir
+from .chains import CHAINS, compose, lanczos_back
+from .diffusion_purifiers import (  # noqa: F401 (re-exported: the diffusion purifiers)
+    DENOISE_GUIDANCE,
+    DENOISE_NEGATIVE_PROMPT,
+    DENOISE_PROMPT,
+    DENOISE_STEPS,
+    DENOISE_STRENGTH,
+    DIFFPURE_STEPS,
+    GRID_BLEND,
+    GRID_ITERATIONS,
+    GRID_STRIDE,
+    GRID_TILE,
+    LOADERS,
+    SD_COMPONENTS,
+    UPSCALE_NOISE_SIGMA,
+    UPSCALE_PROMPT,
+    DiffusionModel,
+    WeightsUnavailable,
+    denoise_model,
+    diffpure,
+    diffpure_raw,
+    downscale,
+    gridpure,
+    img2img_denoise,
+    load_img2img,
+    load_upscaler,
+    tile_starts,
+    unavailable_message,
+    upscale,
+    vae_roundtrip,
+    weights_status,
+)
 from .robustness import gaussian_noise as _robust_noise
 from .robustness import jpeg as _robust_jpeg
-from .robustness import to_8bit
+from .robustness import resize_back, to_8bit
 
 #: the suite of the ``purify`` stage, classical part (the stage's default)
 CLASSICAL = (
@@ -97,31 +138,19 @@ WEIGHTS_OF = {
     "upscale": "sd-x4-upscaler",
     "diffpure": "sd15",
     "gridpure": "sd15",
+    "img2img-denoise": "sd15",
+    "vae-roundtrip": "sd15",
 }
+#: candidates beyond the default suite (not in ``params.yaml``): the classical chains and the
+#: off-the-shelf diffusion purifiers
+CANDIDATES = CHAINS
+DIFFUSION_CANDIDATES = ("img2img-denoise:0.15", "vae-roundtrip")
 #: the weight sets only the purifiers read (no editor does)
 WEIGHT_SETS = tuple(dict.fromkeys(WEIGHTS_OF.values()))
 #: kinds that take no value / need one, with the default where a value is optional
-KINDS = ("none", "jpeg", "noise", "crop", "adverse-cleaner", *WEIGHTS_OF)
-DEFAULT_VALUE = {"gridpure": 0.1}
-
-#: the neutral prompt of the upscaler (guidance 9 against the empty negative prompt)
-UPSCALE_PROMPT = "a high quality photograph"
-#: Gaussian noise added to the ×4-downscaled image by ``noisy-upscale`` (on [0, 1])
-UPSCALE_NOISE_SIGMA = 0.1
-
-# GrIDPure's settings
-GRID_TILE, GRID_STRIDE, GRID_ITERATIONS, GRID_BLEND = 256, 128, 20, 0.1
-#: DiffPure's schedule: strength T runs round(T · DIFFPURE_STEPS) DDIM steps
-DIFFPURE_STEPS = 100
-
-
-class WeightsUnavailable(FileNotFoundError):
-    """A diffusion purifier's weights are not on this machine (one line, with the fetch command)."""
-
-
-def unavailable_message(weights_name: str) -> str:
-    """The stage's status of a purifier whose weights are missing."""
-    return f"unavailable: weights ({fetch_command(weights_name)})"
+KINDS = ("none", "jpeg", "noise", "crop", "adverse-cleaner", "resize", "lanczos", "chain",
+         *WEIGHTS_OF)  # fmt: skip
+DEFAULT_VALUE = {"gridpure": 0.1, "img2img-denoise": DENOISE_STRENGTH}
 
 
 # ------------------------------------------------------------------------------- classical
@@ -175,264 +204,23 @@ def crop_resize_mask(mask: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
     return (_crop_resize(mask.float(), fraction, "bilinear") >= 0.5).to(mask.dtype)
 
 
-# ------------------------------------------------------------------------------- diffusion
-
-
-@dataclass
-class DiffusionModel:
-    """A diffusers pipeline and the prompt embeddings a purifier runs it with.
-
-    ``pipe``: ``StableDiffusionImg2ImgPipeline`` (DiffPure, GrIDPure) or
-    ``StableDiffusionUpscalePipeline``; ``prompt_embeds`` (1, tokens, dim) and, for guidance,
-    ``negative_prompt_embeds`` of the same shape. ``weights``: its registry entry.
-    """
-
-    pipe: Any
-    prompt_embeds: torch.Tensor
-    negative_prompt_embeds: torch.Tensor | None = None
-    weights: str = ""
-
-    def embeds(self, batch: int, guidance: bool) -> dict:
-        device, dtype = self.pipe.device, self.pipe.unet.dtype
-        out = {"prompt_embeds": self.prompt_embeds.to(device, dtype).repeat(batch, 1, 1)}
-        if guidance:
-            if self.negative_prompt_embeds is None:
-                raise ValueError("guidance needs negative_prompt_embeds")
-            out["negative_prompt_embeds"] = self.negative_prompt_embeds.to(device, dtype).repeat(
-                batch, 1, 1
-            )
-        return out
-
-
-def _generators(n: int, seed: int) -> list[torch.Generator]:
-    # CPU generators, one per image and all seeded alike: an image's noise does not depend on
-    # the batch, nor on the device (diffusers draws on the CPU and moves the noise)
-    return [torch.Generator().manual_seed(int(seed)) for _ in range(n)]
-
-
-def _run(model: DiffusionModel, image: torch.Tensor, guidance: float, seed: int, **kwargs):
-    pipe = model.pipe
-    b = image.shape[0]
-    out = pipe(
-        image=image.to(pipe.device, pipe.unet.dtype),
-        guidance_scale=guidance,
-        generator=_generators(b, seed),
-        output_type="pt",
-        **model.embeds(b, guidance > 1),
-        **kwargs,
-    ).images
-    return out.to(image.device, torch.float32).clamp(0, 1)
-
-
-def diffpure_raw(
-    image: torch.Tensor,
-    model: DiffusionModel,
-    strength: float = 0.1,
-    steps: int = DIFFPURE_STEPS,
-    seed: int = 0,
-) -> torch.Tensor:
-    """DiffPure before 8-bit storage: noise to ``strength``, denoise ``strength·steps`` steps."""
-    if not 0 < strength <= 1:
-        raise ValueError(f"DiffPure strength must be in (0, 1], got {strength}")
-    return _run(model, image, 1.0, seed, strength=float(strength), num_inference_steps=int(steps))
-
-
-def diffpure(
-    image: torch.Tensor,
-    model: DiffusionModel,
-    strength: float = 0.1,
-    steps: int = DIFFPURE_STEPS,
-    seed: int = 0,
-) -> torch.Tensor:
-    """DiffPure with SD image-to-image (``model``: :func:`load_img2img`), 8-bit."""
-    return to_8bit(diffpure_raw(image, model, strength, steps, seed))
-
-
-def tile_starts(side: int, tile: int = GRID_TILE, stride: int = GRID_STRIDE) -> list[int]:
-    """Tile offsets along one side: every ``stride`` px, plus the last (corner) tile so the
-    tiles reach the end; one tile when the side is not longer than ``tile``."""
-    if tile >= side:
-        return [0]
-    starts = list(range(0, side - tile + 1, stride))
-    if starts[-1] + tile < side:
-        starts.append(side - tile)
-    return starts
-
-
-def gridpure(
-    image: torch.Tensor,
-    model: DiffusionModel,
-    strength: float = 0.1,
-    steps: int = DIFFPURE_STEPS,
-    tile: int = GRID_TILE,
-    stride: int = GRID_STRIDE,
-    iterations: int = GRID_ITERATIONS,
-    blend: float = GRID_BLEND,
-    seed: int = 0,
-) -> torch.Tensor:
-    """GrIDPure: DiffPure on overlapping tiles, averaged, ``iterations`` times, each iteration
-    blended with the input (``x ← (1 - blend)·purified + blend·x₀``); 8-bit.
-
-    Iteration ``k`` draws its noise from ``seed + k``.
-    """
-    h, w = image.shape[-2:]
-    th, tw = min(tile, h), min(tile, w)
-    boxes = [(t, s) for t in tile_starts(h, th, stride) for s in tile_starts(w, tw, stride)]
-    x0 = image.float()
-    x = x0
-    b = image.shape[0]
-    for k in range(iterations):
-        crops = torch.cat([x[..., t : t + th, s : s + tw] for t, s in boxes])
-        out = diffpure_raw(crops, model, strength, steps, seed + k).split(b)
-        total, count = torch.zeros_like(x), torch.zeros_like(x[:, :1])
-        for (t, s), o in zip(boxes, out, strict=True):
-            total[..., t : t + th, s : s + tw] += o
-            count[..., t : t + th, s : s + tw] += 1
-        x = (1 - blend) * total / count + blend * x0
-    return to_8bit(x)
-
-
-def downscale(image: torch.Tensor, factor: int = 4) -> torch.Tensor:
-    """Bicubic antialiased downscale by ``factor`` (sides must be multiples of it)."""
-    h, w = image.shape[-2:]
-    if h % factor or w % factor:
-        raise ValueError(f"image sides must be multiples of {factor}, got {h}x{w}")
-    small = F.interpolate(
-        image.float(), size=(h // factor, w // factor), mode="bicubic", antialias=True,
-        align_corners=False,
-    )  # fmt: skip
-    return small.clamp(0, 1)
-
-
-def upscale(
-    image: torch.Tensor,
-    model: DiffusionModel,
-    noise_level: int = 20,
-    noise_sigma: float = 0.0,
-    steps: int = 75,
-    guidance: float = 9.0,
-    seed: int = 0,
-) -> torch.Tensor:
-    """(Noisy) upscaling: ×4 down, optional Gaussian noise ``noise_sigma`` (seeded), then the SD
-    ×4 upscaler (``model``: :func:`load_upscaler`) back to the input size; 8-bit."""
-    if not 0 <= noise_level <= model.pipe.config.max_noise_level:
-        raise ValueError(
-            f"noise_level must be in [0, {model.pipe.config.max_noise_level}], got {noise_level}"
-        )
-    small = downscale(image)
-    if noise_sigma > 0:
-        small = torch.cat(
-            [_robust_noise(small[i : i + 1], noise_sigma, seed) for i in range(small.shape[0])]
-        )
-    out = _run(
-        model, small, guidance, seed, noise_level=int(noise_level), num_inference_steps=int(steps)
-    )
-    if out.shape[-2:] != image.shape[-2:]:
-        raise ValueError(
-            f"the upscaler returned {tuple(out.shape[-2:])}, not {tuple(image.shape[-2:])}"
-        )
-    return to_8bit(out)
-
-
-# ------------------------------------------------------------------------------- weights
-
-
-def weights_status(name: str, root: Path | None = None) -> tuple[bool, str]:
-    """(available, status) of a purifier weight set: whether its diffusers folder
-    (``model_index.json``) is at ``root/NAME`` (default ``models/``); never downloads, and
-    checks no checksum (``runtime-backdoor weights verify`` does). The status of a missing set
-    is :func:`unavailable_message`."""
-    ok = (Path(root or models_dir()) / name / "model_index.json").is_file()
-    return ok, "ok" if ok else unavailable_message(name)
-
-
-#: the components with weights of the diffusion purifiers' folders: safetensors only
-SD_COMPONENTS = ("unet", "vae", "text_encoder")
-
-
-def _folder(name: str, folder: str | Path | None) -> Path:
-    path = Path(folder) if folder is not None else models_dir() / name
-    if not (path / "model_index.json").is_file():
-        raise WeightsUnavailable(
-            f"{name}: no diffusers folder at {path} (run `{fetch_command(name)}`)"
-        )
-    return path
-
-
-def _encode(pipe, prompt: str, negative: str, guidance: bool):
-    with torch.no_grad():
-        embeds, negative_embeds = pipe.encode_prompt(prompt, pipe.device, 1, guidance, negative)
-    return embeds, negative_embeds
-
-
-def load_img2img(
-    folder: str | Path | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> DiffusionModel:
-    """SD 1.5 image-to-image from the ``sd15`` folder, with a DDIM scheduler (deterministic,
-    η = 0) and the empty prompt's embeddings; no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
-
-    from .editors.diffusion import refuse_pickle_weights
-
-    path = _folder("sd15", folder)
-    refuse_pickle_weights(path, SD_COMPONENTS)
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
-        path, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True, use_safetensors=True,
-    )  # fmt: skip
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    embeds, _ = _encode(pipe, "", "", False)
-    return DiffusionModel(pipe, embeds, None, "sd15")
-
-
-def load_upscaler(
-    folder: str | Path | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    prompt: str = UPSCALE_PROMPT,
-) -> DiffusionModel:
-    """The SD ×4 upscaler from the ``sd-x4-upscaler`` folder, with ``prompt``'s and the empty
-    negative prompt's embeddings."""
-    from diffusers import StableDiffusionUpscalePipeline
-
-    from .editors.diffusion import refuse_pickle_weights
-
-    path = _folder("sd-x4-upscaler", folder)
-    refuse_pickle_weights(path, SD_COMPONENTS)
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(
-        path, local_files_only=True, use_safetensors=True
-    )
-    pipe = pipe.to(device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    embeds, negative = _encode(pipe, prompt, "", True)
-    return DiffusionModel(pipe, embeds, negative, "sd-x4-upscaler")
-
-
-LOADERS: dict[str, Callable[..., DiffusionModel]] = {
-    "sd15": load_img2img,
-    "sd-x4-upscaler": load_upscaler,
-}
-
-
 # ------------------------------------------------------------------------------- specs
 
 
 @dataclass(frozen=True)
 class PurifierSpec:
     """A purifier named in ``params.yaml``: ``kind`` or ``kind:value``, ``value`` in the unit of
-    :data:`runtime_backdoor.transforms.TABLE` (noise σ in 8-bit levels, crop in % of the side)."""
+    :data:`runtime_backdoor.transforms.TABLE` (noise σ in 8-bit levels, crop in % of the side);
+    a chain (``a+b``) is ``kind="chain"`` with its classical ``steps``."""
 
     kind: str
     value: float | None = None
+    steps: tuple[PurifierSpec, ...] = ()
 
     @property
     def name(self) -> str:
+        if self.kind == "chain":
+            return "+".join(s.name for s in self.steps)
         return T.Spec(self.kind, self.value, "%" if self.kind == "crop" else "").name
 
     @property
@@ -456,10 +244,21 @@ class PurifierSpec:
 def parse_purifier(text: str | PurifierSpec) -> PurifierSpec:
     """``none``, ``jpeg:75``, ``noise:12.75`` (σ in 8-bit levels), ``crop:10%``,
     ``adverse-cleaner``, ``noisy-upscale:20``, ``upscale:320``, ``diffpure:0.1``, ``gridpure``
-    (= ``gridpure:0.1``): the forms :data:`runtime_backdoor.transforms.PURIFY`."""
+    (= ``gridpure:0.1``), ``resize:0.75``, ``lanczos:0.5``, ``img2img-denoise:0.15`` (bare:
+    0.15), ``vae-roundtrip``: the forms :data:`runtime_backdoor.transforms.PURIFY`; and chains
+    of classical steps, ``jpeg:75+lanczos:0.5`` (:func:`runtime_backdoor.transforms.parse_chain`,
+    steps :data:`runtime_backdoor.transforms.CHAIN`)."""
     if isinstance(text, PurifierSpec):
         return text
-    s = T.parse(text, T.PURIFY, what="purifier", defaults=DEFAULT_VALUE)
+    if "+" in str(text):
+        steps = T.parse_chain(text, T.CHAIN, what="purifier chain")
+        return PurifierSpec("chain", None, tuple(PurifierSpec(s.word, s.value) for s in steps))
+    try:
+        s = T.parse(text, T.PURIFY, what="purifier", defaults=DEFAULT_VALUE)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; or a chain of classical steps, e.g. jpeg:75+lanczos:0.5"
+        ) from None
     return PurifierSpec(s.word, s.value)
 
 
@@ -490,6 +289,12 @@ def build_purifier(
         return partial(crop_resize, fraction=v / 100)
     if k == "adverse-cleaner":
         return adverse_cleaner
+    if k == "resize":
+        return partial(resize_back, scale=v)
+    if k == "lanczos":
+        return partial(lanczos_back, scale=v)
+    if k == "chain":
+        return partial(compose, steps=tuple(build_purifier(s, seed=seed) for s in spec.steps))
     model = (models or {}).get(spec.weights)
     if model is None:
         raise WeightsUnavailable(f"{spec.name}: {unavailable_message(spec.weights)}")
@@ -501,6 +306,10 @@ def build_purifier(
         return partial(upscale, model=model, noise_level=int(v), noise_sigma=0.0, seed=seed)
     if k == "diffpure":
         return partial(diffpure, model=model, strength=v, seed=seed)
+    if k == "img2img-denoise":
+        return partial(img2img_denoise, model=denoise_model(model), strength=v, seed=seed)
+    if k == "vae-roundtrip":
+        return partial(vae_roundtrip, vae=model.pipe.vae)
     return partial(gridpure, model=model, strength=v, seed=seed)
 
 
@@ -535,8 +344,10 @@ def _uncrop(out: torch.Tensor, image: torch.Tensor, fraction: float) -> torch.Te
 
 
 __all__ = [
+    "CANDIDATES",
     "CLASSICAL",
     "DIFFUSION",
+    "DIFFUSION_CANDIDATES",
     "LOADERS",
     "UPSCALE_PROMPT",
     "WEIGHTS_OF",
@@ -550,14 +361,17 @@ __all__ = [
     "crop_box",
     "crop_resize",
     "crop_resize_mask",
+    "denoise_model",
     "diffpure",
     "downscale",
     "gaussian_noise",
     "gridpure",
     "guided_passes",
     "identity",
+    "img2img_denoise",
     "jpeg",
     "jpeg_differentiable",
+    "lanczos_back",
     "load_img2img",
     "load_upscaler",
     "parse_purifier",
@@ -566,5 +380,6 @@ __all__ = [
     "tile_starts",
     "unavailable_message",
     "upscale",
+    "vae_roundtrip",
     "weights_status",
 ]

@@ -7,30 +7,40 @@ unit per word. :data:`TABLE` is the specification; :func:`parse` reads a spec ag
 :attr:`Spec.name` writes it back (``parse(s.name) == s``), and every refusal is one line
 naming the accepted forms. The operations themselves stay in their modules.
 
-==================  =========================  ================  ==========================================  ======================
-form                unit                       range             what it does                                EOT draw when bare
-==================  =========================  ================  ==========================================  ======================
-``none``            —                          —                 the 8-bit image itself                      —
-``jpeg:Q``          JPEG quality               integer 1–100     PIL JPEG round trip (4:2:0 chroma)           Q uniform in 50–95
-``resize:S``        scale                      (0, 1]            downscale by S and back to the size         S uniform in [0.5, 1)
-``blur:σ``          σ in px                    > 0               Gaussian blur, radius 3σ                    —
-``noise:σ``         σ in 8-bit levels          0, or 1–255       Gaussian noise of σ/255 on [0, 1], seeded   σ = 2
-``crop:Npx``        px per side                integer >= 0      N px cut off every side: the image shrinks  —
-``crop:P%``         % of the side              [0, 100)          central (100 − P) % kept, resized back      —
-``adverse-cleaner`` —                          —                 AdverseCleaner (bilateral + guided)         —
-``dilate:N``        px                         integer >= 1      EOT only: edit mask grown by 1..N px        N = 2
-``shift:N``         px                         integer >= 0      EOT only: image and mask moved by ≤ N px    N = 4
-``noisy-upscale:L`` SD ×4 noise_level          integer >= 0      ×4 down, noise σ 0.1, SD ×4 upscaler        —
-``upscale:L``       SD ×4 noise_level          integer >= 0      ×4 down, SD ×4 upscaler                     —
-``diffpure:T``      diffusion strength         (0, 1]            SD 1.5 img2img DiffPure                     —
-``gridpure:T``      diffusion strength         (0, 1]            GrIDPure on 256-px tiles (bare: T = 0.1)    —
-==================  =========================  ================  ==========================================  ======================
+======================  =========================  ================  ==========================================  ======================
+form                    unit                       range             what it does                                EOT draw when bare
+======================  =========================  ================  ==========================================  ======================
+``none``                —                          —                 the 8-bit image itself                      —
+``jpeg:Q``              JPEG quality               integer 1–100     PIL JPEG round trip (4:2:0 chroma)           Q uniform in 50–95
+``resize:S``            scale                      (0, 1]            downscale by S and back (PIL bicubic)       S uniform in [0.5, 1)
+``lanczos:S``           scale                      (0, 1]            downscale by S and back (PIL Lanczos)       —
+``blur:σ``              σ in px                    > 0               Gaussian blur, radius 3σ                    —
+``noise:σ``             σ in 8-bit levels          0, or 1–255       Gaussian noise of σ/255 on [0, 1], seeded   σ = 2
+``crop:Npx``            px per side                integer >= 0      N px cut off every side: the image shrinks  —
+``crop:P%``             % of the side              [0, 100)          central (100 − P) % kept, resized back      —
+``adverse-cleaner``     —                          —                 AdverseCleaner (bilateral + guided)         —
+``dilate:N``            px                         integer >= 1      EOT only: edit mask grown by 1..N px        N = 2
+``shift:N``             px                         integer >= 0      EOT only: image and mask moved by ≤ N px    N = 4
+``noisy-upscale:L``     SD ×4 noise_level          integer >= 0      ×4 down, noise σ 0.1, SD ×4 upscaler        —
+``upscale:L``           SD ×4 noise_level          integer >= 0      ×4 down, SD ×4 upscaler                     —
+``diffpure:T``          diffusion strength         (0, 1]            SD 1.5 img2img DiffPure                     —
+``gridpure:T``          diffusion strength         (0, 1]            GrIDPure on 256-px tiles (bare: T = 0.1)    —
+``img2img-denoise:S``   diffusion strength         (0, 1)            SD 1.5 img2img "Denoise the image" (0.15)   —
+``vae-roundtrip``       —                          —                 SD 1.5 VAE encode (mode) and decode         —
+======================  =========================  ================  ==========================================  ======================
 
 ``crop`` is the one word with two operations, so it always carries its unit: ``crop:6px``
 (beyond) or ``crop:10%`` (purify); a bare number (``crop:0.1``, ``crop:6``) is refused.
 ``noise`` values strictly between 0 and 1 level are refused: they read like the old [0, 1]
 unit (``noise:0.05`` is now ``noise:12.75``). Each consumer accepts a subset of the forms
 (:data:`BEYOND`, :data:`PURIFY`, :data:`EOT`).
+
+**Chains** (purify only): classical steps joined by ``+``, run left to right, each stored in
+8 bits, e.g. ``jpeg:75+lanczos:0.5`` (JPEG 75, then 0.5× Lanczos down and back) or
+``resize:0.75+jpeg:90``; each step is a form of :data:`CHAIN` written in its own unit. A chain
+needs at least two steps, no empty step, no spaces and no step that moves the content
+(``crop``) or needs weights (:func:`parse_chain`); a lone ``resize:S``/``lanczos:S`` is a
+purifier of its own.
 
 Old spellings: beyond ``crop:6`` → ``crop:6px`` (``noise:2`` unchanged: it was already 8-bit);
 purify ``noise:0.05`` → ``noise:12.75``, ``noise:0.1`` → ``noise:25.5``, ``crop:0.1`` →
@@ -82,8 +92,9 @@ class Form:
         return self.form if not self.unit else f"{self.form} ({self.unit}, {self.range})"
 
 
-_SYMBOL = {"jpeg": "Q", "resize": "S", "blur": "σ", "noise": "σ", "dilate": "N", "shift": "N",
-           "noisy-upscale": "L", "upscale": "L", "diffpure": "T", "gridpure": "T"}  # fmt: skip
+_SYMBOL = {"jpeg": "Q", "resize": "S", "lanczos": "S", "blur": "σ", "noise": "σ", "dilate": "N",
+           "shift": "N", "noisy-upscale": "L", "upscale": "L", "diffpure": "T", "gridpure": "T",
+           "img2img-denoise": "S"}  # fmt: skip
 
 #: the specification: every form of the vocabulary (see the module text for the table)
 TABLE: tuple[Form, ...] = (
@@ -92,6 +103,8 @@ TABLE: tuple[Form, ...] = (
          integer=True, low=1, high=100, eot_default="Q uniform in 50-95"),
     Form("resize", "", "scale", "(0, 1]", "downscale by S and back to the size",
          low=0, high=1, low_open=True, eot_default="S uniform in [0.5, 1)"),
+    Form("lanczos", "", "scale", "(0, 1]", "downscale by S and back to the size (PIL Lanczos)",
+         low=0, high=1, low_open=True),
     Form("blur", "", "sigma in px", "> 0", "Gaussian blur, radius 3 sigma", low=0, low_open=True),
     Form("noise", "", "sigma in 8-bit levels", "0 or 1-255",
          "Gaussian noise of sigma/255 on [0, 1], seeded", low=0, high=255, eot_default="sigma = 2"),
@@ -112,14 +125,21 @@ TABLE: tuple[Form, ...] = (
          low=0, high=1, low_open=True),
     Form("gridpure", "", "diffusion strength", "(0, 1]", "GrIDPure on 256-px tiles",
          low=0, high=1, low_open=True),
+    Form("img2img-denoise", "", "diffusion strength", "(0, 1)",
+         "SD 1.5 img2img, 'Denoise the image' vs an adversarial negative prompt",
+         low=0, high=1, low_open=True, high_open=True),
+    Form("vae-roundtrip", "", "", "—", "SD 1.5 VAE: encode (posterior mode) and decode"),
 )  # fmt: skip
 FORMS = {f.key: f for f in TABLE}
 WORDS = tuple(dict.fromkeys(f.word for f in TABLE))
 
 #: the forms each consumer accepts
 BEYOND = ("none", "jpeg", "resize", "blur", "noise", "crop:px")
-PURIFY = ("none", "jpeg", "noise", "crop:%", "adverse-cleaner",
-          "noisy-upscale", "upscale", "diffpure", "gridpure")  # fmt: skip
+PURIFY = ("none", "jpeg", "noise", "crop:%", "adverse-cleaner", "resize", "lanczos",
+          "noisy-upscale", "upscale", "diffpure", "gridpure", "img2img-denoise",
+          "vae-roundtrip")  # fmt: skip
+#: the forms a step of a purify chain takes (classical, keeping the geometry)
+CHAIN = ("jpeg", "resize", "lanczos", "noise", "adverse-cleaner")
 EOT = ("none", "jpeg", "resize", "blur", "noise", "crop:%", "adverse-cleaner", "dilate", "shift")
 
 
@@ -177,6 +197,8 @@ def parse(
     def refuse(why: str):
         return ValueError(f"{what} {s!r}: {why}; {ok}")
 
+    if "+" in s:
+        raise refuse("a chain (step+step) is not taken here")
     if word not in WORDS:
         raise refuse(f"unknown word {word!r}")
     takes = [k for k in forms if FORMS[k].word == word]
@@ -219,6 +241,32 @@ def parse(
     return Spec(word, v, suffix)
 
 
+def parse_chain(text: str, forms=CHAIN, *, what: str = "purifier chain") -> tuple[Spec, ...]:
+    """Read ``step+step+...`` (at least two steps, each a form of ``forms`` in its own unit,
+    no spaces). ``ValueError`` (one line, naming the accepted step forms) on an empty step, a
+    single step, a space, or a step the grammar refuses."""
+    s = str(text).strip()
+    ok = f"accepted: two or more steps joined by '+', e.g. jpeg:75+lanczos:0.5, each one of {accepted(forms)}"
+
+    def refuse(why: str):
+        return ValueError(f"{what} {s!r}: {why}; {ok}")
+
+    parts = s.split("+")
+    if any(c.isspace() for c in s):
+        raise refuse("no spaces inside a chain")
+    if any(not p for p in parts):
+        raise refuse("empty step")
+    if len(parts) < 2:
+        raise refuse("a chain needs at least two steps")
+    steps = []
+    for p in parts:
+        try:
+            steps.append(parse(p, forms, what="step"))
+        except ValueError as err:
+            raise refuse(str(err).split(";")[0]) from None
+    return tuple(steps)
+
+
 def parse_list(text: str | list, forms=tuple(FORMS), **kwargs) -> list[Spec]:
     """A space-separated string (as ``params.yaml`` holds it) or a list of specs."""
     items = text.split() if isinstance(text, str) else list(text)
@@ -236,6 +284,7 @@ def table_markdown() -> str:
 
 __all__ = [
     "BEYOND",
+    "CHAIN",
     "EOT",
     "FORMS",
     "PURIFY",
@@ -246,6 +295,7 @@ __all__ = [
     "accepted",
     "number",
     "parse",
+    "parse_chain",
     "parse_list",
     "table_markdown",
 ]

@@ -124,8 +124,8 @@ REGISTRY: dict[str, WeightFile] = {
         ),
         WeightFile(
             "sd15",
-            "Stable Diffusion 1.5 text-to-image, diffusers folder: DiffPure and GrIDPure "
-            "(purifiers.load_img2img, purify stage)",
+            "Stable Diffusion 1.5 text-to-image, diffusers folder: DiffPure, GrIDPure, "
+            "img2img-denoise and vae-roundtrip (purifiers.load_img2img, purify stage)",
             "hub",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "sd15",

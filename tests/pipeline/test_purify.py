@@ -184,3 +184,52 @@ def test_purify_notebook_on_a_tiny_setting(folders, run_notebook, monkeypatch):
     )  # fmt: skip
     assert (d / "nb-reports" / "purification" / "results.md").is_file()
     assert (d / "nb-reports" / "figures" / "purification.png").is_file()
+
+
+def test_worst_case_over_draws_is_the_attackers_best_over_every_draw():
+    """A hand-made table: per image, no purification, JPEG, and 3 draws of DiffPure; the
+    worst case over all of them, computed by hand."""
+    cols = ("hit_fraction_protected", "target_mse_protected", "psnr_vs_clean_edit",
+            "ssim_vs_clean_edit", "psnr_vs_purified_clean_edit")  # fmt: skip
+    table = {
+        "a": {("none", None): (0.9, 0.01, 20, 0.5, 21), ("jpeg:75", None): (0.7, 0.03, 24, 0.6, 22),
+              ("diffpure:0.1", 0): (0.8, 0.02, 26, 0.55, 25),
+              ("diffpure:0.1", 1): (0.3, 0.05, 22, 0.7, 23),
+              ("diffpure:0.1", 2): (0.6, 0.04, 25, 0.65, 30)},
+        "b": {("none", None): (0.95, 0.01, 19, 0.4, 20), ("jpeg:75", None): (0.9, 0.02, 21, 0.45, 21),
+              ("diffpure:0.1", 0): (0.85, 0.015, 23, 0.5, 22),
+              ("diffpure:0.1", 1): (0.9, 0.012, 22, 0.48, 24),
+              ("diffpure:0.1", 2): (0.92, 0.011, 20, 0.52, 23)},
+    }  # fmt: skip
+    family = {"none": "reference", "jpeg:75": "classical", "diffpure:0.1": "diffusion"}
+    rows = pd.DataFrame(
+        [{"editor": "e", "method": "backdoor", "seed": 0, "name": n, "scenario": "mask",
+          "purifier": p, "family": family[p], "draw": d, **dict(zip(cols, v, strict=True)),
+          "hit_protected": v[0] >= 0.5, "hit_clean": False, "hit_fraction_clean": 0.1}
+         for n, by in table.items() for (p, d), v in by.items()]
+    )  # fmt: skip
+    w = purify.worst_case_over_draws(rows).set_index(["purifier", "name"])
+    by_hand = {
+        ("worst:classical", "a"): (0.7, 0.03, 24, 0.6, 22, True),
+        ("worst:all", "a"): (0.3, 0.05, 26, 0.7, 30, False),  # draw 1 defeats the protection
+        ("worst:classical", "b"): (0.9, 0.02, 21, 0.45, 21, True),
+        ("worst:all", "b"): (0.85, 0.02, 23, 0.52, 24, True),
+    }
+    assert set(w.index) == set(by_hand) and (w["draws"] == 3).all()
+    for key, values in by_hand.items():
+        assert tuple(w.loc[key, [*cols, "hit_protected"]]) == values, key
+        assert not w.loc[key, "hit_clean"] and w.loc[key, "hit_fraction_clean"] == 0.1
+    # one draw only (the first) misses the attacker's best on image a
+    first = purify.worst_case_over_draws(rows[rows["draw"].isna() | (rows["draw"] == 0)])
+    first = first.set_index(["purifier", "name"])
+    assert first.loc[("worst:all", "a"), "hit_fraction_protected"] == 0.7
+    assert (first["draws"] == 1).all()
+    # without a draw column it is worst_case itself, one draw
+    plain = rows[rows["draw"].isna() | (rows["draw"] == 0)].drop(columns="draw")
+    pd.testing.assert_frame_equal(
+        purify.worst_case_over_draws(plain).drop(columns="draws"), purify.worst_case(plain)
+    )
+    with pytest.raises(ValueError, match="draws must be 0"):
+        purify.worst_case_over_draws(rows.drop(index=rows.index[-1]))  # b lacks draw 2
+    with pytest.raises(ValueError, match="more than one row"):
+        purify.worst_case_over_draws(pd.concat([rows, rows[rows["purifier"] == "jpeg:75"]]))

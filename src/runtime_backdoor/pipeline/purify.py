@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import purifiers as P
+from .. import transforms as T
 from ..baselines import protect
 from ..budget import Budget
 from ..data import load_prepared, read_image, to_tensor, write_csv, write_json
@@ -226,6 +227,35 @@ def worst_case(per_edit: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def worst_case_over_draws(per_edit: pd.DataFrame, draw: str = "draw") -> pd.DataFrame:
+    """:func:`worst_case` when the stochastic (diffusion) purifiers ran N times each: per image
+    (and δ₀ seed), method, editor and scenario, the attacker's best for each metric over no
+    purification, every classical purifier and every one of the N draws of every diffusion
+    purifier (rows of one purifier told apart by the column ``draw``: 0 … N − 1, the draw
+    ``k`` being the purifier built with ``seed + k``; deterministic purifiers have one row and
+    ``draw`` empty). Labels as :func:`worst_case`; the column ``draws`` holds N (1 without a
+    ``draw`` column, or when no diffusion purifier ran).
+
+    ``ValueError`` when a diffusion purifier's draws are not 0 … N − 1 with the same N for
+    every purifier and image, or a classical purifier has more than one row per image."""
+    keys = [k for k in ("editor", "method", "seed", "name", "content", "scenario") if k in per_edit]
+    stochastic = per_edit["family"] == "diffusion"
+    n = 1
+    if draw in per_edit and stochastic.any():
+        d = per_edit[stochastic]
+        if d[draw].isna().any():
+            raise ValueError(f"every diffusion row needs its {draw!r} number")
+        sets = d.groupby([*keys, "purifier"], sort=False)[draw].agg(lambda v: tuple(sorted(v)))
+        n = len(sets.iloc[0])
+        if any(t != tuple(range(n)) for t in sets):
+            raise ValueError(f"diffusion draws must be 0 … N-1 with one N for all, got {set(sets)}")
+    fixed = per_edit[~stochastic].groupby([*keys, "purifier"], sort=False).size()
+    if (fixed > 1).any():
+        raise ValueError("a classical purifier has more than one row per image (draws?)")
+    w = worst_case(per_edit)
+    return w.assign(draws=n) if len(w) else w
+
+
 def summary_table(rows: pd.DataFrame, status: pd.DataFrame | None = None) -> pd.DataFrame:
     """Means over images with 95 % intervals per editor, method, purifier and scenario;
     purifiers that could not run get one row each with their ``status``."""
@@ -311,9 +341,7 @@ def _protections(
             methods["backdoor", s] = (*r, time.perf_counter() - t0)
         if spec.label in adaptive_labels:
             t0 = time.perf_counter()
-            eot = EOTEditor(
-                editor, [c.name for c in classical], pick="one", jpeg_grad="kornia", seed=s
-            )
+            eot = EOTEditor(editor, _eot_draws(classical), pick="one", jpeg_grad="kornia", seed=s)
             r = _implant_batches(eot, x, m, batch_size, run_budget)
             methods["backdoor_adaptive", s] = (*r, time.perf_counter() - t0)
         for name in extra:
@@ -321,6 +349,14 @@ def _protections(
             r = protect(name, editor, x, m, budget=run_budget, progress=False)
             methods[name, s] = (r.protected, r.target, time.perf_counter() - t0)
     return methods
+
+
+def _eot_draws(classical) -> list[str]:
+    """The classical purifiers the adaptive defence draws from: those the EOT editor takes
+    (:data:`runtime_backdoor.transforms.EOT`); chains and ``lanczos`` are left out (every
+    purifier of the default suite is an EOT form)."""
+    words = {T.FORMS[k].word for k in T.EOT}
+    return [c.name for c in classical if c.kind in words]
 
 
 def _editor_labels(editors: str, editor_record, adaptive: str) -> tuple:
@@ -489,4 +525,5 @@ __all__ = [
     "summarize",
     "summary_table",
     "worst_case",
+    "worst_case_over_draws",
 ]
