@@ -307,6 +307,7 @@ FORBIDDEN_IN_STAGES = (
     "runtime_backdoor.batch",
     "runtime_backdoor.comparison",
     "runtime_backdoor.tutorial",
+    "runtime_backdoor.views",
 )
 
 

@@ -109,6 +109,10 @@ def _only(editors: dict, value: dict):
 
 def _check_options(args) -> None:
     check_options(getattr(args, "expand", None), args.threshold, getattr(args, "target", "solid"))
+    if args.command in ("protect", "check"):
+        from .views import settings_of
+
+        settings_of(args)  # --view and its sizes, before any work
 
 
 def _read_inputs(args, image_path: Path, mask_path: Path):
@@ -156,8 +160,44 @@ def _check_out_file(args, inputs: tuple[Path, ...]) -> None:
 # ------------------------------------------------------------------------------- one image
 
 
+def _view_path(args, m) -> bool:
+    """Whether the image goes through the attacker's views (:mod:`runtime_backdoor.views`):
+    above the crop trigger, or with ``--view`` naming one; an image the tool runs whole
+    keeps the whole-image path, bit for bit."""
+    from .views import settings_of, tool_pipelines
+
+    s = settings_of(args)
+    h, w = m.shape[-2:]
+    return s.view != "auto" or tool_pipelines(h, w, s) != ["original"]
+
+
+def _numpy(x, m):
+    """The photo (H x W x 3 float32, sharing x's memory) and its mask (H x W bool)."""
+    return x[0].permute(1, 2, 0).numpy(), m[0, 0].numpy() > 0.5
+
+
 def _protect_one(args, editors: dict, x, m, target, device) -> tuple[dict, object]:
     """protect's report and result: one perturbation against all the editors."""
+    if _view_path(args, m):
+        from .views import protect_view, settings_of
+
+        image, mask = _numpy(x, m)
+        report, protected = protect_view(
+            _only(editors, editors),
+            image,
+            mask,
+            target,
+            device,
+            settings=settings_of(args),
+            eps=args.eps,
+            steps=args.steps,
+            expand=args.expand,
+            seed=args.seed,
+            progress=not args.quiet and not args.image.is_dir(),
+            name=_only(editors, _who(editors)),
+            editor_weights=args.editor_weights if len(editors) > 1 else None,
+        )
+        return {"editor": args.editor, **report}, protected
     report, protected = protect_image(
         _only(editors, editors),
         x,
@@ -175,21 +215,48 @@ def _protect_one(args, editors: dict, x, m, target, device) -> tuple[dict, objec
     return {"editor": args.editor, **report}, protected
 
 
-def _verify(args, editors: dict, x, m, target, device, out: Path, expand: int) -> dict:
+def _verify(args, editors: dict, x, m, target, device, out: Path, expand: int, report=None) -> dict:
     """protect's verdict on the PNG it wrote (``--no-verify``: none); for an ensemble one per
-    editor and the ensemble's (:data:`runtime_backdoor.owner.ENSEMBLE_RULE`)."""
+    editor and the ensemble's (:data:`runtime_backdoor.owner.ENSEMBLE_RULE`); for a view
+    (``report["view"]``), one per attacker pipeline (:func:`runtime_backdoor.views.verify_pipelines`)."""
     if args.no_verify:
         per_editor = {n: {"verdict": UNVERIFIED} for n in editors}
         return {"verdict": UNVERIFIED} | ({"per_editor": per_editor} if len(editors) > 1 else {})
+    if report is not None and "view" in report:
+        from .views import settings_of, verify_pipelines
+
+        image, mask = _numpy(x, m)
+        return verify_pipelines(
+            editors,
+            image,
+            mask,
+            target,
+            device,
+            out,
+            settings=settings_of(args),
+            expand=expand,
+            protected_view=report["view"],
+            target_rgb=report.get("target_rgb"),
+            name=_who(editors),
+        )
     return verify_editors(editors, x, m, target, device, out, expand=expand, name=_who(editors))
 
 
 def _check_one(args, editors: dict, x, m, target, device) -> dict:
     """check's estimate for each editor: they do not add up, so an ensemble gets each one's."""
-    reports = {
-        name: check_image(each, x, m, target, device, eps=args.eps, name=f"--editor {name}")
-        for name, each in editors.items()
-    }
+    if _view_path(args, m):
+        from .views import check_view, settings_of
+
+        image, mask = _numpy(x, m)
+        reports = check_view(
+            editors, image, mask, target, device, settings=settings_of(args), eps=args.eps,
+            name={n: f"--editor {n}" for n in editors},
+        )  # fmt: skip
+    else:
+        reports = {
+            name: check_image(each, x, m, target, device, eps=args.eps, name=f"--editor {name}")
+            for name, each in editors.items()
+        }
     if len(reports) == 1:
         return {"editor": args.editor, **_only(editors, reports)}
     per_editor = {n: {k: v for k, v in r.items() if k != "eps"} for n, r in reports.items()}
@@ -245,7 +312,7 @@ def run_single(args) -> dict:
     if args.command == "protect":
         report, protected = _protect_one(args, editors, x, m, target, device)
         write_output(args.out, protected, args.overwrite)
-        report |= _verify(args, editors, x, m, target, device, args.out, report["expand"])
+        report |= _verify(args, editors, x, m, target, device, args.out, report["expand"], report)
         return _verdict_first({"out": str(args.out), **report})
     original = None
     if args.compare is not None:
@@ -279,6 +346,12 @@ def _settings(args, editors: dict) -> str:
     from .launch import code_hash, editor_fingerprint, settings_hash
 
     options = {k: str(v) for k, v in vars(args).items() if k in _SETTINGS}
+    if args.command in ("protect", "check"):
+        from .views import ViewSettings, settings_of
+
+        views = settings_of(args)
+        if views != ViewSettings():  # other views redo; the defaults keep earlier hashes
+            options["views"] = str(views)
     if len(editors) == 1:
         (editor,) = editors.values()
         return settings_hash(
@@ -521,6 +594,6 @@ def _folder_item(args, editors: dict, device, name, image, mask, compare) -> dic
     write_output(args.out / f"{name}{MASK_SUFFIX}", m[0, 0].numpy() > 0.5, True)
     write_output(out, result, True)
     if args.command == "protect":
-        report |= _verify(args, editors, x, m, target, device, out, report["expand"])
+        report |= _verify(args, editors, x, m, target, device, out, report["expand"], report)
     # A resumed run compares the output with this hash: a damaged file is redone.
     return _verdict_first({"out": str(out), **report, "out_sha256": _sha256(out)})

@@ -92,6 +92,14 @@ exit status:
 
   For a folder: the "verdict" column of OUT/manifest.csv.
 
+large images (the attacker's tool's view):
+  Above --crop-trigger (longer side; IOPaint's default 800 px) protect optimises on the
+  crop the tool inpaints (the mask's box plus --crop-margin, 128 px) and writes the full
+  image, unchanged outside the crop. The verification edits the written PNG through each
+  pipeline the tool uses at this size (crop; resize to --resize-limit, 1280 px, when the
+  image is larger) and reports "held_under", "not_held_under" and each pipeline's numbers
+  under "pipelines"; "verdict" is protected only when it held under all of them.
+
 several editors (an ensemble):
   --editor A,B optimises one perturbation against all the named editors at once, their
   losses summed each step, weighted by --editor-weights (default 1 each, e.g.
@@ -219,6 +227,43 @@ def _budget(p: argparse.ArgumentParser) -> None:
     _expand(p)
 
 
+def _views(p: argparse.ArgumentParser) -> None:
+    """What the attacker's tool shows the model (:mod:`runtime_backdoor.views`), with
+    IOPaint's defaults."""
+    from .views import CROP_MARGIN, CROP_TRIGGER, MAX_VIEW_PIXELS, RESIZE_LIMIT, VIEWS
+
+    p.add_argument(
+        "--view",
+        default="auto",
+        help=f"the view of the image to protect on ({'|'.join(VIEWS)}; default auto: the whole "
+        "image when its longer side is at most --crop-trigger, else the crop around the mask, "
+        "as IOPaint's default HD strategy; the editor never sees more than "
+        f"{MAX_VIEW_PIXELS / 1e6:.1f} megapixels, so memory and time follow the view, not the "
+        "photo)",
+    )
+    p.add_argument(
+        "--crop-margin",
+        type=_positive_int("--crop-margin", 0, 10**5),
+        default=CROP_MARGIN,
+        help=f"px added on each side of the mask's bounding box for the crop view (default "
+        f"{CROP_MARGIN}, IOPaint's hd_strategy_crop_margin)",
+    )
+    p.add_argument(
+        "--crop-trigger",
+        type=_positive_int("--crop-trigger", 1, 10**6),
+        default=CROP_TRIGGER,
+        help=f"longer side above which the tool crops (default {CROP_TRIGGER}, IOPaint's "
+        "hd_strategy_crop_trigger_size)",
+    )
+    p.add_argument(
+        "--resize-limit",
+        type=_positive_int("--resize-limit", 1, 10**6),
+        default=RESIZE_LIMIT,
+        help=f"longer side of the resize view (default {RESIZE_LIMIT}, IOPaint's "
+        "hd_strategy_resize_limit)",
+    )
+
+
 def _add_protect(sub) -> None:
     protect = sub.add_parser(
         "protect",
@@ -229,6 +274,7 @@ def _add_protect(sub) -> None:
     )
     _inputs(protect, "protect")
     _budget(protect)
+    _views(protect)
     protect.add_argument(
         "--out",
         type=Path,
@@ -298,6 +344,7 @@ def _add_check(sub) -> None:
     )
     _inputs(check, "check")
     _budget(check)
+    _views(check)
     check.add_argument(
         "--out", type=Path, default=None, help="for a folder: where to write manifest.csv"
     )

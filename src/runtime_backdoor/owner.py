@@ -235,7 +235,7 @@ def check_image(editor, x, m, target, device, *, eps, name: str = "the editor") 
 
 def protect_image(
     editor, x, m, target, device, *, eps, steps, expand, seed, progress=False,
-    name: str | Mapping[str, str] = "the editor", editor_weights=None,
+    name: str | Mapping[str, str] = "the editor", editor_weights=None, batch_passes=True,
 ) -> tuple[dict, object]:  # fmt: skip
     """Protect ``x`` (1, 3, H, W) in the region ``m``: a report and the H x W x 3 result.
 
@@ -247,6 +247,8 @@ def protect_image(
     ``editor_weights``, default 1 each; one editor alone is the single-editor result, bit
     for bit). ``name`` is then a mapping label -> how messages name it (default: the label);
     the report adds ``editor_weights`` and each editor's last total loss as ``total/LABEL``.
+    ``batch_passes`` False runs the editor's three loss passes one at a time (a third of its
+    activation memory, :func:`runtime_backdoor.implant.implant`).
     """
     import torch
 
@@ -269,6 +271,7 @@ def protect_image(
         target=target,
         progress=progress,
         editor_weights=editor_weights,
+        batch_passes=batch_passes,
     )
     losses = {k: float(v[-1, 0]) for k, v in result.losses.items() if len(v)}
     if ensemble:
