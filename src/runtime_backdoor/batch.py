@@ -177,41 +177,27 @@ def _numpy(x, m):
 
 
 def _protect_one(args, editors: dict, x, m, target, device) -> tuple[dict, object]:
-    """protect's report and result: one perturbation against all the editors."""
+    """protect's report and result: one perturbation against all the editors (on the view the
+    attacker's tool would show the model, for a photo above the crop trigger)."""
+    common = {
+        "eps": args.eps,
+        "steps": args.steps,
+        "expand": args.expand,
+        "seed": args.seed,
+        "progress": not args.quiet and not args.image.is_dir(),
+        "name": _only(editors, _who(editors)),
+        "editor_weights": args.editor_weights if len(editors) > 1 else None,
+    }
     if _view_path(args, m):
         from .views import protect_view, settings_of
 
         image, mask = _numpy(x, m)
         report, protected = protect_view(
-            _only(editors, editors),
-            image,
-            mask,
-            target,
-            device,
-            settings=settings_of(args),
-            eps=args.eps,
-            steps=args.steps,
-            expand=args.expand,
-            seed=args.seed,
-            progress=not args.quiet and not args.image.is_dir(),
-            name=_only(editors, _who(editors)),
-            editor_weights=args.editor_weights if len(editors) > 1 else None,
-        )
-        return {"editor": args.editor, **report}, protected
-    report, protected = protect_image(
-        _only(editors, editors),
-        x,
-        m,
-        target,
-        device,
-        eps=args.eps,
-        steps=args.steps,
-        expand=args.expand,
-        seed=args.seed,
-        progress=not args.quiet and not args.image.is_dir(),
-        name=_only(editors, _who(editors)),
-        editor_weights=args.editor_weights if len(editors) > 1 else None,
-    )
+            _only(editors, editors), image, mask, target, device, settings=settings_of(args),
+            **common,
+        )  # fmt: skip
+    else:
+        report, protected = protect_image(_only(editors, editors), x, m, target, device, **common)
     return {"editor": args.editor, **report}, protected
 
 
