@@ -109,3 +109,71 @@ def test_a_changed_default_in_jupyterlab_changes_the_twin(tmp_path):
     jupyterlab_save(folder, "03_implant.ipynb", new_budget)
     twin = (folder / "03_implant.py").read_text()
     assert "eps = 0.05  #" in twin and "eps = 0.025" not in twin
+
+
+@pytest.mark.slow
+def test_a_real_jupyter_server_saves_notebooks_without_touching_their_twins(tmp_path):
+    """JupyterLab's own server (with the jupytext extension the package installs), driven over
+    its REST API as the browser does: a save with outputs and new metadata leaves the twin byte
+    for byte; a save with an edited parameter updates it."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    folder = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", folder, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = "test-token"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}",
+         *(["--allow-root"] if os.geteuid() == 0 else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/api/contents"
+    headers = {"Authorization": f"token {token}"}
+    try:
+        for _ in range(240):
+            assert server.poll() is None, "the Jupyter server exited"
+            try:
+                if requests.get(base, headers=headers, timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        before = (folder / "03_implant.py").read_bytes()
+        model = requests.get(f"{base}/03_implant.ipynb", headers=headers, timeout=30).json()
+        nb = model["content"]
+        nb["metadata"]["kernelspec"]["display_name"] = "Python 3 (ipykernel)"
+        nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.9"}
+        for i, cell in enumerate(nb["cells"]):
+            if cell["cell_type"] == "code":
+                cell["execution_count"] = i + 1
+                cell["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "ran\n"}]
+        body = {"type": "notebook", "format": "json", "content": nb}
+        saved = requests.put(
+            f"{base}/03_implant.ipynb", headers=headers, data=json.dumps(body), timeout=30
+        )
+        assert saved.ok, saved.text
+        assert (folder / "03_implant.py").read_bytes() == before
+        assert "ran" in (folder / "03_implant.ipynb").read_text()
+        params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        source = (
+            "".join(params["source"]) if isinstance(params["source"], list) else params["source"]
+        )
+        params["source"] = source.replace("eps = 0.025", "eps = 0.05")
+        saved = requests.put(
+            f"{base}/03_implant.ipynb", headers=headers, data=json.dumps(body), timeout=30
+        )
+        assert saved.ok, saved.text
+        assert "eps = 0.05  #" in (folder / "03_implant.py").read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
