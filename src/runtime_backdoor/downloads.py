@@ -13,6 +13,10 @@ registered size plus a small margin, and no file spends more than :data:`GIVE_UP
 failing in all. ``huggingface_hub`` resolves the hub commit and each file's size and
 SHA-256 (it has no stall or size bound of its own, so its downloader is not used);
 ``HF_ENDPOINT`` replaces the hub, ``RUNTIME_BACKDOOR_WEIGHTS_MIRROR`` every plain URL.
+
+The module is just over 600 lines and ``_stream`` near 100 because resuming, the stall and size
+bounds and the lock on the ``.part`` file have to act on the same open response and file handle;
+split apart, each would need the others' state passed back and forth.
 """
 
 from __future__ import annotations
