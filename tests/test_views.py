@@ -195,3 +195,25 @@ def test_check_estimates_on_the_view_protect_uses(large_files, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["view"] == "crop" and report["view_size"] == [182, 132]
     assert "gain" in report and "needed" in report
+
+
+def test_the_owners_page_states_the_committed_large_photo_benchmark():
+    """The table in docs/owners.md is the benchmark's JSON, row by row (no typed numbers)."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "reports/benchmarks/large_photo.json").read_text())["rows"]
+    page = (root / "docs/owners.md").read_text()
+    for r in rows:
+        if r.get("editor") not in ("toy-control", "mini-lama") or r.get("photo") != "4032x3024":
+            continue
+        line = next(
+            x
+            for x in page.splitlines()
+            if x.startswith("| 4032 × 3024") and f"`{r['editor']}`" in x
+        )
+        seconds, gb = re.search(r"\| (\d+) s \| ([\d.]+) GB \|", line).groups()
+        assert int(seconds) == round(r["seconds"]) and float(gb) == round(r["peak_rss_gb"], 2), line
+        assert ("met" in line.split("|")[-2]) == r["within_budget"], line
