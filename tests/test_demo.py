@@ -443,10 +443,10 @@ def server(tmp_path):
     log.seek(0)
     folder = Path(re.search(r"temporary files in (\S+)", log.read()).group(1))
     yield url, proc, folder
-    if proc.poll() is None:  # the test failed: stop it as a person would, then for good
+    if proc.poll() is None:  # still serving: stop it as a person would, then for good
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)  # gradio's graceful shutdown would wait 30 s for idle sockets
         except subprocess.TimeoutExpired:
             proc.kill()
             shutil.rmtree(folder, ignore_errors=True)
